@@ -1,0 +1,298 @@
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use super::Condition;
+
+/// Annotation on an ApiKey: each new value requests one rotation.
+pub const ROTATE_ANNOTATION: &str = "keyward.dev/rotate";
+/// Pod-template annotation patched on consumers at each flip.
+pub const KEY_ID_ANNOTATION: &str = "keyward.dev/key-id";
+/// Label on every consumer Secret: the owning ApiKey's name.
+pub const API_KEY_LABEL: &str = "keyward.dev/api-key";
+/// `app.kubernetes.io/managed-by` value on everything keyward writes.
+pub const MANAGED_BY: &str = "keyward";
+/// Type of the consumer Secret.
+pub const SECRET_TYPE: &str = "keyward.dev/api-key";
+
+/// An API key with two staggered slots, issued into a Secret that workloads mount.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[kube(
+    group = "keyward.dev",
+    version = "v1alpha1",
+    kind = "ApiKey",
+    plural = "apikeys",
+    shortname = "ak",
+    category = "keyward",
+    namespaced,
+    status = "ApiKeyStatus",
+    doc = "ApiKey asks keyward for an API key. keyward generates it into a Secret \
+           (`secretName`), creates a secondary key part-way through the primary's life, \
+           moves consumers to the newer key before the older one expires, regenerates, \
+           expires unused keys and warns the owner before expiry. Key material is only \
+           ever in the Secret; status holds hashes and previews.",
+    printcolumn(name = "Owner", type_ = "string", json_path = ".spec.owner"),
+    printcolumn(name = "Active", type_ = "string", json_path = ".status.activeSlot"),
+    printcolumn(
+        name = "Expires",
+        type_ = "date",
+        json_path = ".status.keys[?(@.state==\"Active\")].effectiveExpiresAt"
+    ),
+    printcolumn(name = "Next", type_ = "string", json_path = ".status.nextAction"),
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status"
+    ),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+)]
+#[serde(rename_all = "camelCase")]
+pub struct ApiKeySpec {
+    /// Name of the KeyPolicy to use. Absent: the single policy with `default: true`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<String>,
+    /// Who holds the key (team, service, person). Limits count per owner and namespace.
+    #[schemars(length(min = 1, max = 253))]
+    pub owner: String,
+    /// What the key is for. Unique per owner when the policy says so.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 1024))]
+    pub description: Option<String>,
+    /// Name of the consumer Secret (default: the ApiKey's name).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub secret_name: Option<String>,
+    /// Life of each key, ISO 8601 (`P30D`) or vendor form (`p3m`); within the policy's
+    /// `minLifetime`..`maxLifetime`. Absent: the policy's `maxLifetime`. A key's expiry
+    /// is fixed when it is created and never extended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lifetime: Option<String>,
+    /// Extra labels and annotations for the consumer Secret.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_template: Option<SecretTemplate>,
+    /// Workloads that read the key from environment variables: their pod template gets
+    /// annotation `keyward.dev/key-id` at each flip, so they roll out once per flip.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub consumers: Vec<ConsumerRef>,
+    /// Key IDs (`status.keys[].keyId`) revoked at once: they stop verifying immediately
+    /// and their slot is regenerated. Declarative, so GitOps keeps it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub revoked_keys: Vec<String>,
+}
+
+/// Extra metadata for the consumer Secret.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SecretTemplate {
+    /// Labels added to the Secret (keyward's own labels take precedence).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    /// Annotations added to the Secret.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub annotations: BTreeMap<String, String>,
+}
+
+/// Kind of a consumer workload.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum ConsumerKind {
+    /// apps/v1 Deployment.
+    Deployment,
+    /// apps/v1 StatefulSet.
+    StatefulSet,
+    /// apps/v1 DaemonSet.
+    DaemonSet,
+}
+
+/// A workload in the ApiKey's namespace that consumes the key.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ConsumerRef {
+    /// `Deployment`, `StatefulSet` or `DaemonSet`.
+    pub kind: ConsumerKind,
+    /// Name of the workload.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+}
+
+/// One of the two key slots.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, JsonSchema)]
+pub enum Slot {
+    /// The first key, regenerated at each of its expiries.
+    Primary,
+    /// The key created part-way through the primary's life.
+    Secondary,
+}
+
+impl Slot {
+    /// The other slot.
+    pub fn other(self) -> Slot {
+        match self {
+            Slot::Primary => Slot::Secondary,
+            Slot::Secondary => Slot::Primary,
+        }
+    }
+    /// Data key of this slot in the consumer Secret.
+    pub fn data_key(self) -> &'static str {
+        match self {
+            Slot::Primary => "primary",
+            Slot::Secondary => "secondary",
+        }
+    }
+}
+
+/// State of a key.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum KeyState {
+    /// In `api-key`: what consumers send.
+    Active,
+    /// Valid, waiting to become active.
+    Standby,
+    /// Past its effective expiry; no longer verifies.
+    Expired,
+    /// Listed in `spec.revokedKeys`; no longer verifies.
+    Revoked,
+}
+
+/// Why a key expired (or will expire).
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum ExpiryReason {
+    /// Reached `expiresAt`.
+    MaxLifetime,
+    /// Not used for `inactivityTimeout`.
+    Inactivity,
+    /// Listed in `spec.revokedKeys`.
+    Revoked,
+    /// Capped by a shortened policy.
+    PolicyChange,
+    /// Replaced by a requested rotation; valid for `flipBefore` more.
+    Rotated,
+}
+
+/// Public facts about one key. Never the key itself.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct KeyStatus {
+    /// `Primary` or `Secondary`.
+    pub slot: Slot,
+    /// Short random identifier of this key (changes at every regeneration).
+    pub key_id: String,
+    /// `sha256:<hex>` of the key.
+    pub hash: String,
+    /// Prefix plus the first 4 characters of the random part.
+    pub preview: String,
+    /// When the key was generated.
+    pub created_at: DateTime<Utc>,
+    /// Expiry fixed at creation; never extended.
+    pub expires_at: DateTime<Utc>,
+    /// When the key actually stops verifying: `expiresAt` capped by policy changes,
+    /// inactivity and rotation.
+    pub effective_expires_at: DateTime<Utc>,
+    /// When the key became active (inactivity counts from here until it is used).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub activated_at: Option<DateTime<Utc>>,
+    /// Last successful verification, written by the verifier at most once a minute.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_used_at: Option<DateTime<Utc>>,
+    /// `Active`, `Standby`, `Expired` or `Revoked`.
+    pub state: KeyState,
+    /// Why the key expired or will expire first.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expiry_reason: Option<ExpiryReason>,
+}
+
+/// A warning that was sent, so each fires once.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Notified {
+    /// The key warned about.
+    pub key_id: String,
+    /// The threshold (`P7D`) that fired.
+    pub threshold: String,
+    /// When it fired.
+    pub at: DateTime<Utc>,
+}
+
+/// Observed state of an ApiKey.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ApiKeyStatus {
+    /// Client identifier, generated once and stable for the ApiKey's life.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_id: Option<String>,
+    /// Slot whose key is in the Secret's `api-key`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub active_slot: Option<Slot>,
+    /// The keys of both slots (hashes and metadata only).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(schema_with = "keys_schema")]
+    pub keys: Vec<KeyStatus>,
+    /// What keyward does next (`CreateSecondary`, `Flip`, `Regenerate`, ...).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_action: Option<String>,
+    /// When the next action is due.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_action_at: Option<DateTime<Utc>>,
+    /// One sentence: what happens next and why.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub details: Option<String>,
+    /// Expiry warnings already sent (each key and threshold fires once).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub notified: Vec<Notified>,
+    /// The last `keyward.dev/rotate` annotation value acted upon.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rotation_request: Option<String>,
+    /// `Ready` and `Expiring`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(schema_with = "super::condition::conditions_schema")]
+    pub conditions: Vec<Condition>,
+    /// The `metadata.generation` last processed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+}
+
+fn keys_schema(generator: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    let mut schema = <Vec<KeyStatus>>::json_schema(generator);
+    super::list_map(&mut schema, "slot");
+    schema
+}
+
+/// `ApiKey` condition types and reasons.
+pub mod conditions {
+    /// The Secret holds a valid active key.
+    pub const READY: &str = "Ready";
+    /// A warning threshold before the active key's expiry has passed.
+    pub const EXPIRING: &str = "Expiring";
+
+    /// Ready reason: the Secret holds a valid active key.
+    pub const KEY_ACTIVE: &str = "KeyActive";
+    /// Ready reason: the named policy does not exist, or no single default policy.
+    pub const POLICY_NOT_FOUND: &str = "PolicyNotFound";
+    /// Ready reason: the policy's namespaceSelector excludes this namespace.
+    pub const POLICY_NOT_ALLOWED: &str = "PolicyNotAllowed";
+    /// Ready reason: the policy itself is not accepted.
+    pub const POLICY_INVALID: &str = "PolicyInvalid";
+    /// Ready reason: a spec field is malformed.
+    pub const INVALID_SPEC: &str = "InvalidSpec";
+    /// Ready reason: `lifetime` is outside the policy's bounds.
+    pub const LIFETIME_OUT_OF_BOUNDS: &str = "LifetimeOutOfBounds";
+    /// Ready reason: a Secret of that name exists and is not owned by this ApiKey.
+    pub const SECRET_CONFLICT: &str = "SecretConflict";
+    /// Ready reason: the owner already holds `maxKeysPerOwner` older ApiKeys.
+    pub const OWNER_KEY_LIMIT_EXCEEDED: &str = "OwnerKeyLimitExceeded";
+    /// Ready reason: an older ApiKey of the same owner has this description.
+    pub const DUPLICATE_DESCRIPTION: &str = "DuplicateDescription";
+    /// Ready reason: the active key expired for inactivity; rotate to get a new one.
+    pub const KEY_EXPIRED_INACTIVE: &str = "KeyExpiredInactive";
+    /// Ready reason: no valid key (expired and not regenerated automatically).
+    pub const KEY_EXPIRED: &str = "KeyExpired";
+    /// Ready reason: the API server refused or failed a write.
+    pub const APPLY_FAILED: &str = "ApplyFailed";
+
+    /// Expiring reason: a warning threshold has passed.
+    pub const EXPIRING_SOON: &str = "KeyExpiringSoon";
+    /// Expiring reason: no threshold has passed.
+    pub const NOT_EXPIRING: &str = "NotExpiring";
+}

@@ -1,0 +1,7 @@
+//! keyward: a Kubernetes operator for the whole life of API keys.
+//!
+//! Layout: [`api`] (CRD types), [`duration`] (ISO 8601 durations), [`controller`]
+//! (reads, applies, writes status), [`cli`], [`metrics`], [`telemetry`], [`error`].
+
+pub mod api;
+pub mod duration;
