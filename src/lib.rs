@@ -5,3 +5,9 @@
 
 pub mod api;
 pub mod duration;
+pub mod cli;
+pub mod controller;
+pub mod error;
+pub mod health;
+pub mod metrics;
+pub mod telemetry;

@@ -1,1 +1,31 @@
-fn main(){}
+use std::process::ExitCode;
+
+use clap::Parser;
+use keyward::cli::{Cli, Command, connect};
+use keyward::{controller, error, telemetry};
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("keyward: {}", error::chain(&e));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> error::Result<()> {
+    match cli.command {
+        Command::Crds { kube_version } => {
+            print!("{}", keyward::api::crds_yaml(kube_version)?);
+            Ok(())
+        }
+        Command::Controller { metrics_addr } => {
+            telemetry::init();
+            let (client, server) = connect(cli.kubeconfig.as_ref(), cli.context.as_deref()).await?;
+            controller::run(client, &server, controller::Options { metrics_addr }).await
+        }
+    }
+}

@@ -15,7 +15,6 @@ pub struct Condition {
     /// Machine-readable CamelCase reason for the last transition.
     pub reason: String,
     /// Human-readable explanation. Never contains key material.
-    #[serde(default)]
     pub message: String,
     /// When `status` last changed.
     pub last_transition_time: DateTime<Utc>,

@@ -1,0 +1,90 @@
+//! Command line: one binary, also installed as `kubectl-keyward`. Every flag also
+//! reads an environment variable (`KEYWARD_…`).
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+use kube::Client;
+use kube::config::{Config, KubeConfigOptions, Kubeconfig};
+
+use crate::error::{Error, Result};
+
+/// keyward: the whole life of API keys on Kubernetes.
+#[derive(Parser, Debug)]
+#[command(name = "keyward", version, about, propagate_version = true)]
+pub struct Cli {
+    /// Kubeconfig file (default: in-cluster, then $KUBECONFIG, then ~/.kube/config).
+    #[arg(long, global = true, env = "KEYWARD_KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
+    /// Kubeconfig context to use.
+    #[arg(long, global = true, env = "KEYWARD_CONTEXT")]
+    pub context: Option<String>,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the controller: issue, stagger, flip, regenerate and expire keys.
+    Controller {
+        /// Address for /metrics, /healthz and /readyz.
+        #[arg(long, env = "KEYWARD_METRICS_ADDR", default_value = "0.0.0.0:8080")]
+        metrics_addr: String,
+    },
+    /// Print the CustomResourceDefinitions as YAML (`keyward crds | kubectl apply -f -`).
+    Crds {
+        /// Kubernetes version of the target cluster (`1.20`, `v1.31.2`). CEL validation
+        /// rules are left out below 1.25, where they are unknown. Default: a current cluster.
+        #[arg(long, env = "KEYWARD_KUBE_VERSION", value_parser = parse_kube_minor)]
+        kube_version: Option<u32>,
+    },
+}
+
+/// A client as kubectl would resolve it (or from `--kubeconfig`/`--context`), and
+/// the API server URL for messages.
+pub async fn connect(kubeconfig: Option<&PathBuf>, context: Option<&str>) -> Result<(Client, String)> {
+    let options = KubeConfigOptions { context: context.map(str::to_string), ..Default::default() };
+    let config = match kubeconfig {
+        Some(path) => {
+            let kc = Kubeconfig::read_from(path)
+                .map_err(|e| Error::Config(format!("reading {}: {e}", path.display())))?;
+            Config::from_custom_kubeconfig(kc, &options).await.map_err(|e| Error::Config(e.to_string()))?
+        }
+        None if context.is_some() => {
+            Config::from_kubeconfig(&options).await.map_err(|e| Error::Config(e.to_string()))?
+        }
+        None => Config::infer().await.map_err(|e| Error::Config(crate::error::chain(&e)))?,
+    };
+    let server = config.cluster_url.to_string();
+    let client = Client::try_from(config).map_err(|e| Error::Config(e.to_string()))?;
+    Ok((client, server))
+}
+
+/// `1.20`, `v1.20.2` or `1.31+` → the minor version (20, 31).
+pub fn parse_kube_minor(text: &str) -> std::result::Result<u32, String> {
+    let t = text.trim().trim_start_matches('v');
+    let mut parts = t.split('.');
+    let major = parts.next().unwrap_or("");
+    let minor: String = parts.next().unwrap_or("").chars().take_while(char::is_ascii_digit).collect();
+    match (major, minor.parse::<u32>()) {
+        ("1", Ok(m)) => Ok(m),
+        _ => Err(format!("{text:?} is not a Kubernetes version like 1.20 or v1.31.2")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kube_versions() {
+        assert_eq!(parse_kube_minor("1.20"), Ok(20));
+        assert_eq!(parse_kube_minor("v1.31.2"), Ok(31));
+        assert_eq!(parse_kube_minor("1.28+"), Ok(28));
+        for bad in ["", "2.0", "banana", "1.", "v1.x"] {
+            assert!(parse_kube_minor(bad).is_err(), "{bad}");
+        }
+    }
+}

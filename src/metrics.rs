@@ -1,0 +1,91 @@
+//! Prometheus metrics (text format on `/metrics`), following Prometheus naming
+//! conventions: `keyward_` prefix, base units, `_total` counters.
+
+use std::sync::Arc;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+/// Labels of the reconcile counters.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabels {
+    /// `ApiKey` or `KeyPolicy`.
+    pub kind: &'static str,
+}
+
+/// Labels of the failure counters.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FailureLabels {
+    /// `ApiKey` or `KeyPolicy`.
+    pub kind: &'static str,
+    /// Short error class (see `Error::metric_label`).
+    pub reason: &'static str,
+}
+
+fn duration_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.001, 2.0, 14))
+}
+
+/// All metrics of one process, shared as `Arc`.
+pub struct Metrics {
+    registry: Registry,
+    /// Reconciles run, by kind.
+    pub reconciles: Family<KindLabels, Counter>,
+    /// Reconciles that failed, by kind and reason.
+    pub reconcile_failures: Family<FailureLabels, Counter>,
+    /// Reconcile durations in seconds, by kind.
+    pub reconcile_duration: Family<KindLabels, Histogram, fn() -> Histogram>,
+}
+
+impl Metrics {
+    /// Create and register every metric.
+    pub fn new() -> Arc<Self> {
+        let mut registry = Registry::with_prefix("keyward");
+        let reconciles = Family::<KindLabels, Counter>::default();
+        let reconcile_failures = Family::<FailureLabels, Counter>::default();
+        let reconcile_duration =
+            Family::<KindLabels, Histogram, fn() -> Histogram>::new_with_constructor(duration_histogram);
+        registry.register("reconciles", "Reconciles run", reconciles.clone());
+        registry.register("reconcile_failures", "Reconciles that failed", reconcile_failures.clone());
+        registry.register(
+            "reconcile_duration_seconds",
+            "Time spent in one reconcile",
+            reconcile_duration.clone(),
+        );
+        Arc::new(Metrics { registry, reconciles, reconcile_failures, reconcile_duration })
+    }
+
+    /// The registry, for components that add their own metrics at start-up.
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_prometheus_text() {
+        let m = Metrics::new();
+        m.reconciles.get_or_create(&KindLabels { kind: "ApiKey" }).inc();
+        m.reconcile_failures.get_or_create(&FailureLabels { kind: "ApiKey", reason: "kube" }).inc();
+        m.reconcile_duration.get_or_create(&KindLabels { kind: "ApiKey" }).observe(0.004);
+        let text = m.render();
+        assert!(text.contains("keyward_reconciles_total{kind=\"ApiKey\"} 1"), "{text}");
+        assert!(text.contains("keyward_reconcile_failures_total{kind=\"ApiKey\",reason=\"kube\"} 1"));
+        assert!(text.contains("keyward_reconcile_duration_seconds_count{kind=\"ApiKey\"} 1"));
+        assert!(text.ends_with("# EOF\n"));
+    }
+}
