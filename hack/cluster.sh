@@ -245,6 +245,7 @@ case "${1:-}" in
   down) shift; down "$@" ;;
   status) status ;;
   tools) ensure_tools; echo "$BIN" ;;
-  env) echo "export KUBECONFIG=$KUBECONFIG_OUT; export PATH=$BIN:\$PATH" ;;
+  # KEYWARD_KUBE_VERSION: `keyward crds` leaves out CEL rules this v1.20 server does not know.
+  env) echo "export KUBECONFIG=$KUBECONFIG_OUT; export PATH=$BIN:\$PATH; export KEYWARD_KUBE_VERSION=$K8S_VERSION" ;;
   *) echo "usage: $0 up|down [--purge]|status|env|tools" >&2; exit 2 ;;
 esac

@@ -64,14 +64,13 @@ impl IsoDuration {
         if upper.ends_with('T') {
             return Err(malformed());
         }
-        let (rest, parsed) =
-            iso8601::parsers::parse_duration(upper.as_bytes()).map_err(|_| {
-                if upper.contains('-') && !upper.contains('T') {
-                    DurationError::Negative { input: shown(input) }
-                } else {
-                    malformed()
-                }
-            })?;
+        let (rest, parsed) = iso8601::parsers::parse_duration(upper.as_bytes()).map_err(|_| {
+            if upper.contains('-') && !upper.contains('T') {
+                DurationError::Negative { input: shown(input) }
+            } else {
+                malformed()
+            }
+        })?;
         if !rest.is_empty() {
             return Err(malformed());
         }
@@ -215,11 +214,31 @@ mod tests {
     #[test]
     fn refuses_bad_inputs_without_panicking() {
         for bad in [
-            "", " ", "P", "PT", "p", "banana", "90D", "P90", "PT10", "P1.5D", "P3Mbanana", "P1D2H",
-            "P1H", "PP1D", "P-1D", "P1DT", "ΡT1S", "P1D\u{0}", "PT1M1H",
+            "",
+            " ",
+            "P",
+            "PT",
+            "p",
+            "banana",
+            "90D",
+            "P90",
+            "PT10",
+            "P1.5D",
+            "P3Mbanana",
+            "P1D2H",
+            "P1H",
+            "PP1D",
+            "P-1D",
+            "P1DT",
+            "ΡT1S",
+            "P1D\u{0}",
+            "PT1M1H",
         ] {
             assert!(
-                matches!(IsoDuration::parse(bad), Err(DurationError::Malformed { .. } | DurationError::Negative { .. })),
+                matches!(
+                    IsoDuration::parse(bad),
+                    Err(DurationError::Malformed { .. } | DurationError::Negative { .. })
+                ),
                 "{bad:?} should be refused, got {:?}",
                 IsoDuration::parse(bad)
             );

@@ -60,9 +60,10 @@ pub async fn serve(
     app: Router,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<tokio::task::JoinHandle<()>> {
-    let sock: SocketAddr = addr
-        .parse()
-        .map_err(|e: std::net::AddrParseError| Error::Listen { addr: addr.into(), source: std::io::Error::other(e) })?;
+    let sock: SocketAddr = addr.parse().map_err(|e: std::net::AddrParseError| Error::Listen {
+        addr: addr.into(),
+        source: std::io::Error::other(e),
+    })?;
     let listener = tokio::net::TcpListener::bind(sock)
         .await
         .map_err(|source| Error::Listen { addr: addr.into(), source })?;

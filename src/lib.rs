@@ -4,9 +4,9 @@
 //! (reads, applies, writes status), [`cli`], [`metrics`], [`telemetry`], [`error`].
 
 pub mod api;
-pub mod duration;
 pub mod cli;
 pub mod controller;
+pub mod duration;
 pub mod error;
 pub mod health;
 pub mod metrics;

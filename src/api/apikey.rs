@@ -19,6 +19,7 @@ pub const MANAGED_BY: &str = "keyward";
 pub const SECRET_TYPE: &str = "keyward.dev/api-key";
 
 /// An API key with two staggered slots, issued into a Secret that workloads mount.
+#[allow(clippy::duplicated_attributes)] // repeated `type_ = ...` in printcolumn(...) is not a duplicate
 #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
 #[kube(
     group = "keyward.dev",

@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 use super::Condition;
 
 /// Cluster-wide rules for API keys: lifetimes, rotation, warnings, limits, key format.
+#[allow(clippy::duplicated_attributes)] // repeated `type_ = ...` in printcolumn(...) is not a duplicate
 #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]
 #[kube(
     group = "keyward.dev",

@@ -44,11 +44,16 @@ pub async fn ensure_crds(client: &Client, server: &str) -> Result<()> {
     let probe = ListParams::default().limit(1);
     let missing = |kind, plural| {
         move |e: kube::Error| match &e {
-            kube::Error::Api(s) if s.code == 404 => Error::CrdMissing { kind, plural, server: server.to_string() },
+            kube::Error::Api(s) if s.code == 404 => {
+                Error::CrdMissing { kind, plural, server: server.to_string() }
+            }
             _ => Error::kube(format!("listing {plural}.keyward.dev"))(e),
         }
     };
-    Api::<KeyPolicy>::all(client.clone()).list_metadata(&probe).await.map_err(missing("KeyPolicy", "keypolicies"))?;
+    Api::<KeyPolicy>::all(client.clone())
+        .list_metadata(&probe)
+        .await
+        .map_err(missing("KeyPolicy", "keypolicies"))?;
     Api::<ApiKey>::all(client.clone()).list_metadata(&probe).await.map_err(missing("ApiKey", "apikeys"))?;
     Ok(())
 }
@@ -87,13 +92,18 @@ pub async fn run(client: Client, server: &str, opts: Options) -> Result<()> {
             let _ = rx.wait_for(|s| *s).await;
         }
     };
-    let server = health::serve(&opts.metrics_addr, health::router(metrics.clone(), ready.clone()), stopped()).await?;
+    let server =
+        health::serve(&opts.metrics_addr, health::router(metrics.clone(), ready.clone()), stopped()).await?;
 
     let reporter = Reporter {
         controller: CONTROLLER_NAME.into(),
         instance: std::env::var("POD_NAME").ok().or_else(|| std::env::var("HOSTNAME").ok()),
     };
-    let ctx = Arc::new(Context { recorder: Recorder::new(client.clone(), reporter), client: client.clone(), metrics });
+    let ctx = Arc::new(Context {
+        recorder: Recorder::new(client.clone(), reporter),
+        client: client.clone(),
+        metrics,
+    });
     let secrets = Api::<Secret>::all(client.clone());
     let owned = watcher::Config::default().labels(&format!("app.kubernetes.io/managed-by={MANAGED_BY}"));
     ready.set(true);
@@ -148,7 +158,8 @@ pub fn validate_spec(key: &ApiKey) -> Result<()> {
         return Err(Error::InvalidSpec("spec.owner must not be empty".into()));
     }
     if let Some(lifetime) = &key.spec.lifetime {
-        let d = IsoDuration::parse(lifetime).map_err(|e| Error::InvalidSpec(format!("spec.lifetime: {e}")))?;
+        let d =
+            IsoDuration::parse(lifetime).map_err(|e| Error::InvalidSpec(format!("spec.lifetime: {e}")))?;
         if d.is_zero() {
             return Err(Error::InvalidSpec("spec.lifetime must be longer than zero".into()));
         }
@@ -157,7 +168,10 @@ pub fn validate_spec(key: &ApiKey) -> Result<()> {
 }
 
 fn error_policy(_key: Arc<ApiKey>, err: &Error, ctx: Arc<Context>) -> Action {
-    ctx.metrics.reconcile_failures.get_or_create(&FailureLabels { kind: "ApiKey", reason: err.metric_label() }).inc();
+    ctx.metrics
+        .reconcile_failures
+        .get_or_create(&FailureLabels { kind: "ApiKey", reason: err.metric_label() })
+        .inc();
     tracing::warn!(error = %crate::error::chain(err), "reconcile failed; retrying");
     Action::requeue(Duration::from_secs(5))
 }

@@ -1,0 +1,230 @@
+//! Integration-test harness: a client for the cluster in `KUBECONFIG` (the local
+//! control plane from `hack/cluster.sh`, or any cluster you point it at), keyward's
+//! CRDs installed once per test binary, one namespace per test, and waits with
+//! timeouts on conditions (never bare sleeps).
+#![allow(dead_code)]
+
+use std::future::Future;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Namespace;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use kube::runtime::wait::{Condition, await_condition};
+use kube::{Client, Resource};
+use serde::de::DeserializeOwned;
+use tokio::sync::OnceCell;
+
+/// Field manager for everything the tests write.
+pub const TEST_MANAGER: &str = "keyward-tests";
+
+static CRDS: OnceCell<()> = OnceCell::const_new();
+
+/// A client for the test cluster, with keyward's CRDs installed and established.
+pub async fn client() -> Client {
+    let client = Client::try_default().await.unwrap_or_else(|e| {
+        panic!(
+            "no Kubernetes cluster for the integration tests ({e}). Run `hack/test.sh`, \
+             which starts the local control plane, or set KUBECONFIG."
+        )
+    });
+    let c = client.clone();
+    CRDS.get_or_init(|| async move { install_crds(&c).await }).await;
+    client
+}
+
+/// The API server's minor version (20 for v1.20.2).
+pub async fn server_minor(client: &Client) -> u32 {
+    let info = client.apiserver_version().await.expect("API server version");
+    info.minor.trim_end_matches('+').parse().expect("numeric minor version")
+}
+
+/// Server-side apply keyward's CRDs (as `keyward crds` prints them for this server)
+/// and wait until both are established.
+pub async fn install_crds(client: &Client) {
+    let minor = server_minor(client).await;
+    let yaml = keyward::api::crds_yaml(Some(minor)).expect("render CRDs");
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    let pp = PatchParams::apply(TEST_MANAGER).force();
+    for doc in serde_yaml::Deserializer::from_str(&yaml) {
+        let value: serde_json::Value = serde::Deserialize::deserialize(doc).expect("valid YAML");
+        let Some(name) = value["metadata"]["name"].as_str().map(str::to_string) else { continue };
+        crds.patch(&name, &pp, &Patch::Apply(&value)).await.expect("apply CRD");
+        wait_for(&crds, &name, Duration::from_secs(60), kube::runtime::conditions::is_crd_established())
+            .await;
+    }
+}
+
+/// Wait until `cond` holds for object `name`, or panic after `timeout` with the last
+/// state seen.
+pub async fn wait_for<K>(api: &Api<K>, name: &str, timeout: Duration, cond: impl Condition<K>) -> K
+where
+    K: Resource + Clone + DeserializeOwned + std::fmt::Debug + Send + 'static,
+{
+    match tokio::time::timeout(timeout, await_condition(api.clone(), name, cond)).await {
+        Ok(Ok(Some(obj))) => obj,
+        Ok(Ok(None)) => panic!("{name} was deleted while waiting"),
+        Ok(Err(e)) => panic!("watch on {name} failed: {e}"),
+        Err(_) => {
+            panic!("timed out after {timeout:?} waiting on {name}; last seen: {:#?}", api.get_opt(name).await)
+        }
+    }
+}
+
+/// Poll `check` every 100 ms until it returns `Some`, or panic with `what` after `timeout`.
+pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        if tokio::time::Instant::now() > deadline {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A namespace of its own for one test, deleted when dropped.
+pub struct TestNamespace {
+    /// Its name: `kw-<test>-<random>`.
+    pub name: String,
+}
+
+impl TestNamespace {
+    /// Create `kw-<prefix>-<random>` labelled `keyward.dev/test=<prefix>`.
+    pub async fn new(client: &Client, prefix: &str) -> Self {
+        let name = format!("kw-{}-{:06x}", prefix, rand::random::<u32>() & 0xff_ffff);
+        let ns: Namespace = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name, "labels": {"keyward.dev/test": prefix}}
+        }))
+        .unwrap();
+        Api::<Namespace>::all(client.clone())
+            .create(&PostParams::default(), &ns)
+            .await
+            .expect("create namespace");
+        TestNamespace { name }
+    }
+}
+
+impl Drop for TestNamespace {
+    fn drop(&mut self) {
+        let name = self.name.clone();
+        // Drop cannot await, and the test's client lives on the test's (now blocked)
+        // runtime: delete from a helper thread with its own runtime and client.
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().ok()?;
+            rt.block_on(async {
+                let client = Client::try_default().await.ok()?;
+                Api::<Namespace>::all(client).delete(&name, &DeleteParams::background()).await.ok()
+            })
+        })
+        .join();
+    }
+}
+
+/// Run `kubectl` (from PATH, as `hack/test.sh` sets it up) and return stdout, panicking
+/// with stderr on failure.
+pub fn kubectl(args: &[&str]) -> String {
+    let out = std::process::Command::new("kubectl")
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run kubectl ({e}); `hack/cluster.sh tools` installs it"));
+    assert!(
+        out.status.success(),
+        "kubectl {} failed: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A `keyward` process (the real binary) run by a test, logging to a file.
+pub struct KeywardProcess {
+    child: Option<std::process::Child>,
+    /// Its health/metrics address.
+    pub addr: String,
+    /// Where its stderr goes.
+    pub log: std::path::PathBuf,
+}
+
+/// A free loopback port (bound, then released for the child to take).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+impl KeywardProcess {
+    /// Start `keyward <args…> --metrics-addr 127.0.0.1:<free>` with `RUST_LOG=log_level`.
+    pub fn start(args: &[&str], log_level: &str) -> Self {
+        let addr = format!("127.0.0.1:{}", free_port());
+        let log = std::env::temp_dir().join(format!("keyward-test-{}.log", rand::random::<u64>()));
+        let file = std::fs::File::create(&log).unwrap();
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_keyward"))
+            .args(args)
+            .args(["--metrics-addr", &addr])
+            .env("RUST_LOG", log_level)
+            .env("NO_COLOR", "1")
+            .stdout(file.try_clone().unwrap())
+            .stderr(file)
+            .spawn()
+            .expect("start keyward");
+        KeywardProcess { child: Some(child), addr, log }
+    }
+
+    /// GET `path` on its health server: (status code, body), or None if not reachable.
+    pub fn get(&self, path: &str) -> Option<(u16, String)> {
+        http_get(&self.addr, path)
+    }
+
+    /// Wait until `/readyz` answers 200.
+    pub async fn wait_ready(&self) {
+        let what = format!("keyward on {} to be ready (log: {})", self.addr, self.log.display());
+        eventually(&what, Duration::from_secs(60), || async {
+            (self.get("/readyz")?.0 == 200).then_some(())
+        })
+        .await;
+    }
+
+    /// Send SIGTERM and wait for the exit status (panics after 30 s).
+    pub async fn terminate(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("running");
+        let pid = child.id().to_string();
+        std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+        eventually("keyward to exit after SIGTERM", Duration::from_secs(30), || {
+            let status = child.try_wait().unwrap();
+            async move { status }
+        })
+        .await
+    }
+
+    /// Everything it logged so far.
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for KeywardProcess {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Minimal HTTP/1.0 GET over loopback: (status code, body).
+pub fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").ok()?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).ok()?;
+    let code = buf.split_whitespace().nth(1)?.parse().ok()?;
+    let body = buf.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    Some((code, body))
+}
