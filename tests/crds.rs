@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{TestNamespace, client, kubectl};
+use common::{TestNamespace, client, kubectl, kubectl_eventually};
 use keyward::api::{ApiKey, KeyPolicy};
 use kube::api::{Api, DynamicObject, PostParams};
 
@@ -32,7 +32,7 @@ async fn crds_are_served_with_printer_columns() {
     keys.create(&PostParams::default(), &key).await.expect("create ApiKey");
     assert_eq!(keys.list(&Default::default()).await.unwrap().items.len(), 1);
 
-    let table = kubectl(&["get", "apikeys", "-n", &ns.name]);
+    let table = kubectl_eventually(&["get", "apikeys", "-n", &ns.name]).await;
     let header: Vec<&str> = table.lines().next().unwrap().split_whitespace().collect();
     assert_eq!(header, ["NAME", "OWNER", "ACTIVE", "EXPIRES", "NEXT", "READY", "AGE"], "{table}");
     assert!(table.contains("team-a"), "{table}");
@@ -127,14 +127,14 @@ async fn invalid_objects_are_refused_by_the_schema() {
 #[tokio::test]
 async fn kubectl_explain_shows_field_docs() {
     let _ = client().await;
-    let spec = kubectl(&["explain", "apikey.spec"]);
+    let spec = kubectl_eventually(&["explain", "apikey.spec"]).await;
     for needle in ["owner", "Who holds the key", "revokedKeys", "secretTemplate", "consumers"] {
         assert!(spec.contains(needle), "kubectl explain apikey.spec lacks {needle:?}:\n{spec}");
     }
-    let expiry = kubectl(&["explain", "keypolicy.spec.expiry"]);
+    let expiry = kubectl_eventually(&["explain", "keypolicy.spec.expiry"]).await;
     for needle in ["maxLifetime", "inactivityTimeout", "acknowledgeRisk", "P90D"] {
         assert!(expiry.contains(needle), "kubectl explain keypolicy.spec.expiry lacks {needle:?}:\n{expiry}");
     }
-    let lifetime = kubectl(&["explain", "apikey.spec.lifetime"]);
+    let lifetime = kubectl_eventually(&["explain", "apikey.spec.lifetime"]).await;
     assert!(lifetime.contains("<string>"), "optional fields keep their type:\n{lifetime}");
 }

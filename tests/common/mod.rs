@@ -127,20 +127,29 @@ impl Drop for TestNamespace {
     }
 }
 
-/// Run `kubectl` (from PATH, as `hack/test.sh` sets it up) and return stdout, panicking
-/// with stderr on failure.
-pub fn kubectl(args: &[&str]) -> String {
+/// Run `kubectl` (from PATH, as `hack/test.sh` sets it up): stdout, or stderr on failure.
+pub fn try_kubectl(args: &[&str]) -> Result<String, String> {
     let out = std::process::Command::new("kubectl")
         .args(args)
         .output()
         .unwrap_or_else(|e| panic!("cannot run kubectl ({e}); `hack/cluster.sh tools` installs it"));
-    assert!(
-        out.status.success(),
-        "kubectl {} failed: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+/// Run `kubectl` and return stdout, panicking with stderr on failure.
+pub fn kubectl(args: &[&str]) -> String {
+    try_kubectl(args).unwrap_or_else(|e| panic!("kubectl {} failed: {e}", args.join(" ")))
+}
+
+/// Run `kubectl` until it succeeds (e.g. while the API server publishes a new CRD's
+/// OpenAPI schema, a few seconds after the CRD is established).
+pub async fn kubectl_eventually(args: &[&str]) -> String {
+    let what = format!("kubectl {} to succeed", args.join(" "));
+    eventually(&what, Duration::from_secs(60), || async { try_kubectl(args).ok() }).await
 }
 
 /// A `keyward` process (the real binary) run by a test, logging to a file.
