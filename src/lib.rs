@@ -9,5 +9,6 @@ pub mod controller;
 pub mod duration;
 pub mod error;
 pub mod health;
+pub mod keys;
 pub mod metrics;
 pub mod telemetry;

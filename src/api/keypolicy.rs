@@ -229,7 +229,7 @@ fn default_max_keys() -> u32 {
 }
 
 /// Encoding of the random part of a key.
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, JsonSchema)]
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, Default, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum KeyEncoding {
     /// `[0-9A-Za-z]`.
