@@ -10,5 +10,6 @@ pub mod duration;
 pub mod error;
 pub mod health;
 pub mod keys;
+pub mod lifecycle;
 pub mod metrics;
 pub mod telemetry;

@@ -186,11 +186,17 @@ pub struct KeyStatus {
     pub preview: String,
     /// When the key was generated.
     pub created_at: DateTime<Utc>,
-    /// Expiry fixed at creation; never extended.
-    pub expires_at: DateTime<Utc>,
+    /// Expiry fixed at creation; never extended. Absent: the policy has expiry disabled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<DateTime<Utc>>,
     /// When the key actually stops verifying: `expiresAt` capped by policy changes,
-    /// inactivity and rotation.
-    pub effective_expires_at: DateTime<Utc>,
+    /// requested rotation and (for the active key) inactivity. Absent: never.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub effective_expires_at: Option<DateTime<Utc>>,
+    /// An earlier end imposed after creation (a shortened policy, a requested
+    /// rotation). Only ever moves earlier.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cap: Option<ExpiryCap>,
     /// When the key became active (inactivity counts from here until it is used).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub activated_at: Option<DateTime<Utc>>,
@@ -202,6 +208,16 @@ pub struct KeyStatus {
     /// Why the key expired or will expire first.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expiry_reason: Option<ExpiryReason>,
+}
+
+/// An end imposed on a key after its creation.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ExpiryCap {
+    /// The key stops verifying at this instant at the latest.
+    pub at: DateTime<Utc>,
+    /// `PolicyChange` or `Rotated`.
+    pub reason: ExpiryReason,
 }
 
 /// A warning that was sent, so each fires once.

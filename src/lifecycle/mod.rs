@@ -1,0 +1,639 @@
+//! The key lifecycle as a pure function: given the policy's rules, the ApiKey's spec,
+//! its status, which key material the consumer Secret holds, and `now`, run every step
+//! that is due (in order, so a controller that was down catches up) and say what comes
+//! next and when. No I/O: the controller supplies new key material through [`Mint`].
+//!
+//! Steps, in priority order, repeated until none is due:
+//! 1. revoke keys listed in `spec.revokedKeys`;
+//! 2. expire keys past their effective expiry (an active key that dies of inactivity
+//!    retires the whole ApiKey until a rotation is requested);
+//! 3. a new `keyward.dev/rotate` value: new key in the standby slot, flip at once, the
+//!    old active key stays valid for `flipBefore` (`Rotated`);
+//! 4. the first key, in the primary slot;
+//! 5. no valid active key: flip to a valid standby, else issue one and flip;
+//! 6. the active key's material is gone from the Secret: move consumers to a key whose
+//!    material is there (issue one if needed), keep the old hash until it expires;
+//! 7. the standby slot: (re)issue it when due (`secondaryAt` into the active key's life,
+//!    and never before its previous key has expired), or at once when it was revoked;
+//! 8. flip to the newer standby `flipBefore` before the active key's expiry, capped at
+//!    half of the two keys' overlap.
+
+mod rules;
+
+use std::fmt;
+
+use chrono::{DateTime, SecondsFormat, Utc};
+
+pub use rules::{PolicyProblem, Rules, SecondaryAt, parse_secondary_at};
+
+use crate::api::{ApiKeyStatus, ExpiryCap, ExpiryReason, KeyState, KeyStatus, Slot};
+use crate::duration::IsoDuration;
+use crate::keys::KeyFacts;
+
+/// Everything the engine reads besides the status.
+#[derive(Clone, Copy, Debug)]
+pub struct Input<'a> {
+    /// The policy's rules.
+    pub rules: &'a Rules,
+    /// Lifetime of newly issued keys (validated against the policy).
+    pub lifetime: IsoDuration,
+    /// `spec.revokedKeys`.
+    pub revoked: &'a [String],
+    /// The `keyward.dev/rotate` annotation's value.
+    pub rotate_request: Option<&'a str>,
+    /// The current time.
+    pub now: DateTime<Utc>,
+}
+
+/// Hashes of the key material the consumer Secret holds per slot (`primary`,
+/// `secondary`), updated as keys are minted, and of what it holds in `api-key`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Material {
+    /// Hash of `data.api-key`: a key whose hash this is keeps its place in status
+    /// until `api-key` has moved on (unless revoked).
+    pub api_key: Option<String>,
+    /// Hash of `data.primary`.
+    pub primary: Option<String>,
+    /// Hash of `data.secondary`.
+    pub secondary: Option<String>,
+}
+
+impl Material {
+    /// Hash of the material in `slot`.
+    pub fn get(&self, slot: Slot) -> Option<&str> {
+        match slot {
+            Slot::Primary => self.primary.as_deref(),
+            Slot::Secondary => self.secondary.as_deref(),
+        }
+    }
+    fn set(&mut self, slot: Slot, hash: String) {
+        match slot {
+            Slot::Primary => self.primary = Some(hash),
+            Slot::Secondary => self.secondary = Some(hash),
+        }
+    }
+}
+
+/// Source of new key material. The engine only ever sees the public facts.
+pub trait Mint {
+    /// A new key for `slot` (the implementation keeps the material for the Secret).
+    fn mint(&mut self, slot: Slot) -> KeyFacts;
+}
+
+/// Something that happened to the keys (becomes an Event and a metric).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Happening {
+    /// A key was issued.
+    Created {
+        /// Its slot.
+        slot: Slot,
+        /// Its ID.
+        key_id: String,
+    },
+    /// Consumers moved to another key.
+    Flipped {
+        /// The new active slot.
+        to: Slot,
+        /// The new active key.
+        key_id: String,
+    },
+    /// A key stopped verifying.
+    Expired {
+        /// Its slot.
+        slot: Slot,
+        /// Its ID.
+        key_id: String,
+        /// Why.
+        reason: ExpiryReason,
+    },
+    /// A key was revoked.
+    Revoked {
+        /// Its slot.
+        slot: Slot,
+        /// Its ID.
+        key_id: String,
+    },
+    /// A requested rotation ran.
+    Rotated,
+    /// The Secret lacked a key's material; a key was issued or flipped to in its place.
+    Repaired {
+        /// The slot whose material was missing.
+        slot: Slot,
+    },
+}
+
+/// What the controller does next.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NextAction {
+    /// Issue the standby key.
+    CreateStandby,
+    /// Move consumers to the standby key.
+    Flip,
+    /// Replace an expired key in its slot.
+    Regenerate,
+    /// A key stops verifying.
+    Expire,
+}
+
+impl NextAction {
+    /// Name in `status.nextAction`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NextAction::CreateStandby => "CreateStandby",
+            NextAction::Flip => "Flip",
+            NextAction::Regenerate => "Regenerate",
+            NextAction::Expire => "Expire",
+        }
+    }
+}
+
+/// The next scheduled step.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Next {
+    /// What.
+    pub action: NextAction,
+    /// When.
+    pub at: DateTime<Utc>,
+}
+
+/// Whether consumers hold a valid key.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Health {
+    /// The active key is valid.
+    Ready,
+    /// The active key expired for inactivity; nothing is issued until a rotation is requested.
+    ExpiredInactive,
+    /// No valid key and none will be issued automatically.
+    Expired,
+}
+
+/// Result of [`advance`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Outcome {
+    /// What happened, in order.
+    pub happenings: Vec<Happening>,
+    /// The next step, if any.
+    pub next: Option<Next>,
+    /// Whether consumers hold a valid key.
+    pub health: Health,
+    /// One sentence: what happens next and why.
+    pub details: String,
+}
+
+fn is_valid(k: &KeyStatus) -> bool {
+    matches!(k.state, KeyState::Active | KeyState::Standby)
+}
+
+fn key(status: &ApiKeyStatus, slot: Slot) -> Option<&KeyStatus> {
+    status.keys.iter().find(|k| k.slot == slot)
+}
+
+fn key_mut(status: &mut ApiKeyStatus, slot: Slot) -> Option<&mut KeyStatus> {
+    status.keys.iter_mut().find(|k| k.slot == slot)
+}
+
+fn has_material(material: &Material, k: &KeyStatus) -> bool {
+    material.get(k.slot) == Some(k.hash.as_str())
+}
+
+/// End of a key's life not counting inactivity: `min(expiresAt, cap)`.
+fn ceiling(k: &KeyStatus) -> Option<DateTime<Utc>> {
+    match (k.expires_at, k.cap) {
+        (Some(e), Some(c)) => Some(e.min(c.at)),
+        (e, c) => e.or(c.map(|c| c.at)),
+    }
+}
+
+fn ts(t: DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(SecondsFormat::Secs, true)
+}
+
+impl fmt::Display for Slot {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Slot::Primary => "Primary",
+            Slot::Secondary => "Secondary",
+        })
+    }
+}
+
+struct Engine<'a, 'm> {
+    input: &'a Input<'a>,
+    status: &'a mut ApiKeyStatus,
+    material: &'a mut Material,
+    mint: &'m mut dyn Mint,
+    happenings: Vec<Happening>,
+}
+
+/// Run every due step on `status` (see the module docs) and say what comes next.
+pub fn advance(
+    input: &Input,
+    status: &mut ApiKeyStatus,
+    material: &mut Material,
+    mint: &mut dyn Mint,
+) -> Outcome {
+    let mut engine = Engine { input, status, material, mint, happenings: Vec::new() };
+    // Each step changes state so that it is no longer due; the bound is a safety net.
+    for _ in 0..32 {
+        engine.refresh();
+        if !engine.step() {
+            break;
+        }
+    }
+    engine.refresh();
+    engine.status.keys.sort_by_key(|k| k.slot);
+    let (health, next, details) = engine.summarize();
+    Outcome { happenings: engine.happenings, next, health, details }
+}
+
+impl Engine<'_, '_> {
+    fn now(&self) -> DateTime<Utc> {
+        self.input.now
+    }
+
+    fn rules(&self) -> &Rules {
+        self.input.rules
+    }
+
+    /// Recompute the policy cap and the effective expiry of every valid key.
+    fn refresh(&mut self) {
+        let rules = self.input.rules;
+        for k in self.status.keys.iter_mut().filter(|k| is_valid(k)) {
+            if rules.enforced {
+                let base = k.created_at.max(rules.max_lifetime_since);
+                if let Ok(policy_cap) = rules.max_lifetime.add_to(base)
+                    && ceiling(k).is_none_or(|c| policy_cap < c)
+                {
+                    k.cap = Some(ExpiryCap { at: policy_cap, reason: ExpiryReason::PolicyChange });
+                }
+            }
+            let mut effective = k.expires_at.map(|t| (t, ExpiryReason::MaxLifetime));
+            if let Some(cap) = k.cap
+                && effective.is_none_or(|(t, _)| cap.at < t)
+            {
+                effective = Some((cap.at, cap.reason));
+            }
+            if k.state == KeyState::Active
+                && rules.enforced
+                && let Some(timeout) = rules.inactivity_timeout
+                && let Some(from) = k.last_used_at.max(k.activated_at)
+                && let Ok(deadline) = timeout.add_to(from)
+                && effective.is_none_or(|(t, _)| deadline < t)
+            {
+                effective = Some((deadline, ExpiryReason::Inactivity));
+            }
+            k.effective_expires_at = effective.map(|(t, _)| t);
+            k.expiry_reason = effective.map(|(_, r)| r);
+        }
+    }
+
+    /// Apply the first due step; false when nothing is due.
+    fn step(&mut self) -> bool {
+        self.revoke()
+            || self.expire()
+            || self.rotate_on_request()
+            || (!self.retired()
+                && (self.first_key()
+                    || self.replace_invalid_active()
+                    || self.repair_active()
+                    || self.standby()
+                    || self.flip_when_due()))
+    }
+
+    fn revoke(&mut self) -> bool {
+        let now = self.now();
+        let revoked = self.input.revoked;
+        let Some(k) = self.status.keys.iter_mut().find(|k| is_valid(k) && revoked.contains(&k.key_id)) else {
+            return false;
+        };
+        k.state = KeyState::Revoked;
+        k.effective_expires_at = Some(now);
+        k.expiry_reason = Some(ExpiryReason::Revoked);
+        self.happenings.push(Happening::Revoked { slot: k.slot, key_id: k.key_id.clone() });
+        true
+    }
+
+    fn expire(&mut self) -> bool {
+        let now = self.now();
+        let Some(k) = self
+            .status
+            .keys
+            .iter_mut()
+            .find(|k| is_valid(k) && k.effective_expires_at.is_some_and(|t| t <= now))
+        else {
+            return false;
+        };
+        let was_active = k.state == KeyState::Active;
+        let reason = k.expiry_reason.unwrap_or(ExpiryReason::MaxLifetime);
+        k.state = KeyState::Expired;
+        self.happenings.push(Happening::Expired { slot: k.slot, key_id: k.key_id.clone(), reason });
+        if was_active && reason == ExpiryReason::Inactivity {
+            // An abandoned ApiKey is retired whole: its other key goes too.
+            for other in self.status.keys.iter_mut().filter(|k| is_valid(k)) {
+                other.state = KeyState::Expired;
+                other.effective_expires_at = Some(now);
+                other.expiry_reason = Some(ExpiryReason::Inactivity);
+                self.happenings.push(Happening::Expired {
+                    slot: other.slot,
+                    key_id: other.key_id.clone(),
+                    reason: ExpiryReason::Inactivity,
+                });
+            }
+        }
+        true
+    }
+
+    fn active(&self) -> Option<&KeyStatus> {
+        self.status.active_slot.and_then(|s| key(self.status, s))
+    }
+
+    /// The active key died of inactivity: nothing more until a rotation is requested.
+    fn retired(&self) -> bool {
+        self.active().is_some_and(|k| {
+            k.state == KeyState::Expired && k.expiry_reason == Some(ExpiryReason::Inactivity)
+        })
+    }
+
+    fn rotate_on_request(&mut self) -> bool {
+        let Some(request) = self.input.rotate_request.filter(|r| !r.trim().is_empty()) else { return false };
+        if self.status.rotation_request.as_deref() == Some(request) {
+            return false;
+        }
+        self.status.rotation_request = Some(request.to_string());
+        let now = self.now();
+        let cut = self.rules().flip_before.add_to(now).unwrap_or(now);
+        if let Some(slot) = self.status.active_slot
+            && let Some(a) = key_mut(self.status, slot).filter(|k| is_valid(k))
+            && ceiling(a).is_none_or(|c| cut < c)
+        {
+            a.cap = Some(ExpiryCap { at: cut, reason: ExpiryReason::Rotated });
+        }
+        let target = self.status.active_slot.map_or(Slot::Primary, Slot::other);
+        self.issue(target);
+        self.activate(target);
+        self.happenings.push(Happening::Rotated);
+        true
+    }
+
+    fn first_key(&mut self) -> bool {
+        if !self.status.keys.is_empty() {
+            return false;
+        }
+        self.issue(Slot::Primary);
+        self.activate(Slot::Primary);
+        true
+    }
+
+    fn replace_invalid_active(&mut self) -> bool {
+        if self.active().is_some_and(is_valid) {
+            return false;
+        }
+        let other = self.status.active_slot.map_or(Slot::Primary, Slot::other);
+        if let Some(k) = key(self.status, other)
+            && is_valid(k)
+            && has_material(self.material, k)
+        {
+            self.activate(other);
+            return true;
+        }
+        let active_revoked = self.active().is_some_and(|k| k.state == KeyState::Revoked);
+        if self.rules().automatic || !self.rules().enforced || active_revoked {
+            self.issue(other);
+            self.activate(other);
+            return true;
+        }
+        false
+    }
+
+    fn repair_active(&mut self) -> bool {
+        let Some(slot) = self.status.active_slot else { return false };
+        if self.active().is_none_or(|k| has_material(self.material, k)) {
+            return false;
+        }
+        let other = slot.other();
+        self.happenings.push(Happening::Repaired { slot });
+        if !key(self.status, other).is_some_and(|k| is_valid(k) && has_material(self.material, k)) {
+            self.issue(other);
+        }
+        self.activate(other);
+        true
+    }
+
+    fn standby(&mut self) -> bool {
+        let (Some(slot), Some(active)) = (self.status.active_slot, self.active().cloned()) else {
+            return false;
+        };
+        let other = slot.other();
+        let now = self.now();
+        match key(self.status, other) {
+            Some(s) if is_valid(s) => {
+                // A waiting standby (never active) must have its material, or it could never
+                // be flipped to. A draining one (active before) needs none.
+                if s.activated_at.is_none() && !has_material(self.material, s) {
+                    self.happenings.push(Happening::Repaired { slot: other });
+                    self.issue(other);
+                    return true;
+                }
+                false
+            }
+            previous => {
+                let revoked = previous.is_some_and(|k| k.state == KeyState::Revoked);
+                if !revoked
+                    && previous.is_some_and(|k| self.material.api_key.as_deref() == Some(k.hash.as_str()))
+                {
+                    // Still in api-key: replace it once consumers have moved on (next reconcile).
+                    return false;
+                }
+                let due = if revoked {
+                    Some(now)
+                } else if self.rules().enforced && self.rules().automatic {
+                    self.rules().secondary_due(active.created_at, ceiling(&active))
+                } else {
+                    None
+                };
+                if due.is_some_and(|t| t <= now) {
+                    self.issue(other);
+                    return true;
+                }
+                false
+            }
+        }
+    }
+
+    /// When consumers move from `active` to the newer `standby`.
+    fn flip_at(&self, active: &KeyStatus, standby: &KeyStatus) -> Option<DateTime<Utc>> {
+        let end = ceiling(active)?;
+        let by_flip_before = self.rules().flip_before.sub_from(end).ok()?;
+        let mid_overlap = standby.created_at + (end - standby.created_at) / 2;
+        Some(by_flip_before.max(mid_overlap))
+    }
+
+    fn newer_standby(&self) -> Option<(KeyStatus, KeyStatus)> {
+        let active = self.active().filter(|k| is_valid(k))?.clone();
+        let standby = key(self.status, active.slot.other())?;
+        (is_valid(standby) && standby.activated_at.is_none() && has_material(self.material, standby))
+            .then(|| (active, standby.clone()))
+    }
+
+    fn flip_when_due(&mut self) -> bool {
+        let Some((active, standby)) = self.newer_standby() else { return false };
+        if self.flip_at(&active, &standby).is_some_and(|t| t <= self.now()) {
+            self.activate(standby.slot);
+            return true;
+        }
+        false
+    }
+
+    /// A fresh key in `slot`, as standby (replacing whatever the slot held).
+    fn issue(&mut self, slot: Slot) {
+        let facts = self.mint.mint(slot);
+        let now = self.now();
+        let expires_at = if self.rules().enforced { self.input.lifetime.add_to(now).ok() } else { None };
+        let fresh = KeyStatus {
+            slot,
+            key_id: facts.key_id.clone(),
+            hash: facts.hash.clone(),
+            preview: facts.preview,
+            created_at: now,
+            expires_at,
+            effective_expires_at: expires_at,
+            cap: None,
+            activated_at: None,
+            last_used_at: None,
+            state: KeyState::Standby,
+            expiry_reason: expires_at.map(|_| ExpiryReason::MaxLifetime),
+        };
+        self.status.keys.retain(|k| k.slot != slot);
+        self.status.keys.push(fresh);
+        self.material.set(slot, facts.hash);
+        self.happenings.push(Happening::Created { slot, key_id: facts.key_id });
+    }
+
+    /// Make `slot` the active key; the previous active key (if still valid) drains as standby.
+    fn activate(&mut self, slot: Slot) {
+        let now = self.now();
+        for k in self.status.keys.iter_mut() {
+            if k.slot == slot {
+                k.state = KeyState::Active;
+                k.activated_at = Some(now);
+            } else if k.state == KeyState::Active {
+                k.state = KeyState::Standby;
+            }
+        }
+        self.status.active_slot = Some(slot);
+        let key_id = key(self.status, slot).map(|k| k.key_id.clone()).unwrap_or_default();
+        self.happenings.push(Happening::Flipped { to: slot, key_id });
+    }
+
+    fn summarize(&self) -> (Health, Option<Next>, String) {
+        let Some(active) = self.active() else {
+            return (Health::Expired, None, "no key has been issued".into());
+        };
+        if self.retired() {
+            let when = active.effective_expires_at.map(ts).unwrap_or_default();
+            return (
+                Health::ExpiredInactive,
+                None,
+                format!(
+                    "the active key {} expired for inactivity at {when}; set annotation keyward.dev/rotate to issue a new key",
+                    active.key_id
+                ),
+            );
+        }
+        if !is_valid(active) {
+            let when = active.effective_expires_at.map(ts).unwrap_or_default();
+            return (
+                Health::Expired,
+                None,
+                format!(
+                    "no valid key: the active key {} ended at {when} and rotation is not automatic; set annotation keyward.dev/rotate to issue a new key",
+                    active.key_id
+                ),
+            );
+        }
+        let mut candidates: Vec<(DateTime<Utc>, NextAction, String)> = Vec::new();
+        let other = key(self.status, active.slot.other());
+        if let Some((a, s)) = self.newer_standby()
+            && let Some(at) = self.flip_at(&a, &s)
+        {
+            candidates.push((
+                at,
+                NextAction::Flip,
+                format!(
+                    "moves consumers to the {} key {} at {}, before the {} key {} expires at {}",
+                    s.slot,
+                    s.key_id,
+                    ts(at),
+                    a.slot,
+                    a.key_id,
+                    ceiling(&a).map(ts).unwrap_or_default()
+                ),
+            ));
+        }
+        let automatic = self.rules().enforced && self.rules().automatic;
+        match other {
+            Some(s) if is_valid(s) && s.activated_at.is_some() => {
+                if let Some(end) = s.effective_expires_at {
+                    let due = self
+                        .rules()
+                        .secondary_due(active.created_at, ceiling(active))
+                        .map_or(end, |d| d.max(end));
+                    if automatic {
+                        candidates.push((
+                            due,
+                            NextAction::Regenerate,
+                            format!(
+                                "regenerates the {} key at {} (key {} stops verifying at {})",
+                                s.slot,
+                                ts(due),
+                                s.key_id,
+                                ts(end)
+                            ),
+                        ));
+                    } else {
+                        candidates.push((
+                            end,
+                            NextAction::Expire,
+                            format!("the {} key {} stops verifying at {}", s.slot, s.key_id, ts(end)),
+                        ));
+                    }
+                }
+            }
+            Some(s) if is_valid(s) => {}
+            previous => {
+                if automatic && let Some(due) = self.rules().secondary_due(active.created_at, ceiling(active))
+                {
+                    let (action, verb) = if previous.is_some() {
+                        (NextAction::Regenerate, "regenerates")
+                    } else {
+                        (NextAction::CreateStandby, "creates")
+                    };
+                    let why = match self.rules().secondary_at {
+                        SecondaryAt::Percent(p) => format!("{p}% into the {} key's life", active.slot),
+                        SecondaryAt::After(d) => format!("{d} after the {} key was created", active.slot),
+                    };
+                    candidates.push((
+                        due,
+                        action,
+                        format!("{verb} the {} key at {} ({why})", active.slot.other(), ts(due)),
+                    ));
+                }
+            }
+        }
+        if let Some(end) = active.effective_expires_at {
+            let text = if active.expiry_reason == Some(ExpiryReason::Inactivity) {
+                format!("the active key {} expires {} for inactivity unless used", active.key_id, ts(end))
+            } else {
+                format!("the active key {} expires at {}", active.key_id, ts(end))
+            };
+            candidates.push((end, NextAction::Expire, text));
+        }
+        match candidates.into_iter().min_by_key(|(at, _, _)| *at) {
+            Some((at, action, text)) => (Health::Ready, Some(Next { action, at }), text),
+            None => (Health::Ready, None, "keys never expire: the policy has expiry disabled".into()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,323 @@
+//! A KeyPolicy, validated and parsed into the rules the lifecycle engine applies.
+
+use chrono::{DateTime, TimeDelta, Utc};
+
+use crate::api::{ExpiryMode, KeyPolicy, KeyPolicySpec, policy_conditions as pc};
+use crate::duration::IsoDuration;
+use crate::keys::KeyFormat;
+
+/// When the first secondary key is created.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SecondaryAt {
+    /// This percentage (1..=99) of the primary's lifetime after its creation.
+    Percent(u32),
+    /// This long after the primary's creation.
+    After(IsoDuration),
+}
+
+/// A policy's rules, every duration parsed.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Rules {
+    /// `expiry.mode: Enforced`.
+    pub enforced: bool,
+    /// `expiry.maxLifetime`.
+    pub max_lifetime: IsoDuration,
+    /// `expiry.minLifetime`.
+    pub min_lifetime: IsoDuration,
+    /// `expiry.inactivityTimeout`.
+    pub inactivity_timeout: Option<IsoDuration>,
+    /// `rotation.secondaryAt`.
+    pub secondary_at: SecondaryAt,
+    /// `rotation.flipBefore`.
+    pub flip_before: IsoDuration,
+    /// `rotation.automatic`.
+    pub automatic: bool,
+    /// Since when the current `maxLifetime` applies (retroactive tightening counts from here).
+    pub max_lifetime_since: DateTime<Utc>,
+    /// `notifications.before`, parsed, longest first, with their original text.
+    pub notify_before: Vec<(String, IsoDuration)>,
+    /// `keyFormat`.
+    pub format: KeyFormat,
+}
+
+/// Why a policy cannot be used: a reason constant and a message naming the field.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PolicyProblem {
+    /// One of [`crate::api::policy_conditions`].
+    pub reason: &'static str,
+    /// Human-readable, names the field.
+    pub message: String,
+}
+
+fn problem(reason: &'static str, message: impl Into<String>) -> PolicyProblem {
+    PolicyProblem { reason, message: message.into() }
+}
+
+fn positive(field: &str, text: &str) -> Result<IsoDuration, PolicyProblem> {
+    let d = IsoDuration::parse(text).map_err(|e| problem(pc::INVALID_DURATION, format!("{field}: {e}")))?;
+    if d.is_zero() {
+        return Err(problem(pc::INVALID_DURATION, format!("{field} must be longer than zero")));
+    }
+    Ok(d)
+}
+
+/// Parse `rotation.secondaryAt`: `NN%` (1..=99) or a positive duration.
+pub fn parse_secondary_at(text: &str) -> Result<SecondaryAt, PolicyProblem> {
+    let t = text.trim();
+    if let Some(num) = t.strip_suffix('%') {
+        return match num.trim().parse::<u32>() {
+            Ok(p) if (1..=99).contains(&p) => Ok(SecondaryAt::Percent(p)),
+            _ => Err(problem(
+                pc::INVALID_SPEC,
+                format!("rotation.secondaryAt: {t:?} must be a percentage from 1% to 99% or a duration"),
+            )),
+        };
+    }
+    positive("rotation.secondaryAt", t).map(SecondaryAt::After)
+}
+
+/// A reference instant for comparing durations that contain calendar months.
+fn reference() -> DateTime<Utc> {
+    DateTime::<Utc>::UNIX_EPOCH
+}
+
+impl Rules {
+    /// Validate a policy. `now` stands in for `maxLifetimeSince` until the policy
+    /// controller has recorded it for the current `maxLifetime`.
+    pub fn from_policy(policy: &KeyPolicy, now: DateTime<Utc>) -> Result<Rules, PolicyProblem> {
+        let spec = &policy.spec;
+        let since = policy
+            .status
+            .as_ref()
+            .filter(|s| s.observed_max_lifetime.as_deref() == Some(spec.expiry.max_lifetime.as_str()))
+            .and_then(|s| s.max_lifetime_since)
+            .unwrap_or(now);
+        Rules::from_spec(spec, since)
+    }
+
+    /// Validate a policy spec.
+    pub fn from_spec(
+        spec: &KeyPolicySpec,
+        max_lifetime_since: DateTime<Utc>,
+    ) -> Result<Rules, PolicyProblem> {
+        let e = &spec.expiry;
+        if e.mode == ExpiryMode::Disabled && !e.acknowledge_risk {
+            return Err(problem(
+                pc::RISK_NOT_ACKNOWLEDGED,
+                "expiry.mode Disabled requires expiry.acknowledgeRisk: true (keys would never expire)",
+            ));
+        }
+        let max_lifetime = positive("expiry.maxLifetime", &e.max_lifetime)?;
+        let min_lifetime = positive("expiry.minLifetime", &e.min_lifetime)?;
+        if min_lifetime.add_to(reference()).ok() > max_lifetime.add_to(reference()).ok() {
+            return Err(problem(
+                pc::INVALID_SPEC,
+                format!(
+                    "expiry.minLifetime ({}) is longer than expiry.maxLifetime ({})",
+                    e.min_lifetime, e.max_lifetime
+                ),
+            ));
+        }
+        let inactivity_timeout =
+            e.inactivity_timeout.as_deref().map(|t| positive("expiry.inactivityTimeout", t)).transpose()?;
+        let secondary_at = parse_secondary_at(&spec.rotation.secondary_at)?;
+        let flip_before = IsoDuration::parse(&spec.rotation.flip_before)
+            .map_err(|err| problem(pc::INVALID_DURATION, format!("rotation.flipBefore: {err}")))?;
+        let mut notify_before = Vec::new();
+        for (i, text) in spec.notifications.before.iter().enumerate() {
+            let d = positive(&format!("notifications.before[{i}]"), text)?;
+            notify_before.push((text.clone(), d));
+        }
+        notify_before.sort_by_key(|(_, d)| std::cmp::Reverse(d.add_to(reference()).ok()));
+        for (i, hook) in spec.notifications.webhooks.iter().enumerate() {
+            let url = hook.url.trim();
+            let ok = (url.starts_with("http://") || url.starts_with("https://"))
+                && url.len() > "https://".len()
+                && !url.contains(char::is_whitespace);
+            if !ok {
+                return Err(problem(
+                    pc::INVALID_SPEC,
+                    format!("notifications.webhooks[{i}].url must be an http:// or https:// URL"),
+                ));
+            }
+        }
+        let prefix_ok = spec.key_format.prefix.len() <= 16
+            && spec
+                .key_format
+                .prefix
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+        if !prefix_ok {
+            return Err(problem(pc::INVALID_SPEC, "keyFormat.prefix must match [a-z0-9_]{0,16}"));
+        }
+        if !(16..=64).contains(&spec.key_format.random_bytes) {
+            return Err(problem(pc::INVALID_SPEC, "keyFormat.randomBytes must be from 16 to 64"));
+        }
+        if spec.limits.max_keys_per_owner == 0 {
+            return Err(problem(pc::INVALID_SPEC, "limits.maxKeysPerOwner must be at least 1"));
+        }
+        Ok(Rules {
+            enforced: e.mode == ExpiryMode::Enforced,
+            max_lifetime,
+            min_lifetime,
+            inactivity_timeout,
+            secondary_at,
+            flip_before,
+            automatic: spec.rotation.automatic,
+            max_lifetime_since,
+            notify_before,
+            format: KeyFormat::from(&spec.key_format),
+        })
+    }
+
+    /// When the standby of a primary created at `created` and expiring at `expires` is due.
+    pub fn secondary_due(
+        &self,
+        created: DateTime<Utc>,
+        expires: Option<DateTime<Utc>>,
+    ) -> Option<DateTime<Utc>> {
+        match self.secondary_at {
+            SecondaryAt::Percent(p) => {
+                let life = expires? - created;
+                let part = TimeDelta::milliseconds(life.num_milliseconds() * i64::from(p) / 100);
+                Some(created + part)
+            }
+            SecondaryAt::After(d) => d.add_to(created).ok(),
+        }
+    }
+
+    /// Check an ApiKey's `lifetime` (or the policy's maximum when absent) against the
+    /// policy's bounds, as of `now`. Err: (reason, message).
+    pub fn lifetime(
+        &self,
+        requested: Option<&str>,
+        now: DateTime<Utc>,
+    ) -> Result<IsoDuration, (&'static str, String)> {
+        use crate::api::conditions as c;
+        let Some(text) = requested else { return Ok(self.max_lifetime) };
+        let d = IsoDuration::parse(text).map_err(|e| (c::INVALID_SPEC, format!("spec.lifetime: {e}")))?;
+        if !self.enforced {
+            return Ok(d);
+        }
+        let (lo, hi, want) = (self.min_lifetime.add_to(now), self.max_lifetime.add_to(now), d.add_to(now));
+        match (lo, hi, want) {
+            (Ok(lo), Ok(hi), Ok(want)) if want >= lo && want <= hi => Ok(d),
+            _ => Err((
+                c::LIFETIME_OUT_OF_BOUNDS,
+                format!(
+                    "spec.lifetime {text} is outside the policy's bounds {} to {}",
+                    self.min_lifetime, self.max_lifetime
+                ),
+            )),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::{ExpirySpec, WebhookSpec};
+
+    fn spec() -> KeyPolicySpec {
+        KeyPolicySpec::default()
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        let r = Rules::from_spec(&spec(), reference()).unwrap();
+        assert!(r.enforced && r.automatic);
+        assert_eq!(r.max_lifetime, IsoDuration::parse("P90D").unwrap());
+        assert_eq!(r.secondary_at, SecondaryAt::Percent(50));
+        assert_eq!(r.flip_before, IsoDuration::parse("PT10M").unwrap());
+        let order: Vec<&str> = r.notify_before.iter().map(|(t, _)| t.as_str()).collect();
+        assert_eq!(order, ["P30D", "P7D", "P1D"]);
+    }
+
+    #[test]
+    fn bad_policies_name_the_field() {
+        let cases: Vec<(Box<dyn Fn(&mut KeyPolicySpec)>, &str, &str)> = vec![
+            (
+                Box::new(|s| s.expiry.max_lifetime = "banana".into()),
+                pc::INVALID_DURATION,
+                "expiry.maxLifetime",
+            ),
+            (Box::new(|s| s.expiry.max_lifetime = "PT0S".into()), pc::INVALID_DURATION, "expiry.maxLifetime"),
+            (Box::new(|s| s.expiry.min_lifetime = "P".into()), pc::INVALID_DURATION, "expiry.minLifetime"),
+            (Box::new(|s| s.expiry.min_lifetime = "P1Y".into()), pc::INVALID_SPEC, "expiry.minLifetime"),
+            (
+                Box::new(|s| s.expiry.inactivity_timeout = Some("-P1D".into())),
+                pc::INVALID_DURATION,
+                "inactivityTimeout",
+            ),
+            (Box::new(|s| s.rotation.secondary_at = "150%".into()), pc::INVALID_SPEC, "rotation.secondaryAt"),
+            (Box::new(|s| s.rotation.secondary_at = "0%".into()), pc::INVALID_SPEC, "rotation.secondaryAt"),
+            (
+                Box::new(|s| s.rotation.secondary_at = "half".into()),
+                pc::INVALID_DURATION,
+                "rotation.secondaryAt",
+            ),
+            (
+                Box::new(|s| s.rotation.flip_before = "10m".into()),
+                pc::INVALID_DURATION,
+                "rotation.flipBefore",
+            ),
+            (
+                Box::new(|s| s.notifications.before = vec!["P7D".into(), "x".into()]),
+                pc::INVALID_DURATION,
+                "notifications.before[1]",
+            ),
+            (
+                Box::new(|s| {
+                    s.notifications.webhooks = vec![WebhookSpec { url: "ftp://x".into(), secret_ref: None }]
+                }),
+                pc::INVALID_SPEC,
+                "webhooks[0].url",
+            ),
+            (Box::new(|s| s.key_format.prefix = "Bad".into()), pc::INVALID_SPEC, "keyFormat.prefix"),
+            (Box::new(|s| s.key_format.random_bytes = 8), pc::INVALID_SPEC, "keyFormat.randomBytes"),
+            (
+                Box::new(|s| s.expiry = ExpirySpec { mode: ExpiryMode::Disabled, ..Default::default() }),
+                pc::RISK_NOT_ACKNOWLEDGED,
+                "acknowledgeRisk",
+            ),
+        ];
+        for (edit, reason, field) in cases {
+            let mut s = spec();
+            edit(&mut s);
+            let p = Rules::from_spec(&s, reference()).unwrap_err();
+            assert_eq!(p.reason, reason, "{p:?}");
+            assert!(p.message.contains(field), "{p:?} should name {field}");
+        }
+        let mut ok = spec();
+        ok.expiry.mode = ExpiryMode::Disabled;
+        ok.expiry.acknowledge_risk = true;
+        assert!(!Rules::from_spec(&ok, reference()).unwrap().enforced);
+    }
+
+    #[test]
+    fn secondary_due_by_percent_or_duration() {
+        let mut s = spec();
+        let r = Rules::from_spec(&s, reference()).unwrap();
+        let t0 = reference();
+        assert_eq!(r.secondary_due(t0, Some(t0 + TimeDelta::seconds(30))), Some(t0 + TimeDelta::seconds(15)));
+        s.rotation.secondary_at = "PT5S".into();
+        let r = Rules::from_spec(&s, reference()).unwrap();
+        assert_eq!(r.secondary_due(t0, None), Some(t0 + TimeDelta::seconds(5)));
+    }
+
+    #[test]
+    fn lifetime_bounds() {
+        use crate::api::conditions as c;
+        let r = Rules::from_spec(&spec(), reference()).unwrap();
+        let now = reference();
+        assert_eq!(r.lifetime(None, now).unwrap(), r.max_lifetime);
+        assert!(r.lifetime(Some("P30D"), now).is_ok());
+        // Calendar months: p3m is 90 days from January 1st, 92 days from July 1st.
+        assert!(r.lifetime(Some("p3m"), now).is_ok());
+        let july = chrono::TimeZone::with_ymd_and_hms(&Utc, 2026, 7, 1, 0, 0, 0).unwrap();
+        assert_eq!(r.lifetime(Some("p3m"), july).unwrap_err().0, c::LIFETIME_OUT_OF_BOUNDS);
+        assert_eq!(r.lifetime(Some("PT30S"), now).unwrap_err().0, c::LIFETIME_OUT_OF_BOUNDS);
+        assert_eq!(r.lifetime(Some("P1Y"), now).unwrap_err().0, c::LIFETIME_OUT_OF_BOUNDS);
+        assert_eq!(r.lifetime(Some("banana"), now).unwrap_err().0, c::INVALID_SPEC);
+    }
+}
