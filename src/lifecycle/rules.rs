@@ -235,7 +235,8 @@ mod tests {
 
     #[test]
     fn bad_policies_name_the_field() {
-        let cases: Vec<(Box<dyn Fn(&mut KeyPolicySpec)>, &str, &str)> = vec![
+        type Edit = Box<dyn Fn(&mut KeyPolicySpec)>;
+        let cases: Vec<(Edit, &str, &str)> = vec![
             (
                 Box::new(|s| s.expiry.max_lifetime = "banana".into()),
                 pc::INVALID_DURATION,

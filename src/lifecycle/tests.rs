@@ -131,7 +131,8 @@ impl Sim {
 fn two_full_cycles_on_schedule() {
     // L = 30 s, secondary at 50 %, flipBefore 10 min capped at half the overlap (7.5 s).
     let mut sim = Sim::new(rules_with(|_| {}));
-    let table: &[(f64, Slot, &str, Option<(NextAction, f64)>)] = &[
+    type Row<'a> = (f64, Slot, &'a str, Option<(NextAction, f64)>);
+    let table: &[Row] = &[
         (0.0, Slot::Primary, "k1", Some((NextAction::CreateStandby, 15.0))),
         (15.0, Slot::Primary, "k1", Some((NextAction::Flip, 22.5))),
         (22.5, Slot::Secondary, "k2", Some((NextAction::Regenerate, 30.0))),
