@@ -32,6 +32,10 @@ pub enum Command {
         /// Address for /metrics, /healthz and /readyz.
         #[arg(long, env = "KEYWARD_METRICS_ADDR", default_value = "0.0.0.0:8080")]
         metrics_addr: String,
+        /// Manage ApiKeys in this namespace only (default: all namespaces). KeyPolicy
+        /// status is then left to a cluster-wide instance.
+        #[arg(long, env = "KEYWARD_NAMESPACE")]
+        namespace: Option<String>,
     },
     /// Print the CustomResourceDefinitions as YAML (`keyward crds | kubectl apply -f -`).
     Crds {

@@ -22,10 +22,10 @@ async fn run(cli: Cli) -> error::Result<()> {
             print!("{}", keyward::api::crds_yaml(kube_version)?);
             Ok(())
         }
-        Command::Controller { metrics_addr } => {
+        Command::Controller { metrics_addr, namespace } => {
             telemetry::init();
             let (client, server) = connect(cli.kubeconfig.as_ref(), cli.context.as_deref()).await?;
-            controller::run(client, &server, controller::Options { metrics_addr }).await
+            controller::run(client, &server, controller::Options { metrics_addr, namespace }).await
         }
     }
 }

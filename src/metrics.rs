@@ -29,8 +29,28 @@ fn duration_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.001, 2.0, 14))
 }
 
+/// Labels of the API write counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResourceLabels {
+    /// `secrets`, `apikeys/status`, `keypolicies/status`, `events`, …
+    pub resource: &'static str,
+}
+
+/// Labels of reason counters.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    /// An Event or condition reason.
+    pub reason: &'static str,
+}
+
 /// All metrics of one process, shared as `Arc`.
 pub struct Metrics {
+    /// Writes to the Kubernetes API, by resource (a no-op reconcile adds none).
+    pub api_writes: Family<ResourceLabels, Counter>,
+    /// Lifecycle happenings (`KeyCreated`, `KeyFlipped`, `KeyExpired`, `KeyRevoked`, …).
+    pub lifecycle_events: Family<ReasonLabels, Counter>,
+    /// Reconciles that stopped on input the user has to fix, by Ready reason.
+    pub blocked: Family<ReasonLabels, Counter>,
     registry: Registry,
     /// Reconciles run, by kind.
     pub reconciles: Family<KindLabels, Counter>,
@@ -48,6 +68,12 @@ impl Metrics {
         let reconcile_failures = Family::<FailureLabels, Counter>::default();
         let reconcile_duration =
             Family::<KindLabels, Histogram, fn() -> Histogram>::new_with_constructor(duration_histogram);
+        let api_writes = Family::<ResourceLabels, Counter>::default();
+        let lifecycle_events = Family::<ReasonLabels, Counter>::default();
+        let blocked = Family::<ReasonLabels, Counter>::default();
+        registry.register("api_writes", "Writes to the Kubernetes API", api_writes.clone());
+        registry.register("lifecycle_events", "Key lifecycle happenings by reason", lifecycle_events.clone());
+        registry.register("blocked_reconciles", "Reconciles stopped on invalid input, by reason", blocked.clone());
         registry.register("reconciles", "Reconciles run", reconciles.clone());
         registry.register("reconcile_failures", "Reconciles that failed", reconcile_failures.clone());
         registry.register(
@@ -55,7 +81,30 @@ impl Metrics {
             "Time spent in one reconcile",
             reconcile_duration.clone(),
         );
-        Arc::new(Metrics { registry, reconciles, reconcile_failures, reconcile_duration })
+        Arc::new(Metrics {
+            registry,
+            api_writes,
+            lifecycle_events,
+            blocked,
+            reconciles,
+            reconcile_failures,
+            reconcile_duration,
+        })
+    }
+
+    /// Count one write to `resource`.
+    pub fn count_write(&self, resource: &'static str) {
+        self.api_writes.get_or_create(&ResourceLabels { resource }).inc();
+    }
+
+    /// Count `n` lifecycle happenings of `reason`.
+    pub fn count_lifecycle(&self, reason: &'static str, n: u64) {
+        self.lifecycle_events.get_or_create(&ReasonLabels { reason }).inc_by(n);
+    }
+
+    /// Count a reconcile blocked for `reason`.
+    pub fn count_blocked(&self, reason: &'static str) {
+        self.blocked.get_or_create(&ReasonLabels { reason }).inc();
     }
 
     /// The registry, for components that add their own metrics at start-up.

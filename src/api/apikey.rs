@@ -39,7 +39,7 @@ pub const SECRET_TYPE: &str = "keyward.dev/api-key";
     printcolumn(name = "Active", type_ = "string", json_path = ".status.activeSlot"),
     printcolumn(
         name = "Expires",
-        type_ = "date",
+        type_ = "string",
         json_path = ".status.keys[?(@.state==\"Active\")].effectiveExpiresAt"
     ),
     printcolumn(name = "Next", type_ = "string", json_path = ".status.nextAction"),

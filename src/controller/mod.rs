@@ -1,31 +1,44 @@
-//! The ApiKey controller: watches ApiKeys and the Secrets keyward owns
-//! (label-filtered, so unrelated Secrets cost nothing), and reconciles each ApiKey.
+//! The controllers: ApiKeys (watching the Secrets keyward owns, label-filtered so
+//! unrelated Secrets cost nothing, and the KeyPolicies they use) and KeyPolicies.
+
+mod apikey;
+pub mod policy;
+pub mod secret;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use chrono::{DateTime, Utc};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::ListParams;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
-use kube::runtime::watcher;
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{WatchStreamExt, predicates, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
 
-use crate::api::{ApiKey, KeyPolicy, MANAGED_BY};
-use crate::duration::IsoDuration;
+use crate::api::{ApiKey, KeyPolicy, MANAGED_BY, ROTATE_ANNOTATION};
 use crate::error::{Error, Result};
 use crate::health::{self, Readiness};
 use crate::metrics::{FailureLabels, KindLabels, Metrics};
 
-/// Name of this controller in Events and field managers.
+/// Name of this controller in Events.
 pub const CONTROLLER_NAME: &str = "keyward";
+/// Field manager of the consumer Secrets.
+pub const SECRET_MANAGER: &str = "keyward/secret";
+/// Field manager of ApiKey and KeyPolicy status.
+pub const STATUS_MANAGER: &str = "keyward/status";
 
 /// Options of `keyward controller`.
 #[derive(Clone, Debug)]
 pub struct Options {
     /// Address of the health and metrics server.
     pub metrics_addr: String,
+    /// Watch ApiKeys and Secrets in this namespace only. KeyPolicy status (cluster-wide
+    /// facts such as `keyCount` and the single default) is then left to a cluster-wide
+    /// instance.
+    pub namespace: Option<String>,
 }
 
 /// Shared state of every reconcile.
@@ -36,6 +49,40 @@ pub struct Context {
     pub recorder: Recorder,
     /// Process metrics.
     pub metrics: Arc<Metrics>,
+    /// Cache of KeyPolicies.
+    pub policies: Store<KeyPolicy>,
+    /// Cache of ApiKeys.
+    pub apikeys: Store<ApiKey>,
+    /// Whether this instance writes KeyPolicy status (cluster-wide instances only).
+    pub manage_policies: bool,
+}
+
+impl Context {
+    /// Publish an Event about `obj`; a failure to publish is logged, never fatal.
+    pub async fn event<K: Resource<DynamicType = ()>>(&self, obj: &K, type_: EventType, reason: &str, note: &str) {
+        let event = Event {
+            type_,
+            reason: reason.into(),
+            note: Some(note.chars().take(1000).collect()),
+            action: "Reconcile".into(),
+            secondary: None,
+        };
+        match self.recorder.publish(&event, &obj.object_ref(&())).await {
+            Ok(()) => self.metrics.count_write("events"),
+            Err(e) => tracing::warn!(error = %e, reason, "cannot publish event"),
+        }
+    }
+
+    /// A Warning Event.
+    pub async fn warn<K: Resource<DynamicType = ()>>(&self, obj: &K, reason: &str, note: &str) {
+        self.event(obj, EventType::Warning, reason, note).await;
+    }
+}
+
+/// The current time, to the millisecond (status timestamps stay readable).
+pub fn now() -> DateTime<Utc> {
+    let t = Utc::now();
+    DateTime::from_timestamp_millis(t.timestamp_millis()).unwrap_or(t)
 }
 
 /// Fail with a one-line explanation when a CRD is missing, before anything starts.
@@ -44,16 +91,11 @@ pub async fn ensure_crds(client: &Client, server: &str) -> Result<()> {
     let probe = ListParams::default().limit(1);
     let missing = |kind, plural| {
         move |e: kube::Error| match &e {
-            kube::Error::Api(s) if s.code == 404 => {
-                Error::CrdMissing { kind, plural, server: server.to_string() }
-            }
+            kube::Error::Api(s) if s.code == 404 => Error::CrdMissing { kind, plural, server: server.to_string() },
             _ => Error::kube(format!("listing {plural}.keyward.dev"))(e),
         }
     };
-    Api::<KeyPolicy>::all(client.clone())
-        .list_metadata(&probe)
-        .await
-        .map_err(missing("KeyPolicy", "keypolicies"))?;
+    Api::<KeyPolicy>::all(client.clone()).list_metadata(&probe).await.map_err(missing("KeyPolicy", "keypolicies"))?;
     Api::<ApiKey>::all(client.clone()).list_metadata(&probe).await.map_err(missing("ApiKey", "apikeys"))?;
     Ok(())
 }
@@ -80,7 +122,18 @@ pub async fn shutdown_signal() {
     tracing::info!("shutdown signal received");
 }
 
-/// Run the controller until SIGTERM/SIGINT.
+/// What about an ApiKey should trigger a reconcile: its spec (generation) and the
+/// rotate annotation. Status writes (this controller's own, the verifier's
+/// `lastUsedAt`) do not: their effects are scheduled by `nextActionAt`.
+fn apikey_trigger(key: &ApiKey) -> Option<u64> {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    key.meta().generation.hash(&mut h);
+    key.annotations().get(ROTATE_ANNOTATION).hash(&mut h);
+    Some(h.finish())
+}
+
+/// Run the controllers until SIGTERM/SIGINT.
 pub async fn run(client: Client, server: &str, opts: Options) -> Result<()> {
     ensure_crds(&client, server).await?;
     let metrics = Metrics::new();
@@ -92,8 +145,21 @@ pub async fn run(client: Client, server: &str, opts: Options) -> Result<()> {
             let _ = rx.wait_for(|s| *s).await;
         }
     };
-    let server =
-        health::serve(&opts.metrics_addr, health::router(metrics.clone(), ready.clone()), stopped()).await?;
+    let server = health::serve(&opts.metrics_addr, health::router(metrics.clone(), ready.clone()), stopped()).await?;
+
+    let (keys_api, secrets_api) = match &opts.namespace {
+        Some(ns) => (Api::<ApiKey>::namespaced(client.clone(), ns), Api::<Secret>::namespaced(client.clone(), ns)),
+        None => (Api::<ApiKey>::all(client.clone()), Api::<Secret>::all(client.clone())),
+    };
+    let policies_api = Api::<KeyPolicy>::all(client.clone());
+    let (keys_reader, keys_writer) = reflector::store();
+    let key_stream = watcher(keys_api.clone(), watcher::Config::default())
+        .default_backoff()
+        .reflect(keys_writer)
+        .applied_objects()
+        .predicate_filter(apikey_trigger, Default::default());
+    let policy_ctl = Controller::new(policies_api.clone(), watcher::Config::default());
+    let policies = policy_ctl.store();
 
     let reporter = Reporter {
         controller: CONTROLLER_NAME.into(),
@@ -103,22 +169,52 @@ pub async fn run(client: Client, server: &str, opts: Options) -> Result<()> {
         recorder: Recorder::new(client.clone(), reporter),
         client: client.clone(),
         metrics,
+        policies: policies.clone(),
+        apikeys: keys_reader.clone(),
+        manage_policies: opts.namespace.is_none(),
     });
-    let secrets = Api::<Secret>::all(client.clone());
+
+    // A policy's spec change reaches the ApiKeys that use it (by name, or as default).
+    let policy_changes = watcher(policies_api.clone(), watcher::Config::default())
+        .default_backoff()
+        .applied_objects()
+        .predicate_filter(predicates::generation, Default::default());
+    let keys_for_policy = keys_reader.clone();
     let owned = watcher::Config::default().labels(&format!("app.kubernetes.io/managed-by={MANAGED_BY}"));
-    ready.set(true);
-    tracing::info!("controller started");
-    Controller::new(Api::<ApiKey>::all(client), watcher::Config::default())
-        .owns(secrets, owned)
-        .graceful_shutdown_on(shutdown_signal())
-        .run(reconcile, error_policy, ctx)
-        .for_each(|res| async move {
-            match res {
-                Ok((obj, _)) => tracing::debug!(apikey = %obj, "reconciled"),
-                Err(e) => tracing::debug!(error = %crate::error::chain(&e), "reconcile error"),
-            }
+    let apikeys = Controller::for_stream(key_stream, keys_reader)
+        .owns(secrets_api, owned)
+        .watches_stream(policy_changes, move |p: KeyPolicy| {
+            let name = p.name_any();
+            keys_for_policy
+                .state()
+                .iter()
+                .filter(|k| k.spec.policy.as_ref().map_or(p.spec.default, |n| *n == name))
+                .map(|k| ObjectRef::from_obj(k.as_ref()))
+                .collect::<Vec<_>>()
         })
-        .await;
+        .graceful_shutdown_on(shutdown_signal())
+        .run(reconcile_apikey, error_policy_apikey, ctx.clone())
+        .for_each(|res| async move {
+            if let Err(e) = res {
+                tracing::debug!(error = %crate::error::chain(&e), "ApiKey reconcile error");
+            }
+        });
+    // Any policy change can change which policy is the single default: re-check all.
+    let all_policies = policies.clone();
+    let keypolicies = policy_ctl
+        .watches(policies_api, watcher::Config::default(), move |_p: KeyPolicy| {
+            all_policies.state().iter().map(|p| ObjectRef::from_obj(p.as_ref())).collect::<Vec<_>>()
+        })
+        .graceful_shutdown_on(shutdown_signal())
+        .run(reconcile_policy, error_policy_policy, ctx.clone())
+        .for_each(|res| async move {
+            if let Err(e) = res {
+                tracing::debug!(error = %crate::error::chain(&e), "KeyPolicy reconcile error");
+            }
+        });
+    ready.set(true);
+    tracing::info!(namespace = ?opts.namespace, "controller started");
+    futures::join!(apikeys, keypolicies);
     ready.set(false);
     let _ = stop_tx.send(true);
     let _ = server.await;
@@ -126,52 +222,42 @@ pub async fn run(client: Client, server: &str, opts: Options) -> Result<()> {
     Ok(())
 }
 
-async fn reconcile(key: Arc<ApiKey>, ctx: Arc<Context>) -> Result<Action> {
-    let labels = KindLabels { kind: "ApiKey" };
+async fn timed<F: std::future::Future<Output = Result<Action>>>(ctx: &Context, kind: &'static str, f: F) -> Result<Action> {
+    let labels = KindLabels { kind };
     ctx.metrics.reconciles.get_or_create(&labels).inc();
     let started = Instant::now();
-    let result = validate_spec(&key);
-    if let Err(e) = &result {
-        ctx.metrics
-            .reconcile_failures
-            .get_or_create(&FailureLabels { kind: "ApiKey", reason: e.metric_label() })
-            .inc();
-        tracing::warn!(apikey = %key.name_any(), namespace = ?key.namespace(), error = %e, "invalid ApiKey spec");
-        let event = Event {
-            type_: EventType::Warning,
-            reason: "InvalidSpec".into(),
-            note: Some(e.to_string()),
-            action: "Validate".into(),
-            secondary: None,
-        };
-        if let Err(err) = ctx.recorder.publish(&event, &key.object_ref(&())).await {
-            tracing::warn!(error = %err, "cannot publish event");
-        }
-    }
+    let result = f.await;
     ctx.metrics.reconcile_duration.get_or_create(&labels).observe(started.elapsed().as_secs_f64());
-    Ok(Action::await_change())
+    result
 }
 
-/// Check the ApiKey's own fields (policy bounds are checked against the policy later).
-pub fn validate_spec(key: &ApiKey) -> Result<()> {
-    if key.spec.owner.trim().is_empty() {
-        return Err(Error::InvalidSpec("spec.owner must not be empty".into()));
-    }
-    if let Some(lifetime) = &key.spec.lifetime {
-        let d =
-            IsoDuration::parse(lifetime).map_err(|e| Error::InvalidSpec(format!("spec.lifetime: {e}")))?;
-        if d.is_zero() {
-            return Err(Error::InvalidSpec("spec.lifetime must be longer than zero".into()));
-        }
-    }
-    Ok(())
+async fn reconcile_apikey(key: Arc<ApiKey>, ctx: Arc<Context>) -> Result<Action> {
+    timed(&ctx, "ApiKey", apikey::reconcile(key, ctx.clone())).await
 }
 
-fn error_policy(_key: Arc<ApiKey>, err: &Error, ctx: Arc<Context>) -> Action {
-    ctx.metrics
-        .reconcile_failures
-        .get_or_create(&FailureLabels { kind: "ApiKey", reason: err.metric_label() })
-        .inc();
-    tracing::warn!(error = %crate::error::chain(err), "reconcile failed; retrying");
-    Action::requeue(Duration::from_secs(5))
+async fn reconcile_policy(policy: Arc<KeyPolicy>, ctx: Arc<Context>) -> Result<Action> {
+    if !ctx.manage_policies {
+        return Ok(Action::await_change());
+    }
+    timed(&ctx, "KeyPolicy", policy::reconcile(policy, ctx.clone())).await
+}
+
+/// A write conflict (409) means someone wrote in between: retry almost at once.
+fn retry_after(err: &Error) -> Duration {
+    match err {
+        Error::Kube { source: kube::Error::Api(s), .. } if s.code == 409 => Duration::from_millis(50),
+        _ => Duration::from_secs(5),
+    }
+}
+
+fn error_policy_apikey(key: Arc<ApiKey>, err: &Error, ctx: Arc<Context>) -> Action {
+    ctx.metrics.reconcile_failures.get_or_create(&FailureLabels { kind: "ApiKey", reason: err.metric_label() }).inc();
+    tracing::warn!(apikey = %key.name_any(), namespace = ?key.namespace(), error = %crate::error::chain(err), "reconcile failed; retrying");
+    Action::requeue(retry_after(err))
+}
+
+fn error_policy_policy(policy: Arc<KeyPolicy>, err: &Error, ctx: Arc<Context>) -> Action {
+    ctx.metrics.reconcile_failures.get_or_create(&FailureLabels { kind: "KeyPolicy", reason: err.metric_label() }).inc();
+    tracing::warn!(keypolicy = %policy.name_any(), error = %crate::error::chain(err), "reconcile failed; retrying");
+    Action::requeue(retry_after(err))
 }

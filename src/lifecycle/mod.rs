@@ -520,9 +520,12 @@ impl Engine<'_, '_> {
                 k.state = KeyState::Standby;
             }
         }
+        let first = self.status.active_slot.is_none();
         self.status.active_slot = Some(slot);
-        let key_id = key(self.status, slot).map(|k| k.key_id.clone()).unwrap_or_default();
-        self.happenings.push(Happening::Flipped { to: slot, key_id });
+        if !first {
+            let key_id = key(self.status, slot).map(|k| k.key_id.clone()).unwrap_or_default();
+            self.happenings.push(Happening::Flipped { to: slot, key_id });
+        }
     }
 
     fn summarize(&self) -> (Health, Option<Next>, String) {

@@ -1,0 +1,254 @@
+//! Reconcile one ApiKey: dereference (fresh ApiKey, policy, Secret) → validate →
+//! run the pure lifecycle → apply the Secret → write status → Events.
+//!
+//! Write order keeps the invariants across crashes:
+//! 1. new key material goes into the Secret's slot field (`primary`/`secondary`) first
+//!    (a restart adopts it instead of issuing a second key for the same step);
+//! 2. then status, with the new hashes (optimistic concurrency on resourceVersion);
+//! 3. only then `api-key` moves to the active key, so a key is in `api-key` only after
+//!    its hash is in status.
+//!
+//! Nothing is written when nothing changed.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::EventType;
+use kube::{Resource, ResourceExt};
+
+use super::policy::{self, Blocked, blocked};
+use super::secret::{self, Contents, Minter};
+use super::{Context, SECRET_MANAGER, STATUS_MANAGER, now};
+use crate::api::{
+    ApiKey, ApiKeyStatus, Condition, ExpiryReason, FALSE, ROTATE_ANNOTATION, TRUE, conditions as c,
+    find_condition, set_condition,
+};
+use crate::error::{Error, Result};
+use crate::keys;
+use crate::lifecycle::{self, Happening, Health, Input};
+
+/// Blocked objects are looked at again this often (e.g. a foreign Secret may go away).
+const BLOCKED_RETRY: Duration = Duration::from_secs(300);
+
+/// Reconcile one ApiKey.
+pub async fn reconcile(obj: Arc<ApiKey>, ctx: Arc<Context>) -> Result<Action> {
+    let ns = obj.namespace().unwrap_or_default();
+    let name = obj.name_any();
+    let api: Api<ApiKey> = Api::namespaced(ctx.client.clone(), &ns);
+    // A fresh read: the watch cache can lag behind this controller's own last write.
+    let Some(key) = api.get_opt(&name).await.map_err(Error::kube(format!("reading ApiKey {ns}/{name}")))? else {
+        return Ok(Action::await_change());
+    };
+    if key.meta().deletion_timestamp.is_some() {
+        return Ok(Action::await_change());
+    }
+    let now = now();
+    match prepare(&ctx, &key, now).await? {
+        Err(b) => block(&ctx, &api, &key, b, now).await,
+        Ok(prepared) => run(&ctx, &api, &key, prepared, now).await,
+    }
+}
+
+struct Prepared {
+    rules: lifecycle::Rules,
+    lifetime: crate::duration::IsoDuration,
+    secret_name: String,
+    secret: Option<Secret>,
+}
+
+/// Dereference and validate; Err(Blocked) for anything the user has to fix.
+async fn prepare(ctx: &Context, key: &ApiKey, now: DateTime<Utc>) -> Result<Result<Prepared, Blocked>> {
+    if key.spec.owner.trim().is_empty() {
+        return Ok(Err(blocked(c::INVALID_SPEC, "spec.owner must not be empty")));
+    }
+    let (_policy, rules) = match policy::resolve(ctx, key, now).await? {
+        Ok(found) => found,
+        Err(b) => return Ok(Err(b)),
+    };
+    let lifetime = match rules.lifetime(key.spec.lifetime.as_deref(), now) {
+        Ok(l) => l,
+        Err((reason, message)) => return Ok(Err(blocked(reason, message))),
+    };
+    let secret_name = key.spec.secret_name.clone().unwrap_or_else(|| key.name_any());
+    let ns = key.namespace().unwrap_or_default();
+    let secret = Api::<Secret>::namespaced(ctx.client.clone(), &ns)
+        .get_opt(&secret_name)
+        .await
+        .map_err(Error::kube(format!("reading Secret {ns}/{secret_name}")))?;
+    if let Some(s) = &secret
+        && !secret::owned_by(s, key)
+    {
+        return Ok(Err(blocked(
+            c::SECRET_CONFLICT,
+            format!("Secret {secret_name:?} exists and is not owned by this ApiKey; keyward leaves it untouched (choose another spec.secretName)"),
+        )));
+    }
+    Ok(Ok(Prepared { rules, lifetime, secret_name, secret }))
+}
+
+/// Record why the ApiKey cannot proceed (`Ready=False`, a Warning Event when that
+/// news is new) and change nothing else.
+async fn block(ctx: &Context, api: &Api<ApiKey>, key: &ApiKey, b: Blocked, now: DateTime<Utc>) -> Result<Action> {
+    let old = key.status.clone().unwrap_or_default();
+    let mut status = old.clone();
+    let generation = key.meta().generation;
+    let news = find_condition(&old.conditions, c::READY).is_none_or(|r| r.reason != b.reason || r.message != b.message);
+    set_condition(&mut status.conditions, Condition::new(c::READY, FALSE, b.reason, b.message.clone(), generation, now));
+    status.observed_generation = generation;
+    status.next_action = None;
+    status.next_action_at = None;
+    status.details = Some(b.message.clone());
+    write_status(ctx, api, key, &old, status).await?;
+    if news {
+        ctx.warn(key, b.reason, &b.message).await;
+    }
+    ctx.metrics.count_blocked(b.reason);
+    Ok(Action::requeue(BLOCKED_RETRY))
+}
+
+async fn run(ctx: &Context, api: &Api<ApiKey>, key: &ApiKey, p: Prepared, now: DateTime<Utc>) -> Result<Action> {
+    let old = key.status.clone().unwrap_or_default();
+    let mut status = old.clone();
+    let generation = key.meta().generation;
+    let existing = p.secret.as_ref();
+    let mut material = secret::material_of(existing);
+    let client_id = old.client_id.clone().or_else(|| secret::client_id_of(existing)).unwrap_or_else(keys::new_client_id);
+    status.client_id = Some(client_id.clone());
+
+    let known: Vec<String> = old.keys.iter().map(|k| k.hash.clone()).collect();
+    let mut minter = Minter::new(&p.rules.format, existing, known, &key.spec.revoked_keys);
+    let input = Input {
+        rules: &p.rules,
+        lifetime: p.lifetime,
+        revoked: &key.spec.revoked_keys,
+        rotate_request: key.annotations().get(ROTATE_ANNOTATION).map(String::as_str),
+        now,
+    };
+    let outcome = lifecycle::advance(&input, &mut status, &mut material, &mut minter);
+
+    let ready = match outcome.health {
+        Health::Ready => Condition::new(c::READY, TRUE, c::KEY_ACTIVE, outcome.details.clone(), generation, now),
+        Health::ExpiredInactive => {
+            Condition::new(c::READY, FALSE, c::KEY_EXPIRED_INACTIVE, outcome.details.clone(), generation, now)
+        }
+        Health::Expired => Condition::new(c::READY, FALSE, c::KEY_EXPIRED, outcome.details.clone(), generation, now),
+    };
+    set_condition(&mut status.conditions, ready);
+    status.observed_generation = generation;
+    status.next_action = outcome.next.as_ref().map(|n| n.action.as_str().to_string());
+    status.next_action_at = outcome.next.as_ref().map(|n| n.at);
+    status.details = Some(outcome.details.clone());
+
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &key.namespace().unwrap_or_default());
+    let slots = secret::slot_material(existing, &minter.minted);
+    let mut current = p.secret.clone();
+    // 1. New material into its slot field; api-key untouched.
+    if !minter.minted.is_empty() || current.is_none() {
+        let want = secret::desired(key, &p.secret_name, current.as_ref(), &Contents { slots: slots.clone(), active: None, client_id: &client_id });
+        current = Some(apply_secret(ctx, &secrets, current.as_ref(), want).await?);
+    }
+    // 2. Status with the new hashes.
+    write_status(ctx, api, key, &old, status.clone()).await?;
+    // 3. api-key to the active key, now that its hash is in status.
+    if outcome.health == Health::Ready
+        && let Some(active) = status.active_slot.and_then(|s| status.keys.iter().find(|k| k.slot == s))
+        && let Some(material) = slots.get(&active.slot)
+    {
+        let expires = match (active.expires_at, active.cap) {
+            (Some(e), Some(cap)) => Some(e.min(cap.at)),
+            (e, cap) => e.or(cap.map(|c| c.at)),
+        };
+        let contents = Contents {
+            slots: slots.clone(),
+            active: Some((material.clone(), &active.key_id, expires.map(|t| t.to_rfc3339_opts(SecondsFormat::Secs, true)))),
+            client_id: &client_id,
+        };
+        let want = secret::desired(key, &p.secret_name, current.as_ref(), &contents);
+        if secret::differs(current.as_ref(), &want) {
+            apply_secret(ctx, &secrets, current.as_ref(), want).await?;
+        }
+    }
+    if minter.adopted > 0 {
+        tracing::info!(apikey = %key.name_any(), namespace = ?key.namespace(), adopted = minter.adopted, "adopted key material written before an interrupted reconcile");
+    }
+    record(ctx, key, &outcome.happenings).await;
+    Ok(match &outcome.next {
+        Some(n) => Action::requeue(until(n.at, now)),
+        None => Action::await_change(),
+    })
+}
+
+/// How long until `at` (at least a millisecond, so an overdue step runs at once).
+fn until(at: DateTime<Utc>, now: DateTime<Utc>) -> Duration {
+    (at - now).to_std().unwrap_or_default().max(Duration::from_millis(1))
+}
+
+/// Create the Secret, or server-side apply it (resourceVersion as a precondition, so a
+/// Secret replaced meanwhile is not overwritten). Returns what the server stored.
+async fn apply_secret(ctx: &Context, api: &Api<Secret>, current: Option<&Secret>, mut want: Secret) -> Result<Secret> {
+    let name = want.name_any();
+    let stored = match current {
+        None => {
+            let pp = PostParams { field_manager: Some(SECRET_MANAGER.into()), ..Default::default() };
+            api.create(&pp, &want).await.map_err(Error::kube(format!("creating Secret {name}")))?
+        }
+        Some(have) => {
+            want.metadata.resource_version = have.resource_version();
+            let pp = PatchParams::apply(SECRET_MANAGER).force();
+            api.patch(&name, &pp, &Patch::Apply(&want)).await.map_err(Error::kube(format!("applying Secret {name}")))?
+        }
+    };
+    ctx.metrics.count_write("secrets");
+    Ok(stored)
+}
+
+/// Replace the status when it differs (resourceVersion precondition: a concurrent
+/// writer, such as the verifier's `lastUsedAt`, makes this a conflict and a retry).
+async fn write_status(ctx: &Context, api: &Api<ApiKey>, key: &ApiKey, old: &ApiKeyStatus, status: ApiKeyStatus) -> Result<()> {
+    if *old == status {
+        return Ok(());
+    }
+    let mut updated = key.clone();
+    updated.status = Some(status);
+    let pp = PostParams { field_manager: Some(STATUS_MANAGER.into()), ..Default::default() };
+    api.replace_status(&key.name_any(), &pp, &updated)
+        .await
+        .map_err(Error::kube(format!("writing ApiKey {} status", key.name_any())))?;
+    ctx.metrics.count_write("apikeys/status");
+    Ok(())
+}
+
+/// Events and metrics for what happened. Only key IDs, never material.
+async fn record(ctx: &Context, key: &ApiKey, happenings: &[Happening]) {
+    let mut seen: BTreeMap<&'static str, usize> = BTreeMap::new();
+    for h in happenings {
+        let (type_, reason, note) = match h {
+            Happening::Created { slot, key_id } => (EventType::Normal, "KeyCreated", format!("issued {slot} key {key_id}")),
+            Happening::Flipped { to, key_id } => {
+                (EventType::Normal, "KeyFlipped", format!("consumers moved to the {slot} key {key_id}", slot = to))
+            }
+            Happening::Expired { slot, key_id, reason } => {
+                let t = if *reason == ExpiryReason::Inactivity { EventType::Warning } else { EventType::Normal };
+                (t, "KeyExpired", format!("{slot} key {key_id} expired ({reason:?})"))
+            }
+            Happening::Revoked { slot, key_id } => (EventType::Normal, "KeyRevoked", format!("{slot} key {key_id} revoked")),
+            Happening::Rotated => (EventType::Normal, "KeyRotated", "rotation requested by annotation keyward.dev/rotate".to_string()),
+            Happening::Repaired { slot } => (
+                EventType::Warning,
+                "SecretRepaired",
+                format!("the Secret lacked the {slot} key's material (deleted or edited); issued or flipped to a key that is there"),
+            ),
+        };
+        *seen.entry(reason).or_default() += 1;
+        ctx.event(key, type_, reason, &note).await;
+    }
+    for (reason, n) in seen {
+        ctx.metrics.count_lifecycle(reason, n as u64);
+    }
+}
+

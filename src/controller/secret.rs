@@ -1,0 +1,179 @@
+//! The consumer Secret: what keyward reads from it (which key material each slot
+//! holds), the material it mints or adopts, and the Secret it applies.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::ByteString;
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::ObjectMeta;
+use kube::{Resource, ResourceExt};
+
+use crate::api::{API_KEY_LABEL, ApiKey, MANAGED_BY, SECRET_TYPE, Slot};
+use crate::keys::{self, KeyFacts, KeyFormat, SecretKey};
+use crate::lifecycle::{Material, Mint};
+
+/// Data keys of the consumer Secret.
+pub mod data {
+    /// The active key: what clients send.
+    pub const API_KEY: &str = "api-key";
+    /// The stable client ID.
+    pub const CLIENT_ID: &str = "client-id";
+    /// ID of the active key.
+    pub const KEY_ID: &str = "key-id";
+    /// When the active key expires at the latest (RFC 3339).
+    pub const EXPIRES_AT: &str = "expires-at";
+}
+
+fn text(secret: Option<&Secret>, key: &str) -> Option<String> {
+    let bytes = secret?.data.as_ref()?.get(key)?;
+    String::from_utf8(bytes.0.clone()).ok()
+}
+
+/// Whether `secret` is controlled by this ApiKey (controller ownerReference with its UID).
+pub fn owned_by(secret: &Secret, key: &ApiKey) -> bool {
+    let uid = key.meta().uid.as_deref();
+    secret.owner_references().iter().any(|o| o.controller == Some(true) && Some(o.uid.as_str()) == uid)
+}
+
+/// Hashes of what the Secret holds in each slot and in `api-key`.
+pub fn material_of(secret: Option<&Secret>) -> Material {
+    let h = |k: &str| text(secret, k).map(|t| keys::hash(SecretKey::from_string(t).expose()));
+    Material { api_key: h(data::API_KEY), primary: h(Slot::Primary.data_key()), secondary: h(Slot::Secondary.data_key()) }
+}
+
+/// The client ID recorded in the Secret (adopted when status lost it).
+pub fn client_id_of(secret: Option<&Secret>) -> Option<String> {
+    text(secret, data::CLIENT_ID).filter(|c| c.starts_with("kwc_") && c.len() <= 64)
+}
+
+/// Mints keys for the lifecycle engine: adopts a well-formed key that a previous,
+/// interrupted reconcile already wrote into the slot (so a crash between writing the
+/// Secret and writing status never issues a second key for one step), otherwise
+/// generates one from the OS CSPRNG. Keeps the material for the Secret.
+pub struct Minter<'a> {
+    format: &'a KeyFormat,
+    existing: Option<&'a Secret>,
+    known: Vec<String>,
+    revoked: &'a [String],
+    /// Material minted in this reconcile, by slot.
+    pub minted: BTreeMap<Slot, SecretKey>,
+    /// How many of the minted keys were adopted from the Secret.
+    pub adopted: usize,
+}
+
+impl<'a> Minter<'a> {
+    /// `known`: every hash in status before this reconcile.
+    pub fn new(format: &'a KeyFormat, existing: Option<&'a Secret>, known: Vec<String>, revoked: &'a [String]) -> Self {
+        Minter { format, existing, known, revoked, minted: BTreeMap::new(), adopted: 0 }
+    }
+
+    fn adoptable(&self, slot: Slot) -> Option<SecretKey> {
+        if self.minted.contains_key(&slot) {
+            return None;
+        }
+        let candidate = SecretKey::from_string(text(self.existing, slot.data_key())?);
+        self.format.check(candidate.expose()).ok()?;
+        let facts = self.format.facts(&candidate);
+        (!self.known.contains(&facts.hash) && !self.revoked.contains(&facts.key_id)).then_some(candidate)
+    }
+}
+
+impl Mint for Minter<'_> {
+    fn mint(&mut self, slot: Slot) -> KeyFacts {
+        let key = match self.adoptable(slot) {
+            Some(k) => {
+                self.adopted += 1;
+                k
+            }
+            None => self.format.generate(),
+        };
+        let facts = self.format.facts(&key);
+        self.known.push(facts.hash.clone());
+        self.minted.insert(slot, key);
+        facts
+    }
+}
+
+/// Desired content of the consumer Secret's `data`.
+pub struct Contents<'a> {
+    /// Material per slot: minted now, or kept from the current Secret.
+    pub slots: BTreeMap<Slot, String>,
+    /// `api-key` and the active key's facts; None keeps whatever `api-key` holds.
+    pub active: Option<(String, &'a str, Option<String>)>,
+    /// The client ID.
+    pub client_id: &'a str,
+}
+
+/// Current material per slot in the Secret, overlaid with what was minted.
+pub fn slot_material(existing: Option<&Secret>, minted: &BTreeMap<Slot, SecretKey>) -> BTreeMap<Slot, String> {
+    let mut slots = BTreeMap::new();
+    for slot in [Slot::Primary, Slot::Secondary] {
+        let value = minted.get(&slot).map(|k| k.expose().to_string()).or_else(|| text(existing, slot.data_key()));
+        if let Some(v) = value {
+            slots.insert(slot, v);
+        }
+    }
+    slots
+}
+
+/// The Secret keyward applies: type, labels, ownerReference and data. Data keys keyward
+/// owns but has no value for are carried over from `existing` (never blanked).
+pub fn desired(key: &ApiKey, name: &str, existing: Option<&Secret>, contents: &Contents) -> Secret {
+    let mut labels = key.spec.secret_template.as_ref().map(|t| t.labels.clone()).unwrap_or_default();
+    labels.insert("app.kubernetes.io/managed-by".into(), MANAGED_BY.into());
+    labels.insert(API_KEY_LABEL.into(), key.name_any());
+    let annotations = key.spec.secret_template.as_ref().map(|t| t.annotations.clone()).unwrap_or_default();
+    let mut data: BTreeMap<String, ByteString> = BTreeMap::new();
+    let mut put = |k: &str, v: String| {
+        data.insert(k.to_string(), ByteString(v.into_bytes()));
+    };
+    for (slot, value) in &contents.slots {
+        put(slot.data_key(), value.clone());
+    }
+    put(data::CLIENT_ID, contents.client_id.to_string());
+    match &contents.active {
+        Some((material, key_id, expires_at)) => {
+            put(data::API_KEY, material.clone());
+            put(data::KEY_ID, key_id.to_string());
+            if let Some(t) = expires_at {
+                put(data::EXPIRES_AT, t.clone());
+            }
+        }
+        None => {
+            for k in [data::API_KEY, data::KEY_ID, data::EXPIRES_AT] {
+                if let Some(v) = text(existing, k) {
+                    put(k, v);
+                }
+            }
+        }
+    }
+    Secret {
+        metadata: ObjectMeta {
+            name: Some(name.to_string()),
+            namespace: key.namespace(),
+            labels: Some(labels),
+            annotations: (!annotations.is_empty()).then_some(annotations),
+            owner_references: key.controller_owner_ref(&()).map(|o| vec![o]),
+            ..Default::default()
+        },
+        type_: Some(SECRET_TYPE.into()),
+        data: Some(data),
+        ..Default::default()
+    }
+}
+
+/// Whether applying `want` would change `have` (data, our labels and annotations, type,
+/// ownerReference). Keys and labels others added are not ours to remove.
+pub fn differs(have: Option<&Secret>, want: &Secret) -> bool {
+    let Some(have) = have else { return true };
+    let subset = |w: &Option<BTreeMap<String, String>>, h: &Option<BTreeMap<String, String>>| {
+        w.iter().flatten().all(|(k, v)| h.as_ref().and_then(|h| h.get(k)) == Some(v))
+    };
+    let ours = [data::API_KEY, data::CLIENT_ID, data::KEY_ID, data::EXPIRES_AT, "primary", "secondary"];
+    let value = |s: &Secret, k: &str| s.data.as_ref().and_then(|d| d.get(k)).cloned();
+    ours.iter().any(|k| value(have, k) != value(want, k))
+        || have.type_ != want.type_
+        || !subset(&want.metadata.labels, &have.metadata.labels)
+        || !subset(&want.metadata.annotations, &have.metadata.annotations)
+        || want.metadata.owner_references.iter().flatten().any(|o| !have.owner_references().contains(o))
+}
