@@ -25,7 +25,8 @@ cargo fmt --all -- --check
 cargo clippy --all-targets --locked -- -D warnings
 
 echo "== unit, drift and integration tests"
-cargo test --all-targets --locked
+# Integration tests wait on real time (seconds-scale key lifetimes): run them side by side.
+cargo test --all-targets --locked -- --test-threads 8
 
 if [ $local_plane = 1 ]; then
   echo "== tests that remove keyward's CRDs (local control plane only)"

@@ -73,7 +73,11 @@ impl Metrics {
         let blocked = Family::<ReasonLabels, Counter>::default();
         registry.register("api_writes", "Writes to the Kubernetes API", api_writes.clone());
         registry.register("lifecycle_events", "Key lifecycle happenings by reason", lifecycle_events.clone());
-        registry.register("blocked_reconciles", "Reconciles stopped on invalid input, by reason", blocked.clone());
+        registry.register(
+            "blocked_reconciles",
+            "Reconciles stopped on invalid input, by reason",
+            blocked.clone(),
+        );
         registry.register("reconciles", "Reconciles run", reconciles.clone());
         registry.register("reconcile_failures", "Reconciles that failed", reconcile_failures.clone());
         registry.register(

@@ -14,7 +14,8 @@ use kube::api::{Api, ListParams, PostParams};
 async fn controller_serves_health_reports_bad_durations_and_stops_on_sigterm() {
     let client = client().await;
     let ns = TestNamespace::new(&client, "ctl").await;
-    let mut keyward = KeywardProcess::start(&["controller"], "info");
+    let policy = ns.policy(&client, "p", serde_json::json!({})).await;
+    let mut keyward = KeywardProcess::start(&["controller", "--namespace", &ns.name], "info");
     keyward.wait_ready().await;
     assert_eq!(keyward.get("/healthz").unwrap().0, 200);
 
@@ -22,7 +23,7 @@ async fn controller_serves_health_reports_bad_durations_and_stops_on_sigterm() {
     let key: ApiKey = serde_json::from_value(serde_json::json!({
         "apiVersion": "keyward.dev/v1alpha1", "kind": "ApiKey",
         "metadata": {"name": "bad-lifetime"},
-        "spec": {"owner": "team-a", "lifetime": "banana"}
+        "spec": {"owner": "team-a", "lifetime": "banana", "policy": policy}
     }))
     .unwrap();
     keys.create(&PostParams::default(), &key).await.unwrap();
@@ -45,7 +46,7 @@ async fn controller_serves_health_reports_bad_durations_and_stops_on_sigterm() {
     let (code, metrics) = keyward.get("/metrics").unwrap();
     assert_eq!(code, 200);
     assert!(metrics.contains("keyward_reconciles_total{kind=\"ApiKey\"}"), "{metrics}");
-    assert!(metrics.contains("reason=\"invalid_spec\""), "{metrics}");
+    assert!(metrics.contains("keyward_blocked_reconciles_total{reason=\"InvalidSpec\"}"), "{metrics}");
 
     let status = keyward.terminate().await;
     assert!(status.success(), "clean exit on SIGTERM: {status:?}\n{}", keyward.logs());

@@ -41,7 +41,8 @@ pub async fn reconcile(obj: Arc<ApiKey>, ctx: Arc<Context>) -> Result<Action> {
     let name = obj.name_any();
     let api: Api<ApiKey> = Api::namespaced(ctx.client.clone(), &ns);
     // A fresh read: the watch cache can lag behind this controller's own last write.
-    let Some(key) = api.get_opt(&name).await.map_err(Error::kube(format!("reading ApiKey {ns}/{name}")))? else {
+    let Some(key) = api.get_opt(&name).await.map_err(Error::kube(format!("reading ApiKey {ns}/{name}")))?
+    else {
         return Ok(Action::await_change());
     };
     if key.meta().deletion_timestamp.is_some() {
@@ -85,7 +86,9 @@ async fn prepare(ctx: &Context, key: &ApiKey, now: DateTime<Utc>) -> Result<Resu
     {
         return Ok(Err(blocked(
             c::SECRET_CONFLICT,
-            format!("Secret {secret_name:?} exists and is not owned by this ApiKey; keyward leaves it untouched (choose another spec.secretName)"),
+            format!(
+                "Secret {secret_name:?} exists and is not owned by this ApiKey; keyward leaves it untouched (choose another spec.secretName)"
+            ),
         )));
     }
     Ok(Ok(Prepared { rules, lifetime, secret_name, secret }))
@@ -93,12 +96,22 @@ async fn prepare(ctx: &Context, key: &ApiKey, now: DateTime<Utc>) -> Result<Resu
 
 /// Record why the ApiKey cannot proceed (`Ready=False`, a Warning Event when that
 /// news is new) and change nothing else.
-async fn block(ctx: &Context, api: &Api<ApiKey>, key: &ApiKey, b: Blocked, now: DateTime<Utc>) -> Result<Action> {
+async fn block(
+    ctx: &Context,
+    api: &Api<ApiKey>,
+    key: &ApiKey,
+    b: Blocked,
+    now: DateTime<Utc>,
+) -> Result<Action> {
     let old = key.status.clone().unwrap_or_default();
     let mut status = old.clone();
     let generation = key.meta().generation;
-    let news = find_condition(&old.conditions, c::READY).is_none_or(|r| r.reason != b.reason || r.message != b.message);
-    set_condition(&mut status.conditions, Condition::new(c::READY, FALSE, b.reason, b.message.clone(), generation, now));
+    let news = find_condition(&old.conditions, c::READY)
+        .is_none_or(|r| r.reason != b.reason || r.message != b.message);
+    set_condition(
+        &mut status.conditions,
+        Condition::new(c::READY, FALSE, b.reason, b.message.clone(), generation, now),
+    );
     status.observed_generation = generation;
     status.next_action = None;
     status.next_action_at = None;
@@ -111,13 +124,20 @@ async fn block(ctx: &Context, api: &Api<ApiKey>, key: &ApiKey, b: Blocked, now: 
     Ok(Action::requeue(BLOCKED_RETRY))
 }
 
-async fn run(ctx: &Context, api: &Api<ApiKey>, key: &ApiKey, p: Prepared, now: DateTime<Utc>) -> Result<Action> {
+async fn run(
+    ctx: &Context,
+    api: &Api<ApiKey>,
+    key: &ApiKey,
+    p: Prepared,
+    now: DateTime<Utc>,
+) -> Result<Action> {
     let old = key.status.clone().unwrap_or_default();
     let mut status = old.clone();
     let generation = key.meta().generation;
     let existing = p.secret.as_ref();
     let mut material = secret::material_of(existing);
-    let client_id = old.client_id.clone().or_else(|| secret::client_id_of(existing)).unwrap_or_else(keys::new_client_id);
+    let client_id =
+        old.client_id.clone().or_else(|| secret::client_id_of(existing)).unwrap_or_else(keys::new_client_id);
     status.client_id = Some(client_id.clone());
 
     let known: Vec<String> = old.keys.iter().map(|k| k.hash.clone()).collect();
@@ -132,11 +152,15 @@ async fn run(ctx: &Context, api: &Api<ApiKey>, key: &ApiKey, p: Prepared, now: D
     let outcome = lifecycle::advance(&input, &mut status, &mut material, &mut minter);
 
     let ready = match outcome.health {
-        Health::Ready => Condition::new(c::READY, TRUE, c::KEY_ACTIVE, outcome.details.clone(), generation, now),
+        Health::Ready => {
+            Condition::new(c::READY, TRUE, c::KEY_ACTIVE, outcome.details.clone(), generation, now)
+        }
         Health::ExpiredInactive => {
             Condition::new(c::READY, FALSE, c::KEY_EXPIRED_INACTIVE, outcome.details.clone(), generation, now)
         }
-        Health::Expired => Condition::new(c::READY, FALSE, c::KEY_EXPIRED, outcome.details.clone(), generation, now),
+        Health::Expired => {
+            Condition::new(c::READY, FALSE, c::KEY_EXPIRED, outcome.details.clone(), generation, now)
+        }
     };
     set_condition(&mut status.conditions, ready);
     status.observed_generation = generation;
@@ -149,7 +173,12 @@ async fn run(ctx: &Context, api: &Api<ApiKey>, key: &ApiKey, p: Prepared, now: D
     let mut current = p.secret.clone();
     // 1. New material into its slot field; api-key untouched.
     if !minter.minted.is_empty() || current.is_none() {
-        let want = secret::desired(key, &p.secret_name, current.as_ref(), &Contents { slots: slots.clone(), active: None, client_id: &client_id });
+        let want = secret::desired(
+            key,
+            &p.secret_name,
+            current.as_ref(),
+            &Contents { slots: slots.clone(), active: None, client_id: &client_id },
+        );
         current = Some(apply_secret(ctx, &secrets, current.as_ref(), want).await?);
     }
     // 2. Status with the new hashes.
@@ -165,7 +194,11 @@ async fn run(ctx: &Context, api: &Api<ApiKey>, key: &ApiKey, p: Prepared, now: D
         };
         let contents = Contents {
             slots: slots.clone(),
-            active: Some((material.clone(), &active.key_id, expires.map(|t| t.to_rfc3339_opts(SecondsFormat::Secs, true)))),
+            active: Some((
+                material.clone(),
+                &active.key_id,
+                expires.map(|t| t.to_rfc3339_opts(SecondsFormat::Secs, true)),
+            )),
             client_id: &client_id,
         };
         let want = secret::desired(key, &p.secret_name, current.as_ref(), &contents);
@@ -190,7 +223,12 @@ fn until(at: DateTime<Utc>, now: DateTime<Utc>) -> Duration {
 
 /// Create the Secret, or server-side apply it (resourceVersion as a precondition, so a
 /// Secret replaced meanwhile is not overwritten). Returns what the server stored.
-async fn apply_secret(ctx: &Context, api: &Api<Secret>, current: Option<&Secret>, mut want: Secret) -> Result<Secret> {
+async fn apply_secret(
+    ctx: &Context,
+    api: &Api<Secret>,
+    current: Option<&Secret>,
+    mut want: Secret,
+) -> Result<Secret> {
     let name = want.name_any();
     let stored = match current {
         None => {
@@ -200,7 +238,9 @@ async fn apply_secret(ctx: &Context, api: &Api<Secret>, current: Option<&Secret>
         Some(have) => {
             want.metadata.resource_version = have.resource_version();
             let pp = PatchParams::apply(SECRET_MANAGER).force();
-            api.patch(&name, &pp, &Patch::Apply(&want)).await.map_err(Error::kube(format!("applying Secret {name}")))?
+            api.patch(&name, &pp, &Patch::Apply(&want))
+                .await
+                .map_err(Error::kube(format!("applying Secret {name}")))?
         }
     };
     ctx.metrics.count_write("secrets");
@@ -209,7 +249,13 @@ async fn apply_secret(ctx: &Context, api: &Api<Secret>, current: Option<&Secret>
 
 /// Replace the status when it differs (resourceVersion precondition: a concurrent
 /// writer, such as the verifier's `lastUsedAt`, makes this a conflict and a retry).
-async fn write_status(ctx: &Context, api: &Api<ApiKey>, key: &ApiKey, old: &ApiKeyStatus, status: ApiKeyStatus) -> Result<()> {
+async fn write_status(
+    ctx: &Context,
+    api: &Api<ApiKey>,
+    key: &ApiKey,
+    old: &ApiKeyStatus,
+    status: ApiKeyStatus,
+) -> Result<()> {
     if *old == status {
         return Ok(());
     }
@@ -228,20 +274,33 @@ async fn record(ctx: &Context, key: &ApiKey, happenings: &[Happening]) {
     let mut seen: BTreeMap<&'static str, usize> = BTreeMap::new();
     for h in happenings {
         let (type_, reason, note) = match h {
-            Happening::Created { slot, key_id } => (EventType::Normal, "KeyCreated", format!("issued {slot} key {key_id}")),
-            Happening::Flipped { to, key_id } => {
-                (EventType::Normal, "KeyFlipped", format!("consumers moved to the {slot} key {key_id}", slot = to))
+            Happening::Created { slot, key_id } => {
+                (EventType::Normal, "KeyCreated", format!("issued {slot} key {key_id}"))
             }
+            Happening::Flipped { to, key_id } => (
+                EventType::Normal,
+                "KeyFlipped",
+                format!("consumers moved to the {slot} key {key_id}", slot = to),
+            ),
             Happening::Expired { slot, key_id, reason } => {
-                let t = if *reason == ExpiryReason::Inactivity { EventType::Warning } else { EventType::Normal };
+                let t =
+                    if *reason == ExpiryReason::Inactivity { EventType::Warning } else { EventType::Normal };
                 (t, "KeyExpired", format!("{slot} key {key_id} expired ({reason:?})"))
             }
-            Happening::Revoked { slot, key_id } => (EventType::Normal, "KeyRevoked", format!("{slot} key {key_id} revoked")),
-            Happening::Rotated => (EventType::Normal, "KeyRotated", "rotation requested by annotation keyward.dev/rotate".to_string()),
+            Happening::Revoked { slot, key_id } => {
+                (EventType::Normal, "KeyRevoked", format!("{slot} key {key_id} revoked"))
+            }
+            Happening::Rotated => (
+                EventType::Normal,
+                "KeyRotated",
+                "rotation requested by annotation keyward.dev/rotate".to_string(),
+            ),
             Happening::Repaired { slot } => (
                 EventType::Warning,
                 "SecretRepaired",
-                format!("the Secret lacked the {slot} key's material (deleted or edited); issued or flipped to a key that is there"),
+                format!(
+                    "the Secret lacked the {slot} key's material (deleted or edited); issued or flipped to a key that is there"
+                ),
             ),
         };
         *seen.entry(reason).or_default() += 1;
@@ -251,4 +310,3 @@ async fn record(ctx: &Context, key: &ApiKey, happenings: &[Happening]) {
         ctx.metrics.count_lifecycle(reason, n as u64);
     }
 }
-

@@ -59,7 +59,13 @@ pub struct Context {
 
 impl Context {
     /// Publish an Event about `obj`; a failure to publish is logged, never fatal.
-    pub async fn event<K: Resource<DynamicType = ()>>(&self, obj: &K, type_: EventType, reason: &str, note: &str) {
+    pub async fn event<K: Resource<DynamicType = ()>>(
+        &self,
+        obj: &K,
+        type_: EventType,
+        reason: &str,
+        note: &str,
+    ) {
         let event = Event {
             type_,
             reason: reason.into(),
@@ -91,11 +97,16 @@ pub async fn ensure_crds(client: &Client, server: &str) -> Result<()> {
     let probe = ListParams::default().limit(1);
     let missing = |kind, plural| {
         move |e: kube::Error| match &e {
-            kube::Error::Api(s) if s.code == 404 => Error::CrdMissing { kind, plural, server: server.to_string() },
+            kube::Error::Api(s) if s.code == 404 => {
+                Error::CrdMissing { kind, plural, server: server.to_string() }
+            }
             _ => Error::kube(format!("listing {plural}.keyward.dev"))(e),
         }
     };
-    Api::<KeyPolicy>::all(client.clone()).list_metadata(&probe).await.map_err(missing("KeyPolicy", "keypolicies"))?;
+    Api::<KeyPolicy>::all(client.clone())
+        .list_metadata(&probe)
+        .await
+        .map_err(missing("KeyPolicy", "keypolicies"))?;
     Api::<ApiKey>::all(client.clone()).list_metadata(&probe).await.map_err(missing("ApiKey", "apikeys"))?;
     Ok(())
 }
@@ -145,10 +156,13 @@ pub async fn run(client: Client, server: &str, opts: Options) -> Result<()> {
             let _ = rx.wait_for(|s| *s).await;
         }
     };
-    let server = health::serve(&opts.metrics_addr, health::router(metrics.clone(), ready.clone()), stopped()).await?;
+    let server =
+        health::serve(&opts.metrics_addr, health::router(metrics.clone(), ready.clone()), stopped()).await?;
 
     let (keys_api, secrets_api) = match &opts.namespace {
-        Some(ns) => (Api::<ApiKey>::namespaced(client.clone(), ns), Api::<Secret>::namespaced(client.clone(), ns)),
+        Some(ns) => {
+            (Api::<ApiKey>::namespaced(client.clone(), ns), Api::<Secret>::namespaced(client.clone(), ns))
+        }
         None => (Api::<ApiKey>::all(client.clone()), Api::<Secret>::all(client.clone())),
     };
     let policies_api = Api::<KeyPolicy>::all(client.clone());
@@ -222,7 +236,11 @@ pub async fn run(client: Client, server: &str, opts: Options) -> Result<()> {
     Ok(())
 }
 
-async fn timed<F: std::future::Future<Output = Result<Action>>>(ctx: &Context, kind: &'static str, f: F) -> Result<Action> {
+async fn timed<F: std::future::Future<Output = Result<Action>>>(
+    ctx: &Context,
+    kind: &'static str,
+    f: F,
+) -> Result<Action> {
     let labels = KindLabels { kind };
     ctx.metrics.reconciles.get_or_create(&labels).inc();
     let started = Instant::now();
@@ -251,13 +269,19 @@ fn retry_after(err: &Error) -> Duration {
 }
 
 fn error_policy_apikey(key: Arc<ApiKey>, err: &Error, ctx: Arc<Context>) -> Action {
-    ctx.metrics.reconcile_failures.get_or_create(&FailureLabels { kind: "ApiKey", reason: err.metric_label() }).inc();
+    ctx.metrics
+        .reconcile_failures
+        .get_or_create(&FailureLabels { kind: "ApiKey", reason: err.metric_label() })
+        .inc();
     tracing::warn!(apikey = %key.name_any(), namespace = ?key.namespace(), error = %crate::error::chain(err), "reconcile failed; retrying");
     Action::requeue(retry_after(err))
 }
 
 fn error_policy_policy(policy: Arc<KeyPolicy>, err: &Error, ctx: Arc<Context>) -> Action {
-    ctx.metrics.reconcile_failures.get_or_create(&FailureLabels { kind: "KeyPolicy", reason: err.metric_label() }).inc();
+    ctx.metrics
+        .reconcile_failures
+        .get_or_create(&FailureLabels { kind: "KeyPolicy", reason: err.metric_label() })
+        .inc();
     tracing::warn!(keypolicy = %policy.name_any(), error = %crate::error::chain(err), "reconcile failed; retrying");
     Action::requeue(retry_after(err))
 }

@@ -14,7 +14,9 @@ use kube::runtime::controller::Action;
 use kube::{Resource, ResourceExt};
 
 use super::{Context, now};
-use crate::api::{ApiKey, Condition, FALSE, KeyPolicy, TRUE, conditions as c, policy_conditions as pc, set_condition};
+use crate::api::{
+    ApiKey, Condition, FALSE, KeyPolicy, TRUE, conditions as c, policy_conditions as pc, set_condition,
+};
 use crate::error::{Error, Result};
 use crate::lifecycle::Rules;
 
@@ -50,15 +52,26 @@ pub fn selector_matches(selector: &LabelSelector, labels: &BTreeMap<String, Stri
 }
 
 /// The policy an ApiKey uses and its rules, or why it cannot use one.
-pub async fn resolve(ctx: &Context, key: &ApiKey, now: DateTime<Utc>) -> Result<Result<(KeyPolicy, Rules), Blocked>> {
+pub async fn resolve(
+    ctx: &Context,
+    key: &ApiKey,
+    now: DateTime<Utc>,
+) -> Result<Result<(KeyPolicy, Rules), Blocked>> {
     let policies: Api<KeyPolicy> = Api::all(ctx.client.clone());
     let policy = match &key.spec.policy {
-        Some(name) => match policies.get_opt(name).await.map_err(Error::kube(format!("reading KeyPolicy {name}")))? {
+        Some(name) => match policies
+            .get_opt(name)
+            .await
+            .map_err(Error::kube(format!("reading KeyPolicy {name}")))?
+        {
             Some(p) => p,
-            None => return Ok(Err(blocked(c::POLICY_NOT_FOUND, format!("KeyPolicy {name:?} does not exist")))),
+            None => {
+                return Ok(Err(blocked(c::POLICY_NOT_FOUND, format!("KeyPolicy {name:?} does not exist"))));
+            }
         },
         None => {
-            let list = policies.list(&Default::default()).await.map_err(Error::kube("listing KeyPolicies"))?;
+            let list =
+                policies.list(&Default::default()).await.map_err(Error::kube("listing KeyPolicies"))?;
             let mut defaults: Vec<KeyPolicy> = list.items.into_iter().filter(|p| p.spec.default).collect();
             match defaults.len() {
                 0 => {
@@ -72,7 +85,11 @@ pub async fn resolve(ctx: &Context, key: &ApiKey, now: DateTime<Utc>) -> Result<
                     let names: Vec<String> = defaults.iter().map(|p| p.name_any()).collect();
                     return Ok(Err(blocked(
                         c::POLICY_NOT_FOUND,
-                        format!("spec.policy is not set and {} KeyPolicies are marked default ({}); name one", names.len(), names.join(", ")),
+                        format!(
+                            "spec.policy is not set and {} KeyPolicies are marked default ({}); name one",
+                            names.len(),
+                            names.join(", ")
+                        ),
                     )));
                 }
             }
@@ -95,7 +112,9 @@ pub async fn resolve(ctx: &Context, key: &ApiKey, now: DateTime<Utc>) -> Result<
     }
     match Rules::from_policy(&policy, now) {
         Ok(rules) => Ok(Ok((policy, rules))),
-        Err(p) => Ok(Err(blocked(c::POLICY_INVALID, format!("KeyPolicy {name:?} is not accepted: {}", p.message)))),
+        Err(p) => {
+            Ok(Err(blocked(c::POLICY_INVALID, format!("KeyPolicy {name:?} is not accepted: {}", p.message))))
+        }
     }
 }
 
@@ -104,7 +123,8 @@ pub async fn resolve(ctx: &Context, key: &ApiKey, now: DateTime<Utc>) -> Result<
 pub async fn reconcile(obj: Arc<KeyPolicy>, ctx: Arc<Context>) -> Result<Action> {
     let api: Api<KeyPolicy> = Api::all(ctx.client.clone());
     let name = obj.name_any();
-    let Some(policy) = api.get_opt(&name).await.map_err(Error::kube(format!("reading KeyPolicy {name}")))? else {
+    let Some(policy) = api.get_opt(&name).await.map_err(Error::kube(format!("reading KeyPolicy {name}")))?
+    else {
         return Ok(Action::await_change());
     };
     let now = now();
@@ -114,7 +134,8 @@ pub async fn reconcile(obj: Arc<KeyPolicy>, ctx: Arc<Context>) -> Result<Action>
         // First sight counts from the policy's creation; a later change from now.
         let since = match status.observed_max_lifetime {
             None => policy.meta().creation_timestamp.as_ref().map_or(now, |t| {
-                DateTime::<Utc>::from_timestamp(t.0.as_second(), t.0.subsec_nanosecond() as u32).unwrap_or(now)
+                DateTime::<Utc>::from_timestamp(t.0.as_second(), t.0.subsec_nanosecond() as u32)
+                    .unwrap_or(now)
             }),
             Some(_) => now,
         };
@@ -123,7 +144,12 @@ pub async fn reconcile(obj: Arc<KeyPolicy>, ctx: Arc<Context>) -> Result<Action>
     }
     let generation = policy.meta().generation;
     let other_defaults: Vec<String> = if policy.spec.default {
-        ctx.policies.state().iter().filter(|p| p.spec.default && p.name_any() != name).map(|p| p.name_any()).collect()
+        ctx.policies
+            .state()
+            .iter()
+            .filter(|p| p.spec.default && p.name_any() != name)
+            .map(|p| p.name_any())
+            .collect()
     } else {
         vec![]
     };
@@ -133,14 +159,18 @@ pub async fn reconcile(obj: Arc<KeyPolicy>, ctx: Arc<Context>) -> Result<Action>
             pc::ACCEPTED,
             FALSE,
             pc::MULTIPLE_DEFAULTS,
-            format!("also marked default: {}; ApiKeys without spec.policy cannot choose", other_defaults.join(", ")),
+            format!(
+                "also marked default: {}; ApiKeys without spec.policy cannot choose",
+                other_defaults.join(", ")
+            ),
             generation,
             now,
         ),
         Ok(_) => Condition::new(pc::ACCEPTED, TRUE, pc::VALID, "policy is valid", generation, now),
     };
     let rejected = accepted.status == FALSE;
-    let changed_reason = crate::api::find_condition(&old.conditions, pc::ACCEPTED).map(|c| (&c.reason, &c.message))
+    let changed_reason = crate::api::find_condition(&old.conditions, pc::ACCEPTED)
+        .map(|c| (&c.reason, &c.message))
         != Some((&accepted.reason, &accepted.message));
     set_condition(&mut status.conditions, accepted.clone());
     status.observed_generation = generation;
@@ -157,7 +187,9 @@ pub async fn reconcile(obj: Arc<KeyPolicy>, ctx: Arc<Context>) -> Result<Action>
         let mut updated = policy.clone();
         updated.status = Some(status);
         let pp = PostParams { field_manager: Some(super::STATUS_MANAGER.into()), ..Default::default() };
-        api.replace_status(&name, &pp, &updated).await.map_err(Error::kube(format!("writing KeyPolicy {name} status")))?;
+        api.replace_status(&name, &pp, &updated)
+            .await
+            .map_err(Error::kube(format!("writing KeyPolicy {name} status")))?;
         ctx.metrics.count_write("keypolicies/status");
         if rejected && changed_reason {
             ctx.warn(&policy, &accepted.reason, &accepted.message).await;

@@ -38,7 +38,11 @@ pub fn owned_by(secret: &Secret, key: &ApiKey) -> bool {
 /// Hashes of what the Secret holds in each slot and in `api-key`.
 pub fn material_of(secret: Option<&Secret>) -> Material {
     let h = |k: &str| text(secret, k).map(|t| keys::hash(SecretKey::from_string(t).expose()));
-    Material { api_key: h(data::API_KEY), primary: h(Slot::Primary.data_key()), secondary: h(Slot::Secondary.data_key()) }
+    Material {
+        api_key: h(data::API_KEY),
+        primary: h(Slot::Primary.data_key()),
+        secondary: h(Slot::Secondary.data_key()),
+    }
 }
 
 /// The client ID recorded in the Secret (adopted when status lost it).
@@ -63,7 +67,12 @@ pub struct Minter<'a> {
 
 impl<'a> Minter<'a> {
     /// `known`: every hash in status before this reconcile.
-    pub fn new(format: &'a KeyFormat, existing: Option<&'a Secret>, known: Vec<String>, revoked: &'a [String]) -> Self {
+    pub fn new(
+        format: &'a KeyFormat,
+        existing: Option<&'a Secret>,
+        known: Vec<String>,
+        revoked: &'a [String],
+    ) -> Self {
         Minter { format, existing, known, revoked, minted: BTreeMap::new(), adopted: 0 }
     }
 
@@ -105,10 +114,14 @@ pub struct Contents<'a> {
 }
 
 /// Current material per slot in the Secret, overlaid with what was minted.
-pub fn slot_material(existing: Option<&Secret>, minted: &BTreeMap<Slot, SecretKey>) -> BTreeMap<Slot, String> {
+pub fn slot_material(
+    existing: Option<&Secret>,
+    minted: &BTreeMap<Slot, SecretKey>,
+) -> BTreeMap<Slot, String> {
     let mut slots = BTreeMap::new();
     for slot in [Slot::Primary, Slot::Secondary] {
-        let value = minted.get(&slot).map(|k| k.expose().to_string()).or_else(|| text(existing, slot.data_key()));
+        let value =
+            minted.get(&slot).map(|k| k.expose().to_string()).or_else(|| text(existing, slot.data_key()));
         if let Some(v) = value {
             slots.insert(slot, v);
         }

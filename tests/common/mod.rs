@@ -89,10 +89,12 @@ where
     }
 }
 
-/// A namespace of its own for one test, deleted when dropped.
+/// A namespace of its own for one test, deleted when dropped (with the cluster-scoped
+/// KeyPolicies the test made through it).
 pub struct TestNamespace {
     /// Its name: `kw-<test>-<random>`.
     pub name: String,
+    policies: std::sync::Mutex<Vec<String>>,
 }
 
 impl TestNamespace {
@@ -107,19 +109,55 @@ impl TestNamespace {
             .create(&PostParams::default(), &ns)
             .await
             .expect("create namespace");
-        TestNamespace { name }
+        TestNamespace { name, policies: Default::default() }
+    }
+}
+
+impl TestNamespace {
+    /// Create KeyPolicy `<namespace>-<suffix>` with `spec`; deleted with the namespace.
+    pub async fn policy(&self, client: &Client, suffix: &str, spec: serde_json::Value) -> String {
+        let name = format!("{}-{suffix}", self.name);
+        let obj: keyward::api::KeyPolicy = serde_json::from_value(serde_json::json!({
+            "apiVersion": "keyward.dev/v1alpha1", "kind": "KeyPolicy",
+            "metadata": {"name": name, "labels": {"keyward.dev/test": "true"}}, "spec": spec
+        }))
+        .expect("KeyPolicy JSON");
+        Api::<keyward::api::KeyPolicy>::all(client.clone())
+            .create(&PostParams::default(), &obj)
+            .await
+            .expect("create KeyPolicy");
+        self.policies.lock().unwrap().push(name.clone());
+        name
+    }
+
+    /// Create ApiKey `name` in this namespace with `spec` (and optional annotations).
+    pub async fn apikey(&self, client: &Client, name: &str, spec: serde_json::Value) -> keyward::api::ApiKey {
+        let obj: keyward::api::ApiKey = serde_json::from_value(serde_json::json!({
+            "apiVersion": "keyward.dev/v1alpha1", "kind": "ApiKey",
+            "metadata": {"name": name}, "spec": spec
+        }))
+        .expect("ApiKey JSON");
+        Api::<keyward::api::ApiKey>::namespaced(client.clone(), &self.name)
+            .create(&PostParams::default(), &obj)
+            .await
+            .expect("create ApiKey")
     }
 }
 
 impl Drop for TestNamespace {
     fn drop(&mut self) {
         let name = self.name.clone();
+        let policies = std::mem::take(&mut *self.policies.lock().unwrap());
         // Drop cannot await, and the test's client lives on the test's (now blocked)
         // runtime: delete from a helper thread with its own runtime and client.
         let _ = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().ok()?;
             rt.block_on(async {
                 let client = Client::try_default().await.ok()?;
+                let kp = Api::<keyward::api::KeyPolicy>::all(client.clone());
+                for p in policies {
+                    let _ = kp.delete(&p, &DeleteParams::background()).await;
+                }
                 Api::<Namespace>::all(client).delete(&name, &DeleteParams::background()).await.ok()
             })
         })
@@ -236,4 +274,65 @@ pub fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
     let code = buf.split_whitespace().nth(1)?.parse().ok()?;
     let body = buf.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
     Some((code, body))
+}
+
+/// The Secret's data as text, or None when it does not exist.
+pub async fn secret_data(
+    client: &Client,
+    ns: &str,
+    name: &str,
+) -> Option<std::collections::BTreeMap<String, String>> {
+    let secret = Api::<k8s_openapi::api::core::v1::Secret>::namespaced(client.clone(), ns)
+        .get_opt(name)
+        .await
+        .expect("read Secret")?;
+    Some(
+        secret
+            .data
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(k, v)| (k, String::from_utf8(v.0).expect("UTF-8 Secret data")))
+            .collect(),
+    )
+}
+
+/// GET an ApiKey.
+pub async fn get_key(client: &Client, ns: &str, name: &str) -> keyward::api::ApiKey {
+    Api::<keyward::api::ApiKey>::namespaced(client.clone(), ns).get(name).await.expect("read ApiKey")
+}
+
+/// Poll the ApiKey until `check` holds (returns its result), or panic after `timeout`
+/// showing the last status.
+pub async fn wait_key<T>(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    timeout: Duration,
+    mut check: impl FnMut(&keyward::api::ApiKey) -> Option<T>,
+) -> T {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let key = get_key(client, ns, name).await;
+        if let Some(v) = check(&key) {
+            return v;
+        }
+        if tokio::time::Instant::now() > deadline {
+            panic!("timed out after {timeout:?} waiting on ApiKey {ns}/{name}; status: {:#?}", key.status);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The `Ready` condition's (status, reason).
+pub fn ready(key: &keyward::api::ApiKey) -> Option<(String, String)> {
+    let status = key.status.as_ref()?;
+    keyward::api::find_condition(&status.conditions, "Ready").map(|c| (c.status.clone(), c.reason.clone()))
+}
+
+/// Sum of a counter family in Prometheus text (all label sets), 0 when absent.
+pub fn metric_sum(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
 }
