@@ -172,8 +172,26 @@ pub async fn run(client: Client, server: &str, opts: Options) -> Result<()> {
         .reflect(keys_writer)
         .applied_objects()
         .predicate_filter(apikey_trigger, Default::default());
-    let policy_ctl = Controller::new(policies_api.clone(), watcher::Config::default());
+    let mut policy_ctl = Controller::new(policies_api.clone(), watcher::Config::default());
     let policies = policy_ctl.store();
+    if opts.namespace.is_none() {
+        // keyCount follows ApiKeys created or moved between policies (spec changes only;
+        // deletions are counted at the policy's next periodic refresh).
+        let key_specs = watcher(Api::<ApiKey>::all(client.clone()), watcher::Config::default())
+            .default_backoff()
+            .applied_objects()
+            .predicate_filter(predicates::generation, Default::default());
+        let policies_for_key = policies.clone();
+        policy_ctl = policy_ctl.watches_stream(key_specs, move |k: ApiKey| match &k.spec.policy {
+            Some(name) => vec![ObjectRef::new(name)],
+            None => policies_for_key
+                .state()
+                .iter()
+                .filter(|p| p.spec.default)
+                .map(|p| ObjectRef::from_obj(p.as_ref()))
+                .collect(),
+        });
+    }
 
     let reporter = Reporter {
         controller: CONTROLLER_NAME.into(),

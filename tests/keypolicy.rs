@@ -1,0 +1,103 @@
+//! KeyPolicy status from a cluster-wide controller: `Accepted` with its reasons,
+//! `maxLifetimeSince` and `keyCount`. One test (it runs the only cluster-wide
+//! keyward of the suite, and marks policies default).
+
+mod common;
+
+use std::time::Duration;
+
+use common::{KeywardProcess, TestNamespace, client};
+use keyward::api::{KeyPolicy, find_condition};
+use kube::api::{Api, DeleteParams};
+use kube::{Client, ResourceExt};
+use serde_json::json;
+
+async fn accepted(client: &Client, name: &str) -> (String, String, KeyPolicy) {
+    let api: Api<KeyPolicy> = Api::all(client.clone());
+    common::eventually(&format!("KeyPolicy {name} to report Accepted"), Duration::from_secs(60), || async {
+        let p = api.get(name).await.ok()?;
+        let c = find_condition(&p.status.as_ref()?.conditions, "Accepted")?.clone();
+        (p.status.as_ref()?.observed_generation == p.metadata.generation).then_some((c.status, c.reason, p))
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn policies_report_accepted_since_and_key_count() {
+    let client = client().await;
+    let ns = TestNamespace::new(&client, "policy").await;
+    let valid = ns.policy(&client, "valid", json!({"expiry": {"maxLifetime": "P30D"}})).await;
+    let bad_duration = ns.policy(&client, "baddur", json!({"expiry": {"maxLifetime": "banana"}})).await;
+    // v1.20 does not enforce the CRD's CEL rule, so the controller has to.
+    let no_ack = ns.policy(&client, "noack", json!({"expiry": {"mode": "Disabled"}})).await;
+    let ack =
+        ns.policy(&client, "ack", json!({"expiry": {"mode": "Disabled", "acknowledgeRisk": true}})).await;
+    ns.apikey(&client, "one", json!({"policy": valid, "owner": "a"})).await;
+    ns.apikey(&client, "two", json!({"policy": valid, "owner": "b"})).await;
+    let _keyward = KeywardProcess::start(&["controller"], "info");
+
+    let (s, r, p) = accepted(&client, &valid).await;
+    assert_eq!((s.as_str(), r.as_str()), ("True", "Valid"));
+    let status = p.status.clone().unwrap();
+    assert_eq!(status.observed_max_lifetime.as_deref(), Some("P30D"));
+    let created = p.metadata.creation_timestamp.as_ref().unwrap().0.as_second();
+    assert_eq!(status.max_lifetime_since.unwrap().timestamp(), created, "first sight counts from creation");
+    common::eventually("keyCount 2", Duration::from_secs(90), || async {
+        let p = Api::<KeyPolicy>::all(client.clone()).get(&valid).await.ok()?;
+        (p.status?.key_count == 2).then_some(())
+    })
+    .await;
+
+    let (s, r, _) = accepted(&client, &bad_duration).await;
+    assert_eq!((s.as_str(), r.as_str()), ("False", "InvalidDuration"));
+    let (s, r, _) = accepted(&client, &no_ack).await;
+    assert_eq!((s.as_str(), r.as_str()), ("False", "RiskNotAcknowledged"));
+    let (s, _, _) = accepted(&client, &ack).await;
+    assert_eq!(s, "True");
+
+    // Changing maxLifetime moves maxLifetimeSince to the change.
+    let api: Api<KeyPolicy> = Api::all(client.clone());
+    let before = chrono::Utc::now();
+    api.patch(
+        &valid,
+        &Default::default(),
+        &kube::api::Patch::Merge(json!({"spec": {"expiry": {"maxLifetime": "P7D"}}})),
+    )
+    .await
+    .unwrap();
+    let since = common::eventually("maxLifetimeSince to move", Duration::from_secs(30), || async {
+        let s = api.get(&valid).await.ok()?.status?;
+        (s.observed_max_lifetime.as_deref() == Some("P7D")).then_some(s.max_lifetime_since?)
+    })
+    .await;
+    assert!(since >= before - chrono::TimeDelta::seconds(1), "{since} vs {before}");
+
+    // Two defaults: both refuse; removing one restores the other.
+    let others: Vec<String> = api
+        .list(&Default::default())
+        .await
+        .unwrap()
+        .items
+        .iter()
+        .filter(|p| p.spec.default)
+        .map(|p| p.name_any())
+        .collect();
+    let d1 = ns.policy(&client, "d1", json!({"default": true})).await;
+    let d2 = ns.policy(&client, "d2", json!({"default": true})).await;
+    for d in [&d1, &d2] {
+        let (s, r, _) = common::eventually("MultipleDefaults", Duration::from_secs(30), || async {
+            let got = accepted(&client, d).await;
+            (got.1 == "MultipleDefaults").then_some(got)
+        })
+        .await;
+        assert_eq!((s.as_str(), r.as_str()), ("False", "MultipleDefaults"));
+    }
+    api.delete(&d2, &DeleteParams::default()).await.unwrap();
+    if others.is_empty() {
+        common::eventually("the remaining default to be accepted", Duration::from_secs(30), || async {
+            let got = accepted(&client, &d1).await;
+            (got.0 == "True").then_some(())
+        })
+        .await;
+    }
+}
