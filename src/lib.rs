@@ -13,3 +13,4 @@ pub mod keys;
 pub mod lifecycle;
 pub mod metrics;
 pub mod telemetry;
+pub mod webhook;

@@ -43,8 +43,19 @@ pub struct ReasonLabels {
     pub reason: &'static str,
 }
 
+/// Labels of the notification counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct NotifyLabels {
+    /// `KeyExpiringSoon` or `NonExpiringKey`.
+    pub kind: &'static str,
+    /// `raised` (Event sent), `delivered` or `failed` (webhook).
+    pub result: &'static str,
+}
+
 /// All metrics of one process, shared as `Arc`.
 pub struct Metrics {
+    /// Expiry warnings raised and webhook deliveries, by kind and result.
+    pub notifications: Family<NotifyLabels, Counter>,
     /// Writes to the Kubernetes API, by resource (a no-op reconcile adds none).
     pub api_writes: Family<ResourceLabels, Counter>,
     /// Lifecycle happenings (`KeyCreated`, `KeyFlipped`, `KeyExpired`, `KeyRevoked`, …).
@@ -71,6 +82,12 @@ impl Metrics {
         let api_writes = Family::<ResourceLabels, Counter>::default();
         let lifecycle_events = Family::<ReasonLabels, Counter>::default();
         let blocked = Family::<ReasonLabels, Counter>::default();
+        let notifications = Family::<NotifyLabels, Counter>::default();
+        registry.register(
+            "notifications",
+            "Expiry warnings raised and webhook deliveries",
+            notifications.clone(),
+        );
         registry.register("api_writes", "Writes to the Kubernetes API", api_writes.clone());
         registry.register("lifecycle_events", "Key lifecycle happenings by reason", lifecycle_events.clone());
         registry.register(
@@ -87,6 +104,7 @@ impl Metrics {
         );
         Arc::new(Metrics {
             registry,
+            notifications,
             api_writes,
             lifecycle_events,
             blocked,
@@ -104,6 +122,11 @@ impl Metrics {
     /// Count `n` lifecycle happenings of `reason`.
     pub fn count_lifecycle(&self, reason: &'static str, n: u64) {
         self.lifecycle_events.get_or_create(&ReasonLabels { reason }).inc_by(n);
+    }
+
+    /// Count a notification outcome.
+    pub fn count_notification(&self, kind: &'static str, result: &'static str) {
+        self.notifications.get_or_create(&NotifyLabels { kind, result }).inc();
     }
 
     /// Count a reconcile blocked for `reason`.

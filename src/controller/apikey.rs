@@ -21,6 +21,7 @@ use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::{Resource, ResourceExt};
 
+use super::consumers;
 use super::policy::{self, Blocked, blocked};
 use super::secret::{self, Contents, Minter};
 use super::{Context, SECRET_MANAGER, STATUS_MANAGER, now};
@@ -30,7 +31,8 @@ use crate::api::{
 };
 use crate::error::{Error, Result};
 use crate::keys;
-use crate::lifecycle::{self, Happening, Health, Input};
+use crate::lifecycle::{self, Happening, Health, Input, notify};
+use crate::webhook;
 
 /// Blocked objects are looked at again this often (e.g. a foreign Secret may go away).
 const BLOCKED_RETRY: Duration = Duration::from_secs(300);
@@ -56,6 +58,7 @@ pub async fn reconcile(obj: Arc<ApiKey>, ctx: Arc<Context>) -> Result<Action> {
 }
 
 struct Prepared {
+    policy: crate::api::KeyPolicy,
     rules: lifecycle::Rules,
     lifetime: crate::duration::IsoDuration,
     secret_name: String,
@@ -67,10 +70,13 @@ async fn prepare(ctx: &Context, key: &ApiKey, now: DateTime<Utc>) -> Result<Resu
     if key.spec.owner.trim().is_empty() {
         return Ok(Err(blocked(c::INVALID_SPEC, "spec.owner must not be empty")));
     }
-    let (_policy, rules) = match policy::resolve(ctx, key, now).await? {
+    let (found, rules) = match policy::resolve(ctx, key, now).await? {
         Ok(found) => found,
         Err(b) => return Ok(Err(b)),
     };
+    if let Some(b) = owner_limits(ctx, key, &found) {
+        return Ok(Err(b));
+    }
     let lifetime = match rules.lifetime(key.spec.lifetime.as_deref(), now) {
         Ok(l) => l,
         Err((reason, message)) => return Ok(Err(blocked(reason, message))),
@@ -91,7 +97,42 @@ async fn prepare(ctx: &Context, key: &ApiKey, now: DateTime<Utc>) -> Result<Resu
             ),
         )));
     }
-    Ok(Ok(Prepared { rules, lifetime, secret_name, secret }))
+    Ok(Ok(Prepared { policy: found, rules, lifetime, secret_name, secret }))
+}
+
+/// The per-owner limits of the policy, over the ApiKeys of this owner in the namespace
+/// (from the watch cache, plus this ApiKey itself).
+fn owner_limits(ctx: &Context, key: &ApiKey, policy: &crate::api::KeyPolicy) -> Option<Blocked> {
+    let owner = key.spec.owner.trim();
+    let ns = key.namespace();
+    let owned = |k: &ApiKey| policy::OwnedKey {
+        created: k
+            .meta()
+            .creation_timestamp
+            .as_ref()
+            .and_then(|t| DateTime::from_timestamp(t.0.as_second(), 0)),
+        name: k.name_any(),
+        description: k.spec.description.as_deref().unwrap_or_default().trim().to_string(),
+    };
+    let mut keys: Vec<policy::OwnedKey> = ctx
+        .apikeys
+        .state()
+        .iter()
+        .filter(|k| {
+            k.namespace() == ns && k.spec.owner.trim() == owner && k.meta().deletion_timestamp.is_none()
+        })
+        .filter(|k| k.name_any() != key.name_any())
+        .map(|k| owned(k))
+        .collect();
+    keys.push(owned(key));
+    let limits = &policy.spec.limits;
+    policy::owner_verdict(
+        keys,
+        &key.name_any(),
+        owner,
+        limits.max_keys_per_owner as usize,
+        limits.unique_description_per_owner,
+    )
 }
 
 /// Record why the ApiKey cannot proceed (`Ready=False`, a Warning Event when that
@@ -125,7 +166,7 @@ async fn block(
 }
 
 async fn run(
-    ctx: &Context,
+    ctx: &Arc<Context>,
     api: &Api<ApiKey>,
     key: &ApiKey,
     p: Prepared,
@@ -163,6 +204,29 @@ async fn run(
         }
     };
     set_condition(&mut status.conditions, ready);
+    let warnings = notify::evaluate(&p.rules, &mut status, now);
+    let expiring = match &warnings.expiring {
+        Some((threshold, end)) => Condition::new(
+            c::EXPIRING,
+            TRUE,
+            c::EXPIRING_SOON,
+            format!(
+                "the active key expires at {} (within {threshold})",
+                end.to_rfc3339_opts(SecondsFormat::Secs, true)
+            ),
+            generation,
+            now,
+        ),
+        None => Condition::new(
+            c::EXPIRING,
+            FALSE,
+            c::NOT_EXPIRING,
+            "no warning threshold has passed",
+            generation,
+            now,
+        ),
+    };
+    set_condition(&mut status.conditions, expiring);
     status.observed_generation = generation;
     status.next_action = outcome.next.as_ref().map(|n| n.action.as_str().to_string());
     status.next_action_at = outcome.next.as_ref().map(|n| n.at);
@@ -206,12 +270,24 @@ async fn run(
             apply_secret(ctx, &secrets, current.as_ref(), want).await?;
         }
     }
+    // Env-var consumers roll out once per change of the active key.
+    if outcome.health == Health::Ready
+        && let Some(active) = status.active_slot.and_then(|s| status.keys.iter().find(|k| k.slot == s))
+    {
+        let changed = outcome
+            .happenings
+            .iter()
+            .any(|h| matches!(h, Happening::Flipped { .. } | Happening::Created { .. }));
+        consumers::roll(ctx, key, &active.key_id, changed).await?;
+    }
     if minter.adopted > 0 {
         tracing::info!(apikey = %key.name_any(), namespace = ?key.namespace(), adopted = minter.adopted, "adopted key material written before an interrupted reconcile");
     }
     record(ctx, key, &outcome.happenings).await;
-    Ok(match &outcome.next {
-        Some(n) => Action::requeue(until(n.at, now)),
+    warn_owner(ctx, key, &p.policy, &warnings.fire).await;
+    let next = [outcome.next.as_ref().map(|n| n.at), warnings.next].into_iter().flatten().min();
+    Ok(match next {
+        Some(at) => Action::requeue(until(at, now)),
         None => Action::await_change(),
     })
 }
@@ -267,6 +343,89 @@ async fn write_status(
         .map_err(Error::kube(format!("writing ApiKey {} status", key.name_any())))?;
     ctx.metrics.count_write("apikeys/status");
     Ok(())
+}
+
+/// Expiry warnings: a Warning Event and a metric each, and a webhook POST per
+/// receiver in its own task (retried, bounded; a failure is an Event and a metric and
+/// never delays the lifecycle).
+async fn warn_owner(
+    ctx: &Arc<Context>,
+    key: &ApiKey,
+    policy: &crate::api::KeyPolicy,
+    notices: &[notify::Notice],
+) {
+    for n in notices {
+        let (kind, note) = if n.threshold == notify::NON_EXPIRING {
+            (
+                "NonExpiringKey",
+                format!(
+                    "{} key {} never expires: KeyPolicy {} has expiry disabled",
+                    n.slot,
+                    n.key_id,
+                    policy.name_any()
+                ),
+            )
+        } else {
+            let when = n.expires_at.map(|t| t.to_rfc3339_opts(SecondsFormat::Secs, true)).unwrap_or_default();
+            let standby =
+                if n.standby_ready { "a standby key is ready" } else { "no standby key is ready yet" };
+            (
+                "KeyExpiringSoon",
+                format!("{} key {} expires at {when} (within {}); {standby}", n.slot, n.key_id, n.threshold),
+            )
+        };
+        ctx.warn(key, kind, &note).await;
+        ctx.metrics.count_notification(kind, "raised");
+        let payload = webhook::Payload {
+            type_: kind.to_string(),
+            api_key: webhook::ApiKeyRef {
+                namespace: key.namespace().unwrap_or_default(),
+                name: key.name_any(),
+            },
+            owner: key.spec.owner.clone(),
+            key_id: n.key_id.clone(),
+            slot: n.slot.to_string(),
+            expires_at: n.expires_at,
+            threshold: n.threshold.clone(),
+            standby_ready: n.standby_ready,
+        };
+        let Ok(body) = serde_json::to_vec(&payload) else { continue };
+        for hook in &policy.spec.notifications.webhooks {
+            let (ctx, key, hook, body) =
+                (ctx.clone(), key.clone(), hook.clone(), bytes::Bytes::from(body.clone()));
+            tokio::spawn(async move {
+                let result = match signing_key(&ctx, hook.secret_ref.as_ref()).await {
+                    Ok(signing) => ctx.webhooks.deliver(&hook.url, body, signing.as_deref()).await,
+                    Err(e) => Err(e),
+                };
+                match result {
+                    Ok(_) => ctx.metrics.count_notification(kind, "delivered"),
+                    Err(e) => {
+                        ctx.metrics.count_notification(kind, "failed");
+                        ctx.warn(&key, "NotificationFailed", &format!("webhook {}: {e}", hook.url)).await;
+                    }
+                }
+            });
+        }
+    }
+}
+
+/// The HMAC signing key named by a webhook's `secretRef`.
+async fn signing_key(
+    ctx: &Context,
+    r: Option<&crate::api::SecretKeyRef>,
+) -> std::result::Result<Option<Vec<u8>>, String> {
+    let Some(r) = r else { return Ok(None) };
+    let secret = Api::<Secret>::namespaced(ctx.client.clone(), &r.namespace)
+        .get_opt(&r.name)
+        .await
+        .map_err(|e| format!("cannot read signing key Secret {}/{}: {e}", r.namespace, r.name))?
+        .ok_or_else(|| format!("signing key Secret {}/{} does not exist", r.namespace, r.name))?;
+    secret
+        .data
+        .and_then(|d| d.get(&r.key).map(|b| b.0.clone()))
+        .map(Some)
+        .ok_or_else(|| format!("signing key Secret {}/{} has no key {:?}", r.namespace, r.name, r.key))
 }
 
 /// Events and metrics for what happened. Only key IDs, never material.

@@ -2,6 +2,7 @@
 //! unrelated Secrets cost nothing, and the KeyPolicies they use) and KeyPolicies.
 
 mod apikey;
+mod consumers;
 pub mod policy;
 pub mod secret;
 
@@ -55,6 +56,8 @@ pub struct Context {
     pub apikeys: Store<ApiKey>,
     /// Whether this instance writes KeyPolicy status (cluster-wide instances only).
     pub manage_policies: bool,
+    /// Webhook sender for expiry warnings.
+    pub webhooks: crate::webhook::Sender,
 }
 
 impl Context {
@@ -204,6 +207,9 @@ pub async fn run(client: Client, server: &str, opts: Options) -> Result<()> {
         policies: policies.clone(),
         apikeys: keys_reader.clone(),
         manage_policies: opts.namespace.is_none(),
+        webhooks: crate::webhook::Sender::new().map_err(|e| {
+            Error::Config(format!("cannot load the system's CA certificates for webhooks: {e}"))
+        })?,
     });
 
     // A policy's spec change reaches the ApiKeys that use it (by name, or as default).
@@ -213,8 +219,27 @@ pub async fn run(client: Client, server: &str, opts: Options) -> Result<()> {
         .predicate_filter(predicates::generation, Default::default());
     let keys_for_policy = keys_reader.clone();
     let owned = watcher::Config::default().labels(&format!("app.kubernetes.io/managed-by={MANAGED_BY}"));
+    // A deleted ApiKey frees a place for the next ApiKey of the same owner.
+    let deletions =
+        watcher(keys_api.clone(), watcher::Config::default()).default_backoff().filter_map(|ev| {
+            futures::future::ready(match ev {
+                Ok(watcher::Event::Delete(k)) => Some(Ok(k)),
+                _ => None,
+            })
+        });
+    let keys_for_owner = keys_reader.clone();
     let apikeys = Controller::for_stream(key_stream, keys_reader)
         .owns(secrets_api, owned)
+        .watches_stream(deletions, move |gone: ApiKey| {
+            keys_for_owner
+                .state()
+                .iter()
+                .filter(|k| {
+                    k.namespace() == gone.namespace() && k.spec.owner.trim() == gone.spec.owner.trim()
+                })
+                .map(|k| ObjectRef::from_obj(k.as_ref()))
+                .collect::<Vec<_>>()
+        })
         .watches_stream(policy_changes, move |p: KeyPolicy| {
             let name = p.name_any();
             keys_for_policy

@@ -18,6 +18,7 @@
 //! 8. flip to the newer standby `flipBefore` before the active key's expiry, capped at
 //!    half of the two keys' overlap.
 
+pub mod notify;
 mod rules;
 
 use std::fmt;

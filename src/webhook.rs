@@ -1,0 +1,149 @@
+//! Expiry-warning webhooks: a JSON POST per receiver, signed with HMAC-SHA256
+//! (`X-Keyward-Signature: sha256=<hex>`) when the policy names a signing key, retried
+//! with exponential backoff a bounded number of times. Delivery runs in its own task
+//! and never delays a rotation.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use hmac::{Hmac, Mac};
+use http_body_util::Full;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use serde::Serialize;
+use sha2::Sha256;
+
+/// Attempts per receiver before giving up.
+pub const ATTEMPTS: u32 = 5;
+/// Time allowed for one attempt.
+pub const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Backoff before the second attempt; doubles after each failure.
+pub const FIRST_BACKOFF: Duration = Duration::from_millis(250);
+
+/// The ApiKey a notification is about.
+#[derive(Serialize, Clone, Debug, PartialEq, Eq)]
+pub struct ApiKeyRef {
+    /// Its namespace.
+    pub namespace: String,
+    /// Its name.
+    pub name: String,
+}
+
+/// The JSON body of a notification.
+#[derive(Serialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct Payload {
+    /// `KeyExpiringSoon` or `NonExpiringKey`.
+    #[serde(rename = "type")]
+    pub type_: String,
+    /// The ApiKey.
+    pub api_key: ApiKeyRef,
+    /// Its owner.
+    pub owner: String,
+    /// The key's ID (never the key).
+    pub key_id: String,
+    /// `Primary` or `Secondary`.
+    pub slot: String,
+    /// The key's effective expiry; absent for keys that never expire.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<DateTime<Utc>>,
+    /// The threshold that passed (`P7D`).
+    pub threshold: String,
+    /// Whether a valid standby key is ready for consumers.
+    pub standby_ready: bool,
+}
+
+/// `sha256=<hex HMAC-SHA256 of body>`.
+pub fn sign(key: &[u8], body: &[u8]) -> String {
+    let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(key).expect("HMAC takes keys of any length");
+    mac.update(body);
+    format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
+}
+
+/// An HTTP(S) client for webhook receivers (system trust roots).
+#[derive(Clone)]
+pub struct Sender {
+    client: Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>,
+}
+
+impl Sender {
+    /// A client trusting the system's CA certificates.
+    pub fn new() -> std::io::Result<Self> {
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_native_roots()?
+            .https_or_http()
+            .enable_http1()
+            .build();
+        Ok(Sender { client: Client::builder(TokioExecutor::new()).build(https) })
+    }
+
+    async fn attempt(&self, url: &str, body: &Bytes, signature: Option<&str>) -> Result<(), String> {
+        let mut req = hyper::Request::post(url)
+            .header("content-type", "application/json")
+            .header("user-agent", concat!("keyward/", env!("CARGO_PKG_VERSION")));
+        if let Some(sig) = signature {
+            req = req.header("x-keyward-signature", sig);
+        }
+        let req = req.body(Full::new(body.clone())).map_err(|e| format!("bad request: {e}"))?;
+        match tokio::time::timeout(ATTEMPT_TIMEOUT, self.client.request(req)).await {
+            Err(_) => Err(format!("no answer within {ATTEMPT_TIMEOUT:?}")),
+            Ok(Err(e)) => Err(format!("cannot reach receiver: {e}")),
+            Ok(Ok(resp)) if resp.status().is_success() => Ok(()),
+            Ok(Ok(resp)) => Err(format!("receiver answered {}", resp.status())),
+        }
+    }
+
+    /// POST `body` to `url`, retrying with exponential backoff; the last error if every
+    /// attempt failed. Returns the number of attempts made on success.
+    pub async fn deliver(&self, url: &str, body: Bytes, signing_key: Option<&[u8]>) -> Result<u32, String> {
+        let signature = signing_key.map(|k| sign(k, &body));
+        let mut backoff = FIRST_BACKOFF;
+        let mut last = String::new();
+        for attempt in 1..=ATTEMPTS {
+            match self.attempt(url, &body, signature.as_deref()).await {
+                Ok(()) => return Ok(attempt),
+                Err(e) => last = e,
+            }
+            if attempt < ATTEMPTS {
+                tokio::time::sleep(backoff).await;
+                backoff *= 2;
+            }
+        }
+        Err(format!("{ATTEMPTS} attempts failed; last: {last}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn signature_matches_a_known_vector() {
+        // RFC 4231 test case 2.
+        assert_eq!(
+            sign(b"Jefe", b"what do ya want for nothing?"),
+            "sha256=5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
+        );
+    }
+
+    #[test]
+    fn payload_shape() {
+        let p = Payload {
+            type_: "KeyExpiringSoon".into(),
+            api_key: ApiKeyRef { namespace: "ns".into(), name: "svc".into() },
+            owner: "team".into(),
+            key_id: "abc".into(),
+            slot: "Primary".into(),
+            expires_at: None,
+            threshold: "P7D".into(),
+            standby_ready: true,
+        };
+        let v = serde_json::to_value(&p).unwrap();
+        assert_eq!(v["type"], "KeyExpiringSoon");
+        assert_eq!(v["apiKey"]["name"], "svc");
+        assert_eq!(v["standbyReady"], true);
+        assert!(v.get("expiresAt").is_none());
+    }
+}
