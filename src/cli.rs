@@ -37,6 +37,18 @@ pub enum Command {
         #[arg(long, env = "KEYWARD_NAMESPACE")]
         namespace: Option<String>,
     },
+    /// Run the verifier: answer "is this key valid?" over HTTP and record last use.
+    Verifier {
+        /// Address for /v1/verify, /v1/auth, /metrics, /healthz and /readyz.
+        #[arg(long, env = "KEYWARD_LISTEN", default_value = "0.0.0.0:8081")]
+        listen: String,
+        /// Index ApiKeys of this namespace only (default: all namespaces).
+        #[arg(long, env = "KEYWARD_NAMESPACE")]
+        namespace: Option<String>,
+        /// Least time between two lastUsedAt writes for one ApiKey (ISO 8601).
+        #[arg(long, env = "KEYWARD_USAGE_FLUSH_INTERVAL", default_value = "PT1M", value_parser = parse_interval)]
+        usage_flush_interval: std::time::Duration,
+    },
     /// Print the CustomResourceDefinitions as YAML (`keyward crds | kubectl apply -f -`).
     Crds {
         /// Kubernetes version of the target cluster (`1.20`, `v1.31.2`). CEL validation
@@ -64,6 +76,13 @@ pub async fn connect(kubeconfig: Option<&PathBuf>, context: Option<&str>) -> Res
     let server = config.cluster_url.to_string();
     let client = Client::try_from(config).map_err(|e| Error::Config(e.to_string()))?;
     Ok((client, server))
+}
+
+/// An ISO 8601 duration without calendar parts, as a std Duration.
+pub fn parse_interval(text: &str) -> std::result::Result<std::time::Duration, String> {
+    let d = crate::duration::IsoDuration::parse(text).map_err(|e| e.to_string())?;
+    let epoch = chrono::DateTime::<chrono::Utc>::UNIX_EPOCH;
+    d.length_from(epoch).map_err(|e| e.to_string())?.to_std().map_err(|e| e.to_string())
 }
 
 /// `1.20`, `v1.20.2` or `1.31+` → the minor version (20, 31).

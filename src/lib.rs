@@ -13,4 +13,5 @@ pub mod keys;
 pub mod lifecycle;
 pub mod metrics;
 pub mod telemetry;
+pub mod verifier;
 pub mod webhook;

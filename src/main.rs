@@ -22,6 +22,12 @@ async fn run(cli: Cli) -> error::Result<()> {
             print!("{}", keyward::api::crds_yaml(kube_version)?);
             Ok(())
         }
+        Command::Verifier { listen, namespace, usage_flush_interval } => {
+            telemetry::init();
+            let (client, server) = connect(cli.kubeconfig.as_ref(), cli.context.as_deref()).await?;
+            let opts = keyward::verifier::Options { listen, namespace, usage_interval: usage_flush_interval };
+            keyward::verifier::run(client, &server, opts).await
+        }
         Command::Controller { metrics_addr, namespace } => {
             telemetry::init();
             let (client, server) = connect(cli.kubeconfig.as_ref(), cli.context.as_deref()).await?;

@@ -74,7 +74,11 @@ pub struct Metrics {
 impl Metrics {
     /// Create and register every metric.
     pub fn new() -> Arc<Self> {
-        let mut registry = Registry::with_prefix("keyward");
+        Self::with_registry(Registry::with_prefix("keyward"))
+    }
+
+    /// Register every metric into `registry` (which may already hold a component's own).
+    pub fn with_registry(mut registry: Registry) -> Arc<Self> {
         let reconciles = Family::<KindLabels, Counter>::default();
         let reconcile_failures = Family::<FailureLabels, Counter>::default();
         let reconcile_duration =

@@ -1,0 +1,173 @@
+//! The verifier's HTTP API. Limits: request bodies of `POST /v1/verify` up to
+//! [`super::MAX_BODY`] bytes (413 beyond), keys up to `MAX_KEY_LEN` characters
+//! (`MALFORMED` beyond); hyper's own header limits apply to `GET /v1/auth`.
+
+use std::sync::{Arc, RwLock};
+use std::time::Instant;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use chrono::{SecondsFormat, Utc};
+use serde::{Deserialize, Serialize};
+
+use super::usage::Usage;
+use super::{Code, Index, MAX_BODY, RequestLabels, Verdict, VerifierMetrics};
+use crate::health::Readiness;
+use crate::metrics::Metrics;
+
+#[derive(Clone)]
+struct AppState {
+    index: Arc<RwLock<Index>>,
+    usage: Arc<Usage>,
+    vm: Arc<VerifierMetrics>,
+}
+
+/// `/v1/verify`, `/v1/auth`, and the health and metrics routes.
+pub fn router(
+    index: Arc<RwLock<Index>>,
+    usage: Arc<Usage>,
+    vm: Arc<VerifierMetrics>,
+    metrics: Arc<Metrics>,
+    ready: Readiness,
+) -> Router {
+    let api = Router::new()
+        .route("/v1/verify", post(verify))
+        .route("/v1/auth", get(auth))
+        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .with_state(AppState { index, usage, vm });
+    api.merge(crate::health::router(metrics, ready))
+}
+
+#[derive(Deserialize)]
+struct VerifyRequest {
+    key: String,
+}
+
+#[derive(Serialize)]
+struct ApiKeyRef<'a> {
+    namespace: &'a str,
+    name: &'a str,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct VerifyResponse<'a> {
+    valid: bool,
+    code: Code,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    api_key: Option<ApiKeyRef<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    owner: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    client_id: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    key_id: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    slot: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    expires_at: Option<String>,
+}
+
+fn error(status: StatusCode, message: &str) -> Response {
+    (status, axum::Json(serde_json::json!({ "error": message }))).into_response()
+}
+
+impl AppState {
+    fn check(&self, endpoint: &'static str, key: &str, started: Instant) -> Verdict {
+        let now = Utc::now();
+        let verdict = self.index.read().unwrap_or_else(|p| p.into_inner()).verify(key, now);
+        if verdict.code == Code::Valid
+            && let Some(e) = &verdict.entry
+        {
+            self.usage.record(e, now);
+        }
+        self.vm.requests.get_or_create(&RequestLabels { endpoint, code: verdict.code.as_str() }).inc();
+        self.vm.latency.observe(started.elapsed().as_secs_f64());
+        verdict
+    }
+}
+
+async fn verify(State(s): State<AppState>, body: Bytes) -> Response {
+    let started = Instant::now();
+    let Ok(text) = std::str::from_utf8(&body) else {
+        return error(StatusCode::BAD_REQUEST, "body is not UTF-8");
+    };
+    let req: VerifyRequest = match serde_json::from_str(text) {
+        Ok(r) => r,
+        Err(_) => return error(StatusCode::BAD_REQUEST, "body must be JSON: {\"key\": \"...\"}"),
+    };
+    let verdict = s.check("verify", req.key.trim(), started);
+    let e = verdict.entry.as_ref();
+    let body = VerifyResponse {
+        valid: verdict.code == Code::Valid,
+        code: verdict.code,
+        api_key: e.map(|e| ApiKeyRef { namespace: &e.namespace, name: &e.name }),
+        owner: e.map(|e| e.owner.as_str()),
+        client_id: e.map(|e| e.client_id.as_str()),
+        key_id: e.map(|e| e.key_id.as_str()),
+        slot: e.map(|e| e.slot.to_string()),
+        expires_at: e.and_then(|e| e.expires_at).map(|t| t.to_rfc3339_opts(SecondsFormat::Secs, true)),
+    };
+    axum::Json(body).into_response()
+}
+
+/// The key from `Authorization: Bearer <key>` or `X-Api-Key: <key>`.
+fn key_from(headers: &HeaderMap) -> Option<&str> {
+    if let Some(v) = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()) {
+        let (scheme, rest) = v.trim().split_once(' ')?;
+        return scheme.eq_ignore_ascii_case("bearer").then(|| rest.trim());
+    }
+    headers.get("x-api-key").and_then(|v| v.to_str().ok()).map(str::trim)
+}
+
+async fn auth(State(s): State<AppState>, headers: HeaderMap) -> Response {
+    let started = Instant::now();
+    let verdict = s.check("auth", key_from(&headers).unwrap_or_default(), started);
+    let code = HeaderValue::from_static(verdict.code.as_str());
+    match (verdict.code, &verdict.entry) {
+        (Code::Valid, Some(e)) => {
+            let mut resp = StatusCode::OK.into_response();
+            let h = resp.headers_mut();
+            for (name, value) in [
+                ("x-keyward-owner", e.owner.as_str()),
+                ("x-keyward-client-id", e.client_id.as_str()),
+                ("x-keyward-key-id", e.key_id.as_str()),
+            ] {
+                if let Ok(v) = HeaderValue::from_str(value) {
+                    h.insert(name, v);
+                }
+            }
+            h.insert("x-keyward-code", code);
+            resp
+        }
+        _ => {
+            let mut resp = StatusCode::UNAUTHORIZED.into_response();
+            resp.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            resp.headers_mut().insert("x-keyward-code", code);
+            resp
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_from_headers() {
+        let mut h = HeaderMap::new();
+        assert_eq!(key_from(&h), None);
+        h.insert("x-api-key", HeaderValue::from_static(" kw_abc "));
+        assert_eq!(key_from(&h), Some("kw_abc"));
+        h.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer kw_xyz"));
+        assert_eq!(key_from(&h), Some("kw_xyz"), "Authorization wins");
+        h.insert(header::AUTHORIZATION, HeaderValue::from_static("Basic dXNlcjpwYXNz"));
+        assert_eq!(key_from(&h), None);
+        h.insert(header::AUTHORIZATION, HeaderValue::from_static("bearer  kw_lower"));
+        assert_eq!(key_from(&h), Some("kw_lower"));
+    }
+}
