@@ -20,6 +20,15 @@ else
   export PATH="$(hack/cluster.sh tools):$PATH"
 fi
 
+# nginx (the verifier's end-to-end test) and wrk (its benchmark) from Debian.
+need=()
+command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || need+=(nginx)
+command -v wrk >/dev/null || need+=(wrk)
+if [ ${#need[@]} -gt 0 ]; then
+  echo "== installing ${need[*]} from Debian"
+  apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
+
 echo "== rustfmt, clippy"
 cargo fmt --all -- --check
 cargo clippy --all-targets --locked -- -D warnings

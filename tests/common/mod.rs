@@ -210,9 +210,10 @@ impl KeywardProcess {
         let addr = format!("127.0.0.1:{}", free_port());
         let log = std::env::temp_dir().join(format!("keyward-test-{}.log", rand::random::<u64>()));
         let file = std::fs::File::create(&log).unwrap();
+        let flag = if args.first() == Some(&"verifier") { "--listen" } else { "--metrics-addr" };
         let child = std::process::Command::new(env!("CARGO_BIN_EXE_keyward"))
             .args(args)
-            .args(["--metrics-addr", &addr])
+            .args([flag, addr.as_str()])
             .env("RUST_LOG", log_level)
             .env("NO_COLOR", "1")
             .stdout(file.try_clone().unwrap())
@@ -265,15 +266,35 @@ impl Drop for KeywardProcess {
 
 /// Minimal HTTP/1.0 GET over loopback: (status code, body).
 pub fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
+    http(addr, "GET", path, &[], b"").map(|(code, _, body)| (code, body))
+}
+
+/// Minimal HTTP/1.0 request over loopback: (status code, response head, body).
+pub fn http(
+    addr: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> Option<(u16, String, String)> {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(addr).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").ok()?;
-    let mut buf = String::new();
-    s.read_to_string(&mut buf).ok()?;
-    let code = buf.split_whitespace().nth(1)?.parse().ok()?;
-    let body = buf.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
-    Some((code, body))
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    let mut req = format!("{method} {path} HTTP/1.0\r\nHost: {addr}\r\nContent-Length: {}\r\n", body.len())
+        .into_bytes();
+    for (k, v) in headers {
+        req.extend_from_slice(format!("{k}: {v}\r\n").as_bytes());
+    }
+    req.extend_from_slice(b"\r\n");
+    req.extend_from_slice(body);
+    s.write_all(&req).ok()?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).ok()?;
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let code = text.split_whitespace().nth(1)?.parse().ok()?;
+    let (head, body) =
+        text.split_once("\r\n\r\n").map(|(h, b)| (h.to_string(), b.to_string())).unwrap_or_default();
+    Some((code, head.to_ascii_lowercase(), body))
 }
 
 /// The Secret's data as text, or None when it does not exist.
