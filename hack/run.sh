@@ -37,7 +37,7 @@ case "${1:-start}" in
 esac
 
 cargo build --locked --quiet
-"$BIN" crds | kubectl apply -f -
+"$BIN" crds --kube-version "$(kubectl get --raw /version | grep gitVersion | cut -d'"' -f4)" | kubectl apply -f -
 kubectl wait --for condition=established --timeout=60s crd/apikeys.keyward.dev crd/keypolicies.keyward.dev >/dev/null
 kubectl apply -f examples/
 
