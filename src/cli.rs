@@ -49,6 +49,35 @@ pub enum Command {
         #[arg(long, env = "KEYWARD_USAGE_FLUSH_INTERVAL", default_value = "PT1M", value_parser = parse_interval)]
         usage_flush_interval: std::time::Duration,
     },
+    /// Show ApiKeys: owner, active key, expiry, standby, next action, warnings.
+    Status {
+        /// Namespace (default: the kubeconfig context's).
+        #[arg(short, long, env = "KEYWARD_NAMESPACE")]
+        namespace: Option<String>,
+        /// All namespaces.
+        #[arg(short = 'A', long)]
+        all_namespaces: bool,
+        /// One ApiKey.
+        name: Option<String>,
+    },
+    /// Request a rotation: a new key becomes active at once, the old one stays valid for flipBefore.
+    Rotate {
+        /// Namespace (default: the kubeconfig context's).
+        #[arg(short, long, env = "KEYWARD_NAMESPACE")]
+        namespace: Option<String>,
+        /// The ApiKey.
+        name: String,
+    },
+    /// Revoke one key of an ApiKey at once (adds it to spec.revokedKeys).
+    Revoke {
+        /// Namespace (default: the kubeconfig context's).
+        #[arg(short, long, env = "KEYWARD_NAMESPACE")]
+        namespace: Option<String>,
+        /// The ApiKey.
+        name: String,
+        /// The key ID (`keyward status` shows them).
+        key_id: String,
+    },
     /// Print the CustomResourceDefinitions as YAML (`keyward crds | kubectl apply -f -`).
     Crds {
         /// Kubernetes version of the target cluster (`1.20`, `v1.31.2`). CEL validation

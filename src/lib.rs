@@ -12,6 +12,7 @@ pub mod health;
 pub mod keys;
 pub mod lifecycle;
 pub mod metrics;
+pub mod ops;
 pub mod telemetry;
 pub mod verifier;
 pub mod webhook;

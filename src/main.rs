@@ -22,6 +22,27 @@ async fn run(cli: Cli) -> error::Result<()> {
             print!("{}", keyward::api::crds_yaml(kube_version)?);
             Ok(())
         }
+        Command::Status { namespace, all_namespaces, name } => {
+            let (client, server) = connect(cli.kubeconfig.as_ref(), cli.context.as_deref()).await?;
+            controller::ensure_crds(&client, &server).await?;
+            print!(
+                "{}",
+                keyward::ops::status(client, namespace.as_deref(), all_namespaces, name.as_deref()).await?
+            );
+            Ok(())
+        }
+        Command::Rotate { namespace, name } => {
+            let (client, server) = connect(cli.kubeconfig.as_ref(), cli.context.as_deref()).await?;
+            controller::ensure_crds(&client, &server).await?;
+            print!("{}", keyward::ops::rotate(client, namespace.as_deref(), &name).await?);
+            Ok(())
+        }
+        Command::Revoke { namespace, name, key_id } => {
+            let (client, server) = connect(cli.kubeconfig.as_ref(), cli.context.as_deref()).await?;
+            controller::ensure_crds(&client, &server).await?;
+            print!("{}", keyward::ops::revoke(client, namespace.as_deref(), &name, &key_id).await?);
+            Ok(())
+        }
         Command::Verifier { listen, namespace, usage_flush_interval } => {
             telemetry::init();
             let (client, server) = connect(cli.kubeconfig.as_ref(), cli.context.as_deref()).await?;

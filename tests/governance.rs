@@ -11,7 +11,7 @@ use std::time::Duration;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use chrono::{TimeDelta, Utc};
-use common::{KeywardProcess, TestNamespace, client, get_key, ready, wait_key};
+use common::{KeywardProcess, TestNamespace, active, client, get_key, ready, wait_key};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::api::events::v1::Event;
@@ -22,12 +22,6 @@ use serde_json::json;
 
 fn controller(ns: &TestNamespace) -> KeywardProcess {
     KeywardProcess::start(&["controller", "--namespace", &ns.name], "info")
-}
-
-fn active(key: &ApiKey) -> Option<KeyStatus> {
-    let status = key.status.as_ref()?;
-    let slot = status.active_slot?;
-    status.keys.iter().find(|k| k.slot == slot).cloned()
 }
 
 fn reason(key: &ApiKey) -> String {

@@ -9,7 +9,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use common::{KeywardProcess, TestNamespace, client, get_key, metric_sum, ready, secret_data, wait_key};
+use common::{
+    KeywardProcess, TestNamespace, active, client, get_key, metric_sum, ready, secret_data, wait_key,
+};
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::api::events::v1::Event;
 use keyward::api::{ApiKey, ExpiryReason, KeyState, KeyStatus, Slot};
@@ -19,12 +21,6 @@ use serde_json::json;
 
 fn controller(ns: &TestNamespace, log_level: &str) -> KeywardProcess {
     KeywardProcess::start(&["controller", "--namespace", &ns.name], log_level)
-}
-
-fn active(key: &ApiKey) -> Option<KeyStatus> {
-    let status = key.status.as_ref()?;
-    let slot = status.active_slot?;
-    status.keys.iter().find(|k| k.slot == slot).cloned()
 }
 
 fn is_ready(key: &ApiKey) -> bool {

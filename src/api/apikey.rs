@@ -79,8 +79,10 @@ pub struct ApiKeySpec {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub consumers: Vec<ConsumerRef>,
     /// Key IDs (`status.keys[].keyId`) revoked at once: they stop verifying immediately
-    /// and their slot is regenerated. Declarative, so GitOps keeps it.
+    /// and their slot is regenerated. Declarative, so GitOps keeps it. A set, so
+    /// `keyward revoke` (its own field manager) and a GitOps tool can both add IDs.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(schema_with = "revoked_schema")]
     pub revoked_keys: Vec<String>,
 }
 
@@ -268,6 +270,12 @@ pub struct ApiKeyStatus {
     /// The `metadata.generation` last processed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
+}
+
+fn revoked_schema(generator: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    let mut schema = <Vec<String>>::json_schema(generator);
+    schema.insert("x-kubernetes-list-type".into(), "set".into());
+    schema
 }
 
 fn keys_schema(generator: &mut schemars::SchemaGenerator) -> schemars::Schema {

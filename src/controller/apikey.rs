@@ -135,6 +135,35 @@ fn owner_limits(ctx: &Context, key: &ApiKey, policy: &crate::api::KeyPolicy) -> 
     )
 }
 
+/// A reconcile failed (API error, missing permission): say so on the ApiKey as
+/// `Ready=False ApplyFailed` and a Warning Event, when that news is new. Best effort:
+/// if even that write fails, the log and the failure metric carry it.
+pub async fn report_failure(ctx: &Context, key: &ApiKey, err: &Error) {
+    let ns = key.namespace().unwrap_or_default();
+    let api: Api<ApiKey> = Api::namespaced(ctx.client.clone(), &ns);
+    let Ok(Some(fresh)) = api.get_opt(&key.name_any()).await else { return };
+    let message: String = crate::error::chain(err).chars().take(512).collect();
+    let b = blocked(c::APPLY_FAILED, message);
+    let news = fresh
+        .status
+        .as_ref()
+        .and_then(|s| find_condition(&s.conditions, c::READY))
+        .is_none_or(|r| r.reason != b.reason || r.message != b.message);
+    if !news {
+        return;
+    }
+    let old = fresh.status.clone().unwrap_or_default();
+    let mut status = old.clone();
+    set_condition(
+        &mut status.conditions,
+        Condition::new(c::READY, FALSE, b.reason, b.message.clone(), fresh.meta().generation, now()),
+    );
+    if let Err(e) = write_status(ctx, &api, &fresh, &old, status).await {
+        tracing::warn!(error = %crate::error::chain(&e), "cannot record the failure on the ApiKey");
+    }
+    ctx.warn(&fresh, b.reason, &b.message).await;
+}
+
 /// Record why the ApiKey cannot proceed (`Ready=False`, a Warning Event when that
 /// news is new) and change nothing else.
 async fn block(
@@ -252,10 +281,7 @@ async fn run(
         && let Some(active) = status.active_slot.and_then(|s| status.keys.iter().find(|k| k.slot == s))
         && let Some(material) = slots.get(&active.slot)
     {
-        let expires = match (active.expires_at, active.cap) {
-            (Some(e), Some(cap)) => Some(e.min(cap.at)),
-            (e, cap) => e.or(cap.map(|c| c.at)),
-        };
+        let expires = lifecycle::ceiling(active);
         let contents = Contents {
             slots: slots.clone(),
             active: Some((

@@ -293,7 +293,13 @@ async fn timed<F: std::future::Future<Output = Result<Action>>>(
 }
 
 async fn reconcile_apikey(key: Arc<ApiKey>, ctx: Arc<Context>) -> Result<Action> {
-    timed(&ctx, "ApiKey", apikey::reconcile(key, ctx.clone())).await
+    let result = timed(&ctx, "ApiKey", apikey::reconcile(key.clone(), ctx.clone())).await;
+    if let Err(e) = &result
+        && retry_after(e) > Duration::from_millis(50)
+    {
+        apikey::report_failure(&ctx, &key, e).await;
+    }
+    result
 }
 
 async fn reconcile_policy(policy: Arc<KeyPolicy>, ctx: Arc<Context>) -> Result<Action> {

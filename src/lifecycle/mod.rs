@@ -198,7 +198,7 @@ fn has_material(material: &Material, k: &KeyStatus) -> bool {
 }
 
 /// End of a key's life not counting inactivity: `min(expiresAt, cap)`.
-fn ceiling(k: &KeyStatus) -> Option<DateTime<Utc>> {
+pub fn ceiling(k: &KeyStatus) -> Option<DateTime<Utc>> {
     match (k.expires_at, k.cap) {
         (Some(e), Some(c)) => Some(e.min(c.at)),
         (e, c) => e.or(c.map(|c| c.at)),

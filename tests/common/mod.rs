@@ -357,3 +357,10 @@ pub fn metric_sum(text: &str, name: &str) -> f64 {
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
 }
+
+/// The active key's status entry.
+pub fn active(key: &keyward::api::ApiKey) -> Option<keyward::api::KeyStatus> {
+    let status = key.status.as_ref()?;
+    let slot = status.active_slot?;
+    status.keys.iter().find(|k| k.slot == slot).cloned()
+}
