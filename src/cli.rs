@@ -36,6 +36,18 @@ pub enum Command {
         /// status is then left to a cluster-wide instance.
         #[arg(long, env = "KEYWARD_NAMESPACE")]
         namespace: Option<String>,
+        /// Elect one writer among replicas with a coordination.k8s.io Lease.
+        #[arg(long, env = "KEYWARD_LEADER_ELECT", default_value_t = true, action = clap::ArgAction::Set)]
+        leader_elect: bool,
+        /// Lease name (default: keyward-controller, or keyward-controller-<namespace>).
+        #[arg(long, env = "KEYWARD_LEASE_NAME")]
+        lease_name: Option<String>,
+        /// Lease namespace (default: $POD_NAMESPACE, else --namespace, else default).
+        #[arg(long, env = "KEYWARD_LEASE_NAMESPACE")]
+        lease_namespace: Option<String>,
+        /// How long a leader's claim lasts without renewal (ISO 8601).
+        #[arg(long, env = "KEYWARD_LEASE_DURATION", default_value = "PT15S", value_parser = parse_interval)]
+        lease_duration: std::time::Duration,
     },
     /// Run the verifier: answer "is this key valid?" over HTTP and record last use.
     Verifier {
@@ -124,6 +136,27 @@ pub fn parse_kube_minor(text: &str) -> std::result::Result<u32, String> {
         ("1", Ok(m)) => Ok(m),
         _ => Err(format!("{text:?} is not a Kubernetes version like 1.20 or v1.31.2")),
     }
+}
+
+/// The Lease a controller elects on, from its flags and environment.
+pub fn lease_config(
+    namespace: Option<&str>,
+    name: Option<String>,
+    lease_namespace: Option<String>,
+    duration: std::time::Duration,
+) -> crate::leader::LeaseConfig {
+    let name = name.unwrap_or_else(|| match namespace {
+        Some(ns) => format!("keyward-controller-{ns}").chars().take(253).collect(),
+        None => "keyward-controller".into(),
+    });
+    let lease_namespace = lease_namespace
+        .or_else(|| std::env::var("POD_NAMESPACE").ok())
+        .or_else(|| namespace.map(str::to_string))
+        .unwrap_or_else(|| "default".into());
+    let host =
+        std::env::var("POD_NAME").or_else(|_| std::env::var("HOSTNAME")).unwrap_or_else(|_| "keyward".into());
+    let identity = format!("{host}-{:08x}", rand::random::<u32>());
+    crate::leader::LeaseConfig { name, namespace: lease_namespace, identity, duration }
 }
 
 #[cfg(test)]

@@ -10,6 +10,7 @@ pub mod duration;
 pub mod error;
 pub mod health;
 pub mod keys;
+pub mod leader;
 pub mod lifecycle;
 pub mod metrics;
 pub mod ops;

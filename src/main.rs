@@ -49,10 +49,20 @@ async fn run(cli: Cli) -> error::Result<()> {
             let opts = keyward::verifier::Options { listen, namespace, usage_interval: usage_flush_interval };
             keyward::verifier::run(client, &server, opts).await
         }
-        Command::Controller { metrics_addr, namespace } => {
+        Command::Controller {
+            metrics_addr,
+            namespace,
+            leader_elect,
+            lease_name,
+            lease_namespace,
+            lease_duration,
+        } => {
+            let leader = leader_elect.then(|| {
+                keyward::cli::lease_config(namespace.as_deref(), lease_name, lease_namespace, lease_duration)
+            });
             telemetry::init();
             let (client, server) = connect(cli.kubeconfig.as_ref(), cli.context.as_deref()).await?;
-            controller::run(client, &server, controller::Options { metrics_addr, namespace }).await
+            controller::run(client, &server, controller::Options { metrics_addr, namespace, leader }).await
         }
     }
 }

@@ -54,6 +54,8 @@ pub struct NotifyLabels {
 
 /// All metrics of one process, shared as `Arc`.
 pub struct Metrics {
+    /// 1 while this replica holds the leader Lease (or runs without election).
+    pub leader: prometheus_client::metrics::gauge::Gauge,
     /// Expiry warnings raised and webhook deliveries, by kind and result.
     pub notifications: Family<NotifyLabels, Counter>,
     /// Writes to the Kubernetes API, by resource (a no-op reconcile adds none).
@@ -87,6 +89,8 @@ impl Metrics {
         let lifecycle_events = Family::<ReasonLabels, Counter>::default();
         let blocked = Family::<ReasonLabels, Counter>::default();
         let notifications = Family::<NotifyLabels, Counter>::default();
+        let leader = prometheus_client::metrics::gauge::Gauge::default();
+        registry.register("leader", "1 while this replica is the leader", leader.clone());
         registry.register(
             "notifications",
             "Expiry warnings raised and webhook deliveries",
@@ -107,6 +111,7 @@ impl Metrics {
             reconcile_duration.clone(),
         );
         Arc::new(Metrics {
+            leader,
             registry,
             notifications,
             api_writes,

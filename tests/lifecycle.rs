@@ -19,8 +19,10 @@ use kube::Client;
 use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use serde_json::json;
 
+/// A controller for the test's namespace. A short lease lets a restarted controller
+/// take over quickly after its predecessor was killed.
 fn controller(ns: &TestNamespace, log_level: &str) -> KeywardProcess {
-    KeywardProcess::start(&["controller", "--namespace", &ns.name], log_level)
+    KeywardProcess::start(&["controller", "--namespace", &ns.name, "--lease-duration", "PT2S"], log_level)
 }
 
 fn is_ready(key: &ApiKey) -> bool {

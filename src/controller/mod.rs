@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::ListParams;
 use kube::runtime::controller::{Action, Controller};
@@ -40,6 +40,8 @@ pub struct Options {
     /// facts such as `keyCount` and the single default) is then left to a cluster-wide
     /// instance.
     pub namespace: Option<String>,
+    /// Leader election (None: this process always writes).
+    pub leader: Option<crate::leader::LeaseConfig>,
 }
 
 /// Shared state of every reconcile.
@@ -161,6 +163,39 @@ pub async fn run(client: Client, server: &str, opts: Options) -> Result<()> {
     };
     let server =
         health::serve(&opts.metrics_addr, health::router(metrics.clone(), ready.clone()), stopped()).await?;
+    let elector = opts.leader.clone().map(|cfg| Arc::new(crate::leader::Elector::new(client.clone(), cfg)));
+    if let Some(e) = &elector {
+        // A standby replica is healthy and ready; it just does not write.
+        ready.set(true);
+        tracing::info!("waiting to become the leader");
+        tokio::select! {
+            _ = e.acquire() => tracing::info!("became the leader"),
+            _ = shutdown_signal() => {
+                let _ = stop_tx.send(true);
+                let _ = server.await;
+                return Ok(());
+            }
+        }
+    }
+    metrics.leader.set(1);
+    let lost = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop = {
+        let (elector, lost) = (elector.clone(), lost.clone());
+        async move {
+            let hold = async {
+                match &elector {
+                    Some(e) => e.hold().await,
+                    None => futures::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = shutdown_signal() => {},
+                _ = hold => lost.store(true, std::sync::atomic::Ordering::SeqCst),
+            }
+        }
+        .boxed()
+        .shared()
+    };
 
     let (keys_api, secrets_api) = match &opts.namespace {
         Some(ns) => {
@@ -203,7 +238,7 @@ pub async fn run(client: Client, server: &str, opts: Options) -> Result<()> {
     let ctx = Arc::new(Context {
         recorder: Recorder::new(client.clone(), reporter),
         client: client.clone(),
-        metrics,
+        metrics: metrics.clone(),
         policies: policies.clone(),
         apikeys: keys_reader.clone(),
         manage_policies: opts.namespace.is_none(),
@@ -249,7 +284,7 @@ pub async fn run(client: Client, server: &str, opts: Options) -> Result<()> {
                 .map(|k| ObjectRef::from_obj(k.as_ref()))
                 .collect::<Vec<_>>()
         })
-        .graceful_shutdown_on(shutdown_signal())
+        .graceful_shutdown_on(stop.clone())
         .run(reconcile_apikey, error_policy_apikey, ctx.clone())
         .for_each(|res| async move {
             if let Err(e) = res {
@@ -262,7 +297,7 @@ pub async fn run(client: Client, server: &str, opts: Options) -> Result<()> {
         .watches(policies_api, watcher::Config::default(), move |_p: KeyPolicy| {
             all_policies.state().iter().map(|p| ObjectRef::from_obj(p.as_ref())).collect::<Vec<_>>()
         })
-        .graceful_shutdown_on(shutdown_signal())
+        .graceful_shutdown_on(stop.clone())
         .run(reconcile_policy, error_policy_policy, ctx.clone())
         .for_each(|res| async move {
             if let Err(e) = res {
@@ -272,9 +307,21 @@ pub async fn run(client: Client, server: &str, opts: Options) -> Result<()> {
     ready.set(true);
     tracing::info!(namespace = ?opts.namespace, "controller started");
     futures::join!(apikeys, keypolicies);
+    metrics.leader.set(0);
     ready.set(false);
+    let lost = lost.load(std::sync::atomic::Ordering::SeqCst);
+    if let Some(e) = &elector
+        && !lost
+    {
+        e.release().await;
+    }
     let _ = stop_tx.send(true);
     let _ = server.await;
+    if lost {
+        return Err(Error::Config(
+            "lost the leader lease; exiting so a restart can rejoin the election".into(),
+        ));
+    }
     tracing::info!("controller stopped");
     Ok(())
 }
