@@ -52,8 +52,22 @@ pub struct NotifyLabels {
     pub result: &'static str,
 }
 
+/// Labels of the per-key expiry gauge.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KeyLabels {
+    /// The ApiKey's namespace.
+    pub namespace: String,
+    /// The ApiKey's name.
+    pub apikey: String,
+    /// `active`, or `standby` for a key waiting to become active.
+    pub role: &'static str,
+}
+
 /// All metrics of one process, shared as `Arc`.
 pub struct Metrics {
+    /// Effective expiry of each ApiKey's active and waiting standby key (Unix seconds).
+    pub key_expiry:
+        Family<KeyLabels, prometheus_client::metrics::gauge::Gauge<f64, std::sync::atomic::AtomicU64>>,
     /// 1 while this replica holds the leader Lease (or runs without election).
     pub leader: prometheus_client::metrics::gauge::Gauge,
     /// Expiry warnings raised and webhook deliveries, by kind and result.
@@ -90,6 +104,12 @@ impl Metrics {
         let blocked = Family::<ReasonLabels, Counter>::default();
         let notifications = Family::<NotifyLabels, Counter>::default();
         let leader = prometheus_client::metrics::gauge::Gauge::default();
+        let key_expiry = Family::default();
+        registry.register(
+            "key_expiry_timestamp_seconds",
+            "Effective expiry of each ApiKey's active and waiting standby key",
+            key_expiry.clone(),
+        );
         registry.register("leader", "1 while this replica is the leader", leader.clone());
         registry.register(
             "notifications",
@@ -112,6 +132,7 @@ impl Metrics {
         );
         Arc::new(Metrics {
             leader,
+            key_expiry,
             registry,
             notifications,
             api_writes,

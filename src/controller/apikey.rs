@@ -309,6 +309,7 @@ async fn run(
     if minter.adopted > 0 {
         tracing::info!(apikey = %key.name_any(), namespace = ?key.namespace(), adopted = minter.adopted, "adopted key material written before an interrupted reconcile");
     }
+    export_expiry(ctx, key, &status);
     record(ctx, key, &outcome.happenings).await;
     warn_owner(ctx, key, &p.policy, &warnings.fire).await;
     let next = [outcome.next.as_ref().map(|n| n.at), warnings.next].into_iter().flatten().min();
@@ -316,6 +317,28 @@ async fn run(
         Some(at) => Action::requeue(until(at, now)),
         None => Action::await_change(),
     })
+}
+
+/// The active and waiting standby keys' expiries as gauges (for alerts such as "expires
+/// within a week and no standby is ready").
+fn export_expiry(ctx: &Context, key: &ApiKey, status: &ApiKeyStatus) {
+    use crate::api::KeyState;
+    use crate::metrics::KeyLabels;
+    let labels =
+        |role| KeyLabels { namespace: key.namespace().unwrap_or_default(), apikey: key.name_any(), role };
+    for (role, k) in [
+        ("active", status.keys.iter().find(|k| k.state == KeyState::Active)),
+        ("standby", status.keys.iter().find(|k| k.state == KeyState::Standby && k.activated_at.is_none())),
+    ] {
+        match k.and_then(|k| k.effective_expires_at) {
+            Some(t) => {
+                ctx.metrics.key_expiry.get_or_create(&labels(role)).set(t.timestamp_millis() as f64 / 1000.0);
+            }
+            None => {
+                ctx.metrics.key_expiry.remove(&labels(role));
+            }
+        }
+    }
 }
 
 /// How long until `at` (at least a millisecond, so an overdue step runs at once).

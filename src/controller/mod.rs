@@ -99,6 +99,11 @@ pub fn now() -> DateTime<Utc> {
 /// Fail with a one-line explanation when a CRD is missing, before anything starts.
 /// Uses a one-item list of the kind (no CRD read permission needed).
 pub async fn ensure_crds(client: &Client, server: &str) -> Result<()> {
+    ensure_crds_in(client, server, None).await
+}
+
+/// [`ensure_crds`], probing ApiKeys in `namespace` only (for namespace-scoped RBAC).
+pub async fn ensure_crds_in(client: &Client, server: &str, namespace: Option<&str>) -> Result<()> {
     let probe = ListParams::default().limit(1);
     let missing = |kind, plural| {
         move |e: kube::Error| match &e {
@@ -112,7 +117,11 @@ pub async fn ensure_crds(client: &Client, server: &str) -> Result<()> {
         .list_metadata(&probe)
         .await
         .map_err(missing("KeyPolicy", "keypolicies"))?;
-    Api::<ApiKey>::all(client.clone()).list_metadata(&probe).await.map_err(missing("ApiKey", "apikeys"))?;
+    let keys = match namespace {
+        Some(ns) => Api::<ApiKey>::namespaced(client.clone(), ns),
+        None => Api::<ApiKey>::all(client.clone()),
+    };
+    keys.list_metadata(&probe).await.map_err(missing("ApiKey", "apikeys"))?;
     Ok(())
 }
 
@@ -151,7 +160,7 @@ fn apikey_trigger(key: &ApiKey) -> Option<u64> {
 
 /// Run the controllers until SIGTERM/SIGINT.
 pub async fn run(client: Client, server: &str, opts: Options) -> Result<()> {
-    ensure_crds(&client, server).await?;
+    ensure_crds_in(&client, server, opts.namespace.as_deref()).await?;
     let metrics = Metrics::new();
     let ready = Readiness::default();
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);

@@ -86,7 +86,7 @@ impl VerifierMetrics {
 
 /// Run the verifier until SIGTERM/SIGINT; pending last-use writes are flushed on the way out.
 pub async fn run(client: Client, server: &str, opts: Options) -> Result<()> {
-    crate::controller::ensure_crds(&client, server).await?;
+    crate::controller::ensure_crds_in(&client, server, opts.namespace.as_deref()).await?;
     let mut registry = prometheus_client::registry::Registry::with_prefix("keyward");
     let vm = VerifierMetrics::register(&mut registry);
     let metrics = Metrics::with_registry(registry);
