@@ -97,14 +97,7 @@ async fn inactivity_expires_unused_keys_and_spares_used_ones() {
     // Not regenerated until a rotation is requested; then it lives again.
     let idle = get_key(&client, &ns.name, "idle").await;
     assert_eq!(idle.status.as_ref().unwrap().keys.len(), 1, "no new key for an abandoned ApiKey");
-    let keys: Api<ApiKey> = Api::namespaced(client.clone(), &ns.name);
-    keys.patch(
-        "idle",
-        &PatchParams::default(),
-        &Patch::Merge(json!({"metadata": {"annotations": {"keyward.dev/rotate": "revive"}}})),
-    )
-    .await
-    .unwrap();
+    common::request_rotation(&client, &ns.name, "idle", "revive").await;
     wait_key(&client, &ns.name, "idle", Duration::from_secs(20), |k| {
         (reason(k) == "KeyActive").then_some(())
     })

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use common::{KeywardProcess, TestNamespace, client, kubectl, ready, wait_key};
 use k8s_openapi::api::rbac::v1::ClusterRole;
-use kube::api::{Api, Patch, PatchParams};
+use kube::api::Api;
 use serde_json::json;
 
 fn chart() -> String {
@@ -189,14 +189,7 @@ async fn chart_installs_and_its_rbac_runs_a_full_rotation() {
     role.rules.get_or_insert_default().retain(|r| !r.resources.iter().flatten().any(|x| x == "secrets"));
     role.metadata.managed_fields = None;
     roles.replace(&sa, &Default::default(), &role).await.unwrap();
-    let keys: Api<keyward::api::ApiKey> = Api::namespaced(client.clone(), &ns.name);
-    keys.patch(
-        "svc",
-        &PatchParams::default(),
-        &Patch::Merge(json!({"metadata": {"annotations": {"keyward.dev/rotate": "1"}}})),
-    )
-    .await
-    .unwrap();
+    common::request_rotation(&client, &ns.name, "svc", "1").await;
     let message = wait_key(&client, &ns.name, "svc", Duration::from_secs(30), |k| {
         let c = keyward::api::find_condition(&k.status.as_ref()?.conditions, "Ready")?;
         (c.reason == "ApplyFailed").then(|| c.message.clone())

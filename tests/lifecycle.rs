@@ -225,7 +225,6 @@ async fn revocation_flips_at_once_and_rotation_keeps_the_old_key_for_flip_before
         )
         .await;
     let _keyward = controller(&ns, "info");
-    let keys: Api<ApiKey> = Api::namespaced(client.clone(), &ns.name);
     ns.apikey(&client, "svc", json!({"policy": policy, "owner": "team-a", "secretName": "svc-key"})).await;
     let (first, standby) = wait_key(&client, &ns.name, "svc", Duration::from_secs(60), |k| {
         let s = k.status.as_ref()?;
@@ -236,13 +235,7 @@ async fn revocation_flips_at_once_and_rotation_keeps_the_old_key_for_flip_before
     .await;
 
     // Revoke the active key: api-key moves to the standby at once.
-    keys.patch(
-        "svc",
-        &PatchParams::default(),
-        &Patch::Merge(json!({"spec": {"revokedKeys": [first.key_id]}})),
-    )
-    .await
-    .unwrap();
+    common::revoke_keys(&client, &ns.name, "svc", &[first.key_id.as_str()]).await;
     let hash = common::eventually("api-key to leave the revoked key", Duration::from_secs(10), || async {
         let (_, hash) = observe(&client, &ns.name, "svc", "svc-key").await?;
         (hash != first.hash).then_some(hash)
@@ -257,13 +250,7 @@ async fn revocation_flips_at_once_and_rotation_keeps_the_old_key_for_flip_before
     // Requested rotation: a new active key, the old one valid for flipBefore more.
     let before = active(&get_key(&client, &ns.name, "svc").await).unwrap();
     let requested = Utc::now();
-    keys.patch(
-        "svc",
-        &PatchParams::default(),
-        &Patch::Merge(json!({"metadata": {"annotations": {"keyward.dev/rotate": "1"}}})),
-    )
-    .await
-    .unwrap();
+    common::request_rotation(&client, &ns.name, "svc", "1").await;
     let key = wait_key(&client, &ns.name, "svc", Duration::from_secs(10), |k| {
         active(k).filter(|a| a.key_id != before.key_id).map(|_| k.clone())
     })
@@ -438,13 +425,7 @@ async fn key_material_never_leaves_the_secret() {
             revoked = true;
         }
         if elapsed >= 10 && !rotated {
-            keys.patch(
-                "svc",
-                &PatchParams::default(),
-                &Patch::Merge(json!({"metadata": {"annotations": {"keyward.dev/rotate": "x"}}})),
-            )
-            .await
-            .unwrap();
+            common::request_rotation(&client, &ns.name, "svc", "x").await;
             rotated = true;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;

@@ -11,8 +11,7 @@ use chrono::Utc;
 use common::{
     KeywardProcess, TestNamespace, client, get_key, http, metric_sum, ready, secret_data, wait_key,
 };
-use keyward::api::{ApiKey, KeyState};
-use kube::api::{Api, Patch, PatchParams};
+use keyward::api::KeyState;
 use serde_json::json;
 
 struct Nginx {
@@ -155,15 +154,8 @@ async fn nginx_never_rejects_the_current_key_across_flips() {
     let data = secret_data(&client, &ns.name, "svc").await.unwrap();
     let standby_material = data[standby.slot.data_key()].clone();
     assert_eq!(through_nginx(&nginx.front, &standby_material), 200, "the standby verifies too");
-    let keys: Api<ApiKey> = Api::namespaced(client.clone(), &ns.name);
     let revoked_at = tokio::time::Instant::now();
-    keys.patch(
-        "svc",
-        &PatchParams::default(),
-        &Patch::Merge(json!({"spec": {"revokedKeys": [standby.key_id]}})),
-    )
-    .await
-    .unwrap();
+    common::revoke_keys(&client, &ns.name, "svc", &[standby.key_id.as_str()]).await;
     common::eventually("the revoked key to be refused", Duration::from_secs(5), || async {
         (through_nginx(&nginx.front, &standby_material) == 401).then_some(())
     })

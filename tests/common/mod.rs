@@ -364,3 +364,32 @@ pub fn active(key: &keyward::api::ApiKey) -> Option<keyward::api::KeyStatus> {
     let slot = status.active_slot?;
     status.keys.iter().find(|k| k.slot == slot).cloned()
 }
+
+/// Merge-patch an ApiKey (as a user or GitOps tool would).
+pub async fn patch_key(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    patch: serde_json::Value,
+) -> keyward::api::ApiKey {
+    Api::<keyward::api::ApiKey>::namespaced(client.clone(), ns)
+        .patch(name, &kube::api::PatchParams::default(), &Patch::Merge(patch))
+        .await
+        .expect("patch ApiKey")
+}
+
+/// Request a rotation (annotation `keyward.dev/rotate` = `value`).
+pub async fn request_rotation(client: &Client, ns: &str, name: &str, value: &str) {
+    patch_key(
+        client,
+        ns,
+        name,
+        serde_json::json!({"metadata": {"annotations": {"keyward.dev/rotate": value}}}),
+    )
+    .await;
+}
+
+/// Set `spec.revokedKeys`.
+pub async fn revoke_keys(client: &Client, ns: &str, name: &str, key_ids: &[&str]) {
+    patch_key(client, ns, name, serde_json::json!({"spec": {"revokedKeys": key_ids}})).await;
+}
