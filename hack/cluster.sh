@@ -152,7 +152,12 @@ EOF
 }
 
 # --- processes ------------------------------------------------------------------
-alive() { [ -f "$RUN/$1.pid" ] && kill -0 "$(cat "$RUN/$1.pid")" 2>/dev/null; }
+# Running, and not a zombie (a killed process whose parent never reaps it still answers kill -0).
+alive() {
+  local pid
+  pid=$(cat "$RUN/$1.pid" 2>/dev/null) || return 1
+  kill -0 "$pid" 2>/dev/null && ! grep -q '^State:[[:space:]]*Z' "/proc/$pid/status" 2>/dev/null
+}
 
 start() { # name, command...
   local name=$1; shift

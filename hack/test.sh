@@ -38,6 +38,6 @@ echo "== unit, drift and integration tests"
 cargo test --all-targets --locked -- --test-threads 8
 
 if [ $local_plane = 1 ]; then
-  echo "== tests that remove keyward's CRDs (local control plane only)"
-  cargo test --locked --test missing_crds -- --ignored
+  echo "== tests that kill the control plane or remove keyward's CRDs (local control plane only, alone)"
+  cargo test --locked --test soak --test missing_crds -- --ignored --test-threads 1
 fi

@@ -24,6 +24,7 @@ struct AppState {
     index: Arc<RwLock<Index>>,
     usage: Arc<Usage>,
     vm: Arc<VerifierMetrics>,
+    ready: Readiness,
 }
 
 /// `/v1/verify`, `/v1/auth`, and the health and metrics routes.
@@ -38,7 +39,7 @@ pub fn router(
         .route("/v1/verify", post(verify))
         .route("/v1/auth", get(auth))
         .layer(DefaultBodyLimit::max(MAX_BODY))
-        .with_state(AppState { index, usage, vm });
+        .with_state(AppState { index, usage, vm, ready: ready.clone() });
     api.merge(crate::health::router(metrics, ready))
 }
 
@@ -91,7 +92,18 @@ impl AppState {
     }
 }
 
+/// Before the index has synced the verifier cannot tell a valid key from an unknown
+/// one: it says so (503) instead of refusing keys it has not seen yet.
+fn not_synced() -> Response {
+    let mut resp = error(StatusCode::SERVICE_UNAVAILABLE, "the verifier's index has not synced yet");
+    resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    resp
+}
+
 async fn verify(State(s): State<AppState>, body: Bytes) -> Response {
+    if !s.ready.get() {
+        return not_synced();
+    }
     let started = Instant::now();
     let Ok(text) = std::str::from_utf8(&body) else {
         return error(StatusCode::BAD_REQUEST, "body is not UTF-8");
@@ -125,6 +137,9 @@ fn key_from(headers: &HeaderMap) -> Option<&str> {
 }
 
 async fn auth(State(s): State<AppState>, headers: HeaderMap) -> Response {
+    if !s.ready.get() {
+        return not_synced();
+    }
     let started = Instant::now();
     let verdict = s.check("auth", key_from(&headers).unwrap_or_default(), started);
     let code = HeaderValue::from_static(verdict.code.as_str());

@@ -249,6 +249,11 @@ impl KeywardProcess {
         .await
     }
 
+    /// Whether the process has exited (e.g. a controller that lost its lease).
+    pub fn exited(&mut self) -> bool {
+        self.child.as_mut().is_none_or(|c| c.try_wait().ok().flatten().is_some())
+    }
+
     /// Everything it logged so far.
     pub fn logs(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
