@@ -60,6 +60,30 @@ pub struct Context {
     pub manage_policies: bool,
     /// Webhook sender for expiry warnings.
     pub webhooks: crate::webhook::Sender,
+    /// Consecutive failures per object, for the retry backoff (reset on success).
+    failures: std::sync::Mutex<std::collections::HashMap<String, u32>>,
+}
+
+impl Context {
+    /// How long to wait before retrying `id` after `err`: 50 ms after a write conflict,
+    /// else 250 ms doubling per consecutive failure up to 30 s.
+    fn backoff(&self, id: String, err: &Error) -> Duration {
+        if matches!(err, Error::Kube { source: kube::Error::Api(s), .. } if s.code == 409) {
+            return Duration::from_millis(50);
+        }
+        let mut failures = self.failures.lock().unwrap_or_else(|p| p.into_inner());
+        let n = failures.entry(id).or_default();
+        *n = n.saturating_add(1);
+        (Duration::from_millis(250) * 2u32.saturating_pow((*n - 1).min(7))).min(Duration::from_secs(30))
+    }
+
+    fn succeeded(&self, id: &str) {
+        self.failures.lock().unwrap_or_else(|p| p.into_inner()).remove(id);
+    }
+}
+
+fn object_id<K: Resource<DynamicType = ()>>(obj: &K) -> String {
+    format!("{}/{}/{}", K::kind(&()), obj.namespace().unwrap_or_default(), obj.name_any())
 }
 
 impl Context {
@@ -251,6 +275,7 @@ pub async fn run(client: Client, server: &str, opts: Options) -> Result<()> {
         policies: policies.clone(),
         apikeys: keys_reader.clone(),
         manage_policies: opts.namespace.is_none(),
+        failures: Default::default(),
         webhooks: crate::webhook::Sender::new().map_err(|e| {
             Error::Config(format!("cannot load the system's CA certificates for webhooks: {e}"))
         })?,
@@ -350,10 +375,10 @@ async fn timed<F: std::future::Future<Output = Result<Action>>>(
 
 async fn reconcile_apikey(key: Arc<ApiKey>, ctx: Arc<Context>) -> Result<Action> {
     let result = timed(&ctx, "ApiKey", apikey::reconcile(key.clone(), ctx.clone())).await;
-    if let Err(e) = &result
-        && retry_after(e) > Duration::from_millis(50)
-    {
-        apikey::report_failure(&ctx, &key, e).await;
+    match &result {
+        Ok(_) => ctx.succeeded(&object_id(key.as_ref())),
+        Err(Error::Kube { source: kube::Error::Api(s), .. }) if s.code == 409 => {}
+        Err(e) => apikey::report_failure(&ctx, &key, e).await,
     }
     result
 }
@@ -362,15 +387,11 @@ async fn reconcile_policy(policy: Arc<KeyPolicy>, ctx: Arc<Context>) -> Result<A
     if !ctx.manage_policies {
         return Ok(Action::await_change());
     }
-    timed(&ctx, "KeyPolicy", policy::reconcile(policy, ctx.clone())).await
-}
-
-/// A write conflict (409) means someone wrote in between: retry almost at once.
-fn retry_after(err: &Error) -> Duration {
-    match err {
-        Error::Kube { source: kube::Error::Api(s), .. } if s.code == 409 => Duration::from_millis(50),
-        _ => Duration::from_secs(5),
+    let result = timed(&ctx, "KeyPolicy", policy::reconcile(policy.clone(), ctx.clone())).await;
+    if result.is_ok() {
+        ctx.succeeded(&object_id(policy.as_ref()));
     }
+    result
 }
 
 fn error_policy_apikey(key: Arc<ApiKey>, err: &Error, ctx: Arc<Context>) -> Action {
@@ -378,8 +399,9 @@ fn error_policy_apikey(key: Arc<ApiKey>, err: &Error, ctx: Arc<Context>) -> Acti
         .reconcile_failures
         .get_or_create(&FailureLabels { kind: "ApiKey", reason: err.metric_label() })
         .inc();
-    tracing::warn!(apikey = %key.name_any(), namespace = ?key.namespace(), error = %crate::error::chain(err), "reconcile failed; retrying");
-    Action::requeue(retry_after(err))
+    let delay = ctx.backoff(object_id(key.as_ref()), err);
+    tracing::warn!(apikey = %key.name_any(), namespace = ?key.namespace(), error = %crate::error::chain(err), retry_in = ?delay, "reconcile failed; retrying");
+    Action::requeue(delay)
 }
 
 fn error_policy_policy(policy: Arc<KeyPolicy>, err: &Error, ctx: Arc<Context>) -> Action {
@@ -387,6 +409,7 @@ fn error_policy_policy(policy: Arc<KeyPolicy>, err: &Error, ctx: Arc<Context>) -
         .reconcile_failures
         .get_or_create(&FailureLabels { kind: "KeyPolicy", reason: err.metric_label() })
         .inc();
-    tracing::warn!(keypolicy = %policy.name_any(), error = %crate::error::chain(err), "reconcile failed; retrying");
-    Action::requeue(retry_after(err))
+    let delay = ctx.backoff(object_id(policy.as_ref()), err);
+    tracing::warn!(keypolicy = %policy.name_any(), error = %crate::error::chain(err), retry_in = ?delay, "reconcile failed; retrying");
+    Action::requeue(delay)
 }
