@@ -160,6 +160,14 @@ async fn restarts_catch_up_without_extra_keys() {
     let fresh: Vec<&KeyStatus> =
         key.status.as_ref().unwrap().keys.iter().filter(|k| !ids_before.contains(&k.key_id)).collect();
     assert_eq!(fresh.len(), 1, "one new key after a long pause, not one per missed step: {:#?}", key.status);
+    // Every key expired while keyward was down, so api-key held an expired key until now;
+    // it moves to the fresh key right after status records it.
+    let fresh_hash = fresh[0].hash.clone();
+    common::eventually("api-key to hold the fresh key", Duration::from_secs(10), || async {
+        let data = secret_data(&client, &ns.name, "svc").await?;
+        (keyward::keys::hash(data.get("api-key")?) == fresh_hash).then_some(())
+    })
+    .await;
     observe(&client, &ns.name, "svc", "svc").await.expect("Secret");
     // And the schedule resumes: the other slot is regenerated half a lifetime later.
     let next = key.status.as_ref().unwrap().next_action_at.unwrap();
