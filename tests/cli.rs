@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{KeywardProcess, TestNamespace, active, client, get_key, wait_key};
+use common::{TestNamespace, active, client, get_key, wait_key};
 use serde_json::json;
 
 /// Run `kubectl keyward …` with the keyward binary installed as a kubectl plugin.
@@ -37,7 +37,7 @@ async fn kubectl_keyward_status_rotate_and_revoke() {
     let policy = ns
         .policy(&client, "p", json!({"expiry": {"maxLifetime": "PT1H"}, "rotation": {"secondaryAt": "PT1S"}}))
         .await;
-    let _keyward = KeywardProcess::start(&["controller", "--namespace", &ns.name], "info");
+    let _keyward = common::controller_for(&ns.name, &[], "info");
     ns.apikey(&client, "svc", json!({"policy": policy, "owner": "payments"})).await;
     let first = wait_key(&client, &ns.name, "svc", Duration::from_secs(30), |k| {
         (k.status.as_ref()?.keys.len() == 2).then(|| active(k)).flatten()

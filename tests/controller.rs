@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{KeywardProcess, TestNamespace, client, eventually};
+use common::{TestNamespace, client, eventually};
 use k8s_openapi::api::events::v1::Event;
 use keyward::api::ApiKey;
 use kube::api::{Api, ListParams, PostParams};
@@ -15,7 +15,7 @@ async fn controller_serves_health_reports_bad_durations_and_stops_on_sigterm() {
     let client = client().await;
     let ns = TestNamespace::new(&client, "ctl").await;
     let policy = ns.policy(&client, "p", serde_json::json!({})).await;
-    let mut keyward = KeywardProcess::start(&["controller", "--namespace", &ns.name], "info");
+    let mut keyward = common::controller_for(&ns.name, &[], "info");
     keyward.wait_ready().await;
     assert_eq!(keyward.get("/healthz").unwrap().0, 200);
 

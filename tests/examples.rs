@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{KeywardProcess, client, kubectl, try_kubectl, wait_key};
+use common::{client, kubectl, try_kubectl};
 
 fn examples() -> String {
     format!("{}/examples", env!("CARGO_MANIFEST_DIR"))
@@ -19,12 +19,9 @@ async fn examples_apply_reconcile_and_reapply_without_a_diff() {
     let dry = kubectl(&["apply", "--dry-run=server", "-f", &examples()]);
     assert!(dry.contains("(server dry run)"), "{dry}");
     kubectl(&["apply", "-f", &examples()]);
-    let _keyward = KeywardProcess::start(&["controller", "--namespace", "keyward-demo"], "info");
+    let _keyward = common::controller_for("keyward-demo", &[], "info");
     for name in ["checkout", "reporting"] {
-        wait_key(&client, "keyward-demo", name, Duration::from_secs(60), |k| {
-            common::ready(k).filter(|(s, _)| s == "True").map(|_| ())
-        })
-        .await;
+        common::wait_ready(&client, "keyward-demo", name, Duration::from_secs(60)).await;
     }
     // The consumer was rolled out (keyward's own field manager), which is not a diff.
     common::eventually("the checkout Deployment to carry the key ID", Duration::from_secs(30), || async {

@@ -11,7 +11,7 @@ use std::time::Duration;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use chrono::{TimeDelta, Utc};
-use common::{KeywardProcess, TestNamespace, active, client, get_key, ready, wait_key};
+use common::{TestNamespace, active, client, get_key, ready, wait_key};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::api::events::v1::Event;
@@ -19,10 +19,6 @@ use keyward::api::{ApiKey, ExpiryReason, KeyPolicy, KeyState, KeyStatus};
 use kube::Client;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use serde_json::json;
-
-fn controller(ns: &TestNamespace) -> KeywardProcess {
-    KeywardProcess::start(&["controller", "--namespace", &ns.name], "info")
-}
 
 fn reason(key: &ApiKey) -> String {
     ready(key).map(|(_, r)| r).unwrap_or_default()
@@ -66,7 +62,7 @@ async fn inactivity_expires_unused_keys_and_spares_used_ones() {
     let policy = ns
         .policy(&client, "p", json!({"expiry": {"maxLifetime": "PT1H", "inactivityTimeout": "PT6S"}}))
         .await;
-    let _keyward = controller(&ns);
+    let _keyward = common::controller_for(&ns.name, &[], "info");
     ns.apikey(&client, "used", json!({"policy": policy, "owner": "a"})).await;
     ns.apikey(&client, "idle", json!({"policy": policy, "owner": "b"})).await;
     let idle =
@@ -110,7 +106,7 @@ async fn a_shortened_policy_caps_live_keys_and_a_longer_one_never_extends() {
     let ns = TestNamespace::new(&client, "retro").await;
     let policy =
         ns.policy(&client, "p", json!({"expiry": {"maxLifetime": "PT1H", "minLifetime": "PT1S"}})).await;
-    let _keyward = controller(&ns);
+    let _keyward = common::controller_for(&ns.name, &[], "info");
     ns.apikey(&client, "svc", json!({"policy": policy, "owner": "a"})).await;
     let first = wait_key(&client, &ns.name, "svc", Duration::from_secs(30), active).await;
     let policies: Api<KeyPolicy> = Api::all(client.clone());
@@ -157,7 +153,7 @@ async fn owner_limits_refuse_a_third_key_and_duplicate_descriptions() {
     let client = client().await;
     let ns = TestNamespace::new(&client, "limits").await;
     let policy = ns.policy(&client, "p", json!({"expiry": {"maxLifetime": "P1D"}})).await;
-    let _keyward = controller(&ns);
+    let _keyward = common::controller_for(&ns.name, &[], "info");
     for name in ["a1", "a2", "a3"] {
         ns.apikey(&client, name, json!({"policy": policy, "owner": "team", "description": name})).await;
         // Distinct creation seconds, so "oldest" is unambiguous.
@@ -252,7 +248,7 @@ async fn warnings_fire_once_per_threshold_with_signed_retried_webhooks() {
             }),
         )
         .await;
-    let _keyward = controller(&ns);
+    let _keyward = common::controller_for(&ns.name, &[], "info");
     ns.apikey(&client, "svc", json!({"policy": policy, "owner": "payments"})).await;
     // P1 passes 25 s-before at 5 s and 15 s-before at 15 s; S1 becomes active at the
     // flip (22.5 s) with its 25 s-before threshold already passed, and 15 s-before at 30 s.
@@ -346,7 +342,7 @@ async fn consumers_roll_out_once_per_flip() {
     deployments.create(&PostParams::default(), &dep).await.unwrap();
     let policy =
         ns.policy(&client, "p", json!({"expiry": {"maxLifetime": "PT12S", "minLifetime": "PT1S"}})).await;
-    let _keyward = controller(&ns);
+    let _keyward = common::controller_for(&ns.name, &[], "info");
     ns.apikey(
         &client,
         "svc",

@@ -13,7 +13,7 @@ use kube::api::{Api, ListParams};
 use serde_json::json;
 
 fn candidate(ns: &TestNamespace) -> KeywardProcess {
-    KeywardProcess::start(&["controller", "--namespace", &ns.name, "--lease-duration", "PT4S"], "info")
+    common::controller_for(&ns.name, &["--lease-duration", "PT4S"], "info")
 }
 
 fn leads(k: &KeywardProcess) -> bool {

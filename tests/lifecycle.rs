@@ -22,7 +22,7 @@ use serde_json::json;
 /// A controller for the test's namespace. A short lease lets a restarted controller
 /// take over quickly after its predecessor was killed.
 fn controller(ns: &TestNamespace, log_level: &str) -> KeywardProcess {
-    KeywardProcess::start(&["controller", "--namespace", &ns.name, "--lease-duration", "PT2S"], log_level)
+    common::controller_for(&ns.name, &["--lease-duration", "PT2S"], log_level)
 }
 
 fn is_ready(key: &ApiKey) -> bool {
@@ -182,7 +182,7 @@ async fn a_noop_reconcile_writes_nothing() {
     let keyward = controller(&ns, "info");
     keyward.wait_ready().await;
     ns.apikey(&client, "svc", json!({"policy": policy, "owner": "team-a"})).await;
-    wait_key(&client, &ns.name, "svc", Duration::from_secs(60), |k| is_ready(k).then_some(())).await;
+    common::wait_ready(&client, &ns.name, "svc", Duration::from_secs(60)).await;
     let metrics = |k: &KeywardProcess| k.get("/metrics").expect("metrics").1;
     // Settle: the reconciles caused by keyward's own writes.
     let settled = common::eventually("writes to settle", Duration::from_secs(30), || async {
@@ -397,7 +397,7 @@ async fn bad_input_gets_a_condition_and_changes_nothing_else() {
     keys.patch("malformed", &PatchParams::default(), &Patch::Merge(json!({"spec": {"lifetime": "P7D"}})))
         .await
         .unwrap();
-    wait_key(&client, &ns.name, "malformed", Duration::from_secs(30), |k| is_ready(k).then_some(())).await;
+    common::wait_ready(&client, &ns.name, "malformed", Duration::from_secs(30)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

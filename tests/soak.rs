@@ -43,11 +43,11 @@ fn restart_control_plane() {
 }
 
 fn controller(ns: &str) -> KeywardProcess {
-    KeywardProcess::start(&["controller", "--namespace", ns, "--lease-duration", "PT3S"], "info")
+    common::controller_for(ns, &["--lease-duration", "PT3S"], "info")
 }
 
 fn verifier(ns: &str) -> KeywardProcess {
-    KeywardProcess::start(&["verifier", "--namespace", ns], "info")
+    common::verifier_for(ns)
 }
 
 #[derive(Default)]
@@ -138,10 +138,7 @@ async fn keys_stay_valid_through_random_faults() {
         ns.apikey(&client, name, json!({"policy": policy, "owner": name})).await;
     }
     for name in KEYS {
-        common::wait_key(&client, &ns.name, name, Duration::from_secs(60), |k| {
-            common::ready(k).filter(|r| r.0 == "True").map(|_| ())
-        })
-        .await;
+        common::wait_ready(&client, &ns.name, name, Duration::from_secs(60)).await;
     }
 
     let mut tally = Tally::default();
@@ -191,10 +188,7 @@ async fn keys_stay_valid_through_random_faults() {
     }
     // Everything converges after the last fault.
     for name in KEYS {
-        common::wait_key(&client, &ns.name, name, Duration::from_secs(30), |k| {
-            common::ready(k).filter(|r| r.0 == "True").map(|_| ())
-        })
-        .await;
+        common::wait_ready(&client, &ns.name, name, Duration::from_secs(30)).await;
     }
     ver.wait_ready().await;
     sample(&client, &ns.name, &ver.addr, &mut tally).await;

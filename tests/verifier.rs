@@ -8,9 +8,7 @@ mod common;
 use std::time::Duration;
 
 use chrono::Utc;
-use common::{
-    KeywardProcess, TestNamespace, client, get_key, http, metric_sum, ready, secret_data, wait_key,
-};
+use common::{TestNamespace, client, get_key, http, metric_sum, ready, secret_data, wait_key};
 use keyward::api::KeyState;
 use serde_json::json;
 
@@ -102,8 +100,8 @@ async fn nginx_never_rejects_the_current_key_across_flips() {
     let ns = TestNamespace::new(&client, "nginx").await;
     let policy =
         ns.policy(&client, "p", json!({"expiry": {"maxLifetime": "PT20S", "minLifetime": "PT1S"}})).await;
-    let _controller = KeywardProcess::start(&["controller", "--namespace", &ns.name], "info");
-    let verifier = KeywardProcess::start(&["verifier", "--namespace", &ns.name], "info");
+    let _controller = common::controller_for(&ns.name, &[], "info");
+    let verifier = common::verifier_for(&ns.name);
     verifier.wait_ready().await;
     let nginx = nginx(&verifier.addr).await;
     ns.apikey(&client, "svc", json!({"policy": policy, "owner": "team-a"})).await;
@@ -168,8 +166,8 @@ async fn json_api_answers_codes_and_refuses_bad_requests() {
     let client = client().await;
     let ns = TestNamespace::new(&client, "verify").await;
     let policy = ns.policy(&client, "p", json!({"expiry": {"maxLifetime": "P1D"}})).await;
-    let _controller = KeywardProcess::start(&["controller", "--namespace", &ns.name], "info");
-    let verifier = KeywardProcess::start(&["verifier", "--namespace", &ns.name], "info");
+    let _controller = common::controller_for(&ns.name, &[], "info");
+    let verifier = common::verifier_for(&ns.name);
     verifier.wait_ready().await;
     ns.apikey(&client, "svc", json!({"policy": policy, "owner": "team-a"})).await;
     let key = common::eventually("the key", Duration::from_secs(30), || async {
@@ -227,8 +225,8 @@ async fn last_use_is_written_at_most_once_a_minute_and_keeps_used_keys_alive() {
     let policy = ns
         .policy(&client, "p", json!({"expiry": {"maxLifetime": "PT1H", "inactivityTimeout": "PT90S"}}))
         .await;
-    let _controller = KeywardProcess::start(&["controller", "--namespace", &ns.name], "info");
-    let verifier = KeywardProcess::start(&["verifier", "--namespace", &ns.name], "info");
+    let _controller = common::controller_for(&ns.name, &[], "info");
+    let verifier = common::verifier_for(&ns.name);
     verifier.wait_ready().await;
     ns.apikey(&client, "used", json!({"policy": policy, "owner": "a"})).await;
     ns.apikey(&client, "idle", json!({"policy": policy, "owner": "b"})).await;

@@ -398,3 +398,20 @@ pub async fn request_rotation(client: &Client, ns: &str, name: &str, value: &str
 pub async fn revoke_keys(client: &Client, ns: &str, name: &str, key_ids: &[&str]) {
     patch_key(client, ns, name, serde_json::json!({"spec": {"revokedKeys": key_ids}})).await;
 }
+
+/// `keyward controller --namespace <ns>` plus `extra` flags (e.g. a short lease).
+pub fn controller_for(ns: &str, extra: &[&str], log_level: &str) -> KeywardProcess {
+    let mut args = vec!["controller", "--namespace", ns];
+    args.extend_from_slice(extra);
+    KeywardProcess::start(&args, log_level)
+}
+
+/// `keyward verifier --namespace <ns>`.
+pub fn verifier_for(ns: &str) -> KeywardProcess {
+    KeywardProcess::start(&["verifier", "--namespace", ns], "info")
+}
+
+/// Wait until the ApiKey reports `Ready=True`.
+pub async fn wait_ready(client: &Client, ns: &str, name: &str, timeout: Duration) {
+    wait_key(client, ns, name, timeout, |k| ready(k).filter(|(s, _)| s == "True").map(|_| ())).await;
+}
