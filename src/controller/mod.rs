@@ -171,14 +171,19 @@ pub async fn shutdown_signal() {
     tracing::info!("shutdown signal received");
 }
 
-/// What about an ApiKey should trigger a reconcile: its spec (generation) and the
-/// rotate annotation. Status writes (this controller's own, the verifier's
-/// `lastUsedAt`) do not: their effects are scheduled by `nextActionAt`.
+/// What about an ApiKey should trigger a reconcile: its spec (generation), the rotate
+/// annotation, and the verifier's `lastUsedAt` writes (they move an inactivity
+/// deadline, which the verifier reads back from `effectiveExpiresAt`: waiting for the
+/// old deadline's timer would refuse a key in use until then). This controller's own
+/// status writes do not trigger: their effects are scheduled by `nextActionAt`.
 fn apikey_trigger(key: &ApiKey) -> Option<u64> {
     use std::hash::{Hash, Hasher};
     let mut h = std::collections::hash_map::DefaultHasher::new();
     key.meta().generation.hash(&mut h);
     key.annotations().get(ROTATE_ANNOTATION).hash(&mut h);
+    for k in key.status.iter().flat_map(|s| &s.keys) {
+        k.last_used_at.map(|t| t.timestamp_micros()).hash(&mut h);
+    }
     Some(h.finish())
 }
 
@@ -412,4 +417,38 @@ fn error_policy_policy(policy: Arc<KeyPolicy>, err: &Error, ctx: Arc<Context>) -
     let delay = ctx.backoff(object_id(policy.as_ref()), err);
     tracing::warn!(keypolicy = %policy.name_any(), error = %crate::error::chain(err), retry_in = ?delay, "reconcile failed; retrying");
     Action::requeue(delay)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(status: serde_json::Value) -> ApiKey {
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "keyward.dev/v1alpha1", "kind": "ApiKey",
+            "metadata": {"name": "k", "namespace": "n", "generation": 1},
+            "spec": {"owner": "a"},
+            "status": status,
+        }))
+        .unwrap()
+    }
+
+    fn active(extra: serde_json::Value) -> serde_json::Value {
+        let mut k = serde_json::json!({"slot": "Primary", "keyId": "k1", "hash": "h", "preview": "kw_x",
+            "createdAt": "2026-11-23T00:00:00Z", "expiresAt": "2026-11-24T00:00:00Z", "state": "Active"});
+        k.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        serde_json::json!({"keys": [k]})
+    }
+
+    #[test]
+    fn last_use_triggers_a_reconcile_and_own_status_writes_do_not() {
+        let base = apikey_trigger(&key(active(serde_json::json!({}))));
+        let used = apikey_trigger(&key(active(serde_json::json!({"lastUsedAt": "2026-11-23T01:00:00Z"}))));
+        let later = apikey_trigger(&key(active(serde_json::json!({"lastUsedAt": "2026-11-23T01:01:00Z"}))));
+        let own =
+            apikey_trigger(&key(active(serde_json::json!({"effectiveExpiresAt": "2026-11-23T02:00:00Z"}))));
+        assert_ne!(base, used);
+        assert_ne!(used, later);
+        assert_eq!(base, own, "the controller's own status writes do not trigger");
+    }
 }
