@@ -67,8 +67,8 @@ struct Prepared {
 
 /// Dereference and validate; Err(Blocked) for anything the user has to fix.
 async fn prepare(ctx: &Context, key: &ApiKey, now: DateTime<Utc>) -> Result<Result<Prepared, Blocked>> {
-    if key.spec.owner.trim().is_empty() {
-        return Ok(Err(blocked(c::INVALID_SPEC, "spec.owner must not be empty")));
+    if let Some(b) = spec_problem(&key.spec) {
+        return Ok(Err(b));
     }
     let (found, rules) = match policy::resolve(ctx, key, now).await? {
         Ok(found) => found,
@@ -98,6 +98,90 @@ async fn prepare(ctx: &Context, key: &ApiKey, now: DateTime<Utc>) -> Result<Resu
         )));
     }
     Ok(Ok(Prepared { policy: found, rules, lifetime, secret_name, secret }))
+}
+
+/// Longest piece of user input quoted in a message.
+const SHOWN: usize = 64;
+
+fn shown(text: &str) -> String {
+    text.chars().take(SHOWN).collect()
+}
+
+/// A lowercase RFC 1123 subdomain (the name of a Secret, KeyPolicy or workload).
+fn dns_subdomain(name: &str) -> bool {
+    name.len() <= 253
+        && name.split('.').all(|part| {
+            let b = part.as_bytes();
+            !b.is_empty()
+                && b.iter().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+                && b[0] != b'-'
+                && b[b.len() - 1] != b'-'
+        })
+}
+
+/// The name part of a label key or a label value: up to 63 of `[A-Za-z0-9_.-]`,
+/// alphanumeric at both ends (`empty_ok` for label values).
+fn label_name(text: &str, empty_ok: bool) -> bool {
+    let b = text.as_bytes();
+    if b.is_empty() {
+        return empty_ok;
+    }
+    b.len() <= 63
+        && b.iter().all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'))
+        && b[0].is_ascii_alphanumeric()
+        && b[b.len() - 1].is_ascii_alphanumeric()
+}
+
+/// A label or annotation key: `[prefix/]name`, the prefix a DNS subdomain.
+fn qualified_name(key: &str) -> bool {
+    match key.split_once('/') {
+        Some((prefix, name)) => dns_subdomain(prefix) && label_name(name, false),
+        None => label_name(key, false),
+    }
+}
+
+/// Spec fields that become object names or Secret metadata, checked before any of them
+/// reaches an API path or a write. The CRD schema only bounds their length (and
+/// v1.20 has no CEL): unchecked, `p/status` would address a subresource, and a name
+/// or label the API server refuses would fail every write with `ApplyFailed`.
+fn spec_problem(spec: &crate::api::ApiKeySpec) -> Option<Blocked> {
+    let invalid = |message: String| Some(blocked(c::INVALID_SPEC, message));
+    if spec.owner.trim().is_empty() {
+        return invalid("spec.owner must not be empty".into());
+    }
+    let mut names: Vec<(String, &str)> = Vec::new();
+    names.extend(spec.policy.as_deref().map(|n| ("spec.policy".to_string(), n)));
+    names.extend(spec.secret_name.as_deref().map(|n| ("spec.secretName".to_string(), n)));
+    for (i, consumer) in spec.consumers.iter().enumerate() {
+        names.push((format!("spec.consumers[{i}].name"), &consumer.name));
+    }
+    if let Some((field, name)) = names.into_iter().find(|(_, n)| !dns_subdomain(n)) {
+        return invalid(format!(
+            "{field} {:?} is not a valid object name (a lowercase RFC 1123 subdomain of at most 253 characters)",
+            shown(name)
+        ));
+    }
+    let Some(template) = &spec.secret_template else { return None };
+    for (k, v) in &template.labels {
+        if !qualified_name(k) || !label_name(v, true) {
+            return invalid(format!(
+                "spec.secretTemplate.labels: {:?}: {:?} is not a valid label (key [prefix/]name, value up to 63 characters of [A-Za-z0-9_.-])",
+                shown(k),
+                shown(v)
+            ));
+        }
+    }
+    if let Some(k) = template.annotations.keys().find(|k| !qualified_name(k)) {
+        return invalid(format!(
+            "spec.secretTemplate.annotations: {:?} is not a valid annotation key",
+            shown(k)
+        ));
+    }
+    let size: usize = template.annotations.iter().map(|(k, v)| k.len() + v.len()).sum();
+    if size > 256 * 1024 {
+        return invalid(format!("spec.secretTemplate.annotations total {size} bytes, more than 256 KiB"));
+    }
+    None
 }
 
 /// The per-owner limits of the policy, over the ApiKeys of this owner in the namespace
@@ -478,43 +562,126 @@ async fn signing_key(
 }
 
 /// Events and metrics for what happened. Only key IDs, never material.
+///
+/// One Event per reconcile (a rotation is issue + flip, a scheduled regeneration is
+/// expiry + issue): its reason is the most significant happening, its note lists them
+/// all in order, and it is a Warning when any of them is. Metrics count each happening.
 async fn record(ctx: &Context, key: &ApiKey, happenings: &[Happening]) {
-    let mut seen: BTreeMap<&'static str, usize> = BTreeMap::new();
-    for h in happenings {
-        let (type_, reason, note) = match h {
-            Happening::Created { slot, key_id } => {
-                (EventType::Normal, "KeyCreated", format!("issued {slot} key {key_id}"))
-            }
-            Happening::Flipped { to, key_id } => (
-                EventType::Normal,
-                "KeyFlipped",
-                format!("consumers moved to the {slot} key {key_id}", slot = to),
-            ),
-            Happening::Expired { slot, key_id, reason } => {
-                let t =
-                    if *reason == ExpiryReason::Inactivity { EventType::Warning } else { EventType::Normal };
-                (t, "KeyExpired", format!("{slot} key {key_id} expired ({reason:?})"))
-            }
-            Happening::Revoked { slot, key_id } => {
-                (EventType::Normal, "KeyRevoked", format!("{slot} key {key_id} revoked"))
-            }
-            Happening::Rotated => (
-                EventType::Normal,
-                "KeyRotated",
-                "rotation requested by annotation keyward.dev/rotate".to_string(),
-            ),
-            Happening::Repaired { slot } => (
-                EventType::Warning,
-                "SecretRepaired",
-                format!(
-                    "the Secret lacked the {slot} key's material (deleted or edited); issued or flipped to a key that is there"
-                ),
-            ),
-        };
-        *seen.entry(reason).or_default() += 1;
+    if let Some((type_, reason, note)) = summarize(happenings) {
         ctx.event(key, type_, reason, &note).await;
     }
+    let mut seen: BTreeMap<&'static str, u64> = BTreeMap::new();
+    for h in happenings {
+        *seen.entry(describe(h).2).or_default() += 1;
+    }
     for (reason, n) in seen {
-        ctx.metrics.count_lifecycle(reason, n as u64);
+        ctx.metrics.count_lifecycle(reason, n);
+    }
+}
+
+/// The one Event for `happenings`: (type, reason, note), None when nothing happened.
+fn summarize(happenings: &[Happening]) -> Option<(EventType, &'static str, String)> {
+    let described: Vec<_> = happenings.iter().map(describe).collect();
+    let (_, _, reason, _) = described.iter().min_by_key(|d| d.0)?;
+    let type_ = if described.iter().any(|d| d.1) { EventType::Warning } else { EventType::Normal };
+    Some((type_, reason, described.iter().map(|d| d.3.as_str()).collect::<Vec<_>>().join("; ")))
+}
+
+/// A happening's (rank: lower is more significant, Warning?, Event reason, note).
+fn describe(h: &Happening) -> (usize, bool, &'static str, String) {
+    match h {
+        Happening::Repaired { slot } => (
+            0,
+            true,
+            "SecretRepaired",
+            format!(
+                "the Secret lacked the {slot} key's material (deleted or edited); issued or flipped to a key that is there"
+            ),
+        ),
+        Happening::Revoked { slot, key_id } => {
+            (1, false, "KeyRevoked", format!("{slot} key {key_id} revoked"))
+        }
+        Happening::Rotated => {
+            (2, false, "KeyRotated", "rotation requested by annotation keyward.dev/rotate".to_string())
+        }
+        Happening::Expired { slot, key_id, reason } => (
+            3,
+            *reason == ExpiryReason::Inactivity,
+            "KeyExpired",
+            format!("{slot} key {key_id} expired ({reason:?})"),
+        ),
+        Happening::Flipped { to, key_id } => {
+            (4, false, "KeyFlipped", format!("consumers moved to the {to} key {key_id}"))
+        }
+        Happening::Created { slot, key_id } => {
+            (5, false, "KeyCreated", format!("issued {slot} key {key_id}"))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_event_per_reconcile_names_the_most_significant_happening() {
+        use crate::api::Slot;
+        let created = Happening::Created { slot: Slot::Secondary, key_id: "k2".into() };
+        let flipped = Happening::Flipped { to: Slot::Secondary, key_id: "k2".into() };
+        let (t, reason, note) = summarize(&[Happening::Rotated, created.clone(), flipped]).unwrap();
+        assert_eq!((t, reason), (EventType::Normal, "KeyRotated"));
+        assert_eq!(
+            note,
+            "rotation requested by annotation keyward.dev/rotate; issued Secondary key k2; \
+             consumers moved to the Secondary key k2"
+        );
+        let idle =
+            Happening::Expired { slot: Slot::Primary, key_id: "k1".into(), reason: ExpiryReason::Inactivity };
+        let (t, reason, _) = summarize(&[created, idle]).unwrap();
+        assert_eq!((t, reason), (EventType::Warning, "KeyExpired"));
+        assert_eq!(summarize(&[]), None);
+    }
+
+    fn spec(extra: serde_json::Value) -> crate::api::ApiKeySpec {
+        let mut v = serde_json::json!({"owner": "team"});
+        v.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        serde_json::from_value(v).unwrap()
+    }
+
+    #[test]
+    fn names_and_secret_metadata_are_checked_before_use() {
+        use serde_json::json;
+        for ok in [
+            json!({}),
+            json!({"policy": "standard", "secretName": "svc.key-1"}),
+            json!({"consumers": [{"kind": "Deployment", "name": "checkout"}]}),
+            json!({"secretTemplate": {"labels": {"app.kubernetes.io/part-of": "shop", "empty": ""},
+                                      "annotations": {"example.com/Note_1": "any text / at all"}}}),
+        ] {
+            assert_eq!(spec_problem(&spec(ok.clone())), None, "{ok}");
+        }
+        let long = "a".repeat(254);
+        for (bad, field) in [
+            (json!({"owner": "  "}), "spec.owner"),
+            (json!({"policy": "standard/status"}), "spec.policy"),
+            (json!({"policy": long}), "spec.policy"),
+            (json!({"secretName": "Bad_Name"}), "spec.secretName"),
+            (json!({"secretName": "-x"}), "spec.secretName"),
+            (json!({"secretName": "a..b"}), "spec.secretName"),
+            (
+                json!({"consumers": [{"kind": "Deployment", "name": "ok"}, {"kind": "Deployment", "name": "x/scale"}]}),
+                "spec.consumers[1].name",
+            ),
+            (json!({"secretTemplate": {"labels": {"bad key": "v"}}}), "labels"),
+            (json!({"secretTemplate": {"labels": {"k": "v".repeat(64)}}}), "labels"),
+            (json!({"secretTemplate": {"labels": {"Bad.Prefix/k": "v"}}}), "labels"),
+            (json!({"secretTemplate": {"annotations": {"/x": "v"}}}), "annotations"),
+            (json!({"secretTemplate": {"annotations": {"k": "v".repeat(300 * 1024)}}}), "256 KiB"),
+        ] {
+            let b = spec_problem(&spec(bad.clone())).unwrap_or_else(|| panic!("{bad} should be refused"));
+            assert_eq!(b.reason, c::INVALID_SPEC);
+            assert!(b.message.contains(field), "{} should name {field}", b.message);
+            assert!(b.message.len() < 400, "input is quoted truncated: {}", b.message.len());
+        }
     }
 }

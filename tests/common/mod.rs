@@ -249,6 +249,11 @@ impl KeywardProcess {
         .await
     }
 
+    /// Its process ID while running.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
     /// Whether the process has exited (e.g. a controller that lost its lease).
     pub fn exited(&mut self) -> bool {
         self.child.as_mut().is_none_or(|c| c.try_wait().ok().flatten().is_some())

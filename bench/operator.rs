@@ -1,0 +1,495 @@
+//! Operator benchmarks against the real API server (the local control plane from
+//! `hack/cluster.sh`, or any cluster in `KUBECONFIG`), with the release `keyward`
+//! binary as the controller. Each scenario prints Markdown table rows for the README.
+//!
+//! ```text
+//! cargo bench --bench operator -- provision [N…]        (default 1000 5000)
+//! cargo bench --bench operator -- memory [N…]           (default 1000 5000 10000)
+//! cargo bench --bench operator -- precision [N] [MIN]   (default 500 keys, 5 minutes)
+//! cargo bench --bench operator -- catchup [N]           (default 1000)
+//! cargo bench --bench operator -- cost [N]              (default 200)
+//! cargo bench --bench operator -- all
+//! ```
+//!
+//! Every scenario runs in fresh namespaces that are deleted afterwards; the controller
+//! is namespaced (`--namespace`), so no other keyward may be running cluster-wide.
+//! This is a benchmark, not a test: it reports what it measures and never fails on a
+//! target; it panics only when the cluster misbehaves (a key never becomes Ready).
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use common::{KeywardProcess, TestNamespace};
+use futures::{StreamExt, TryStreamExt};
+use k8s_openapi::api::core::v1::Secret;
+use keyward::api::ApiKey;
+use kube::api::{Api, PostParams};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Client, ResourceExt};
+use serde_json::json;
+
+/// Requests in flight, for the floor and for applying ApiKeys alike.
+const CONCURRENCY: usize = 32;
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    // `cargo bench` passes `--bench`; everything else is the scenario and its numbers.
+    let args: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect();
+    let nums: Vec<usize> = args.iter().skip(1).filter_map(|a| a.parse().ok()).collect();
+    let client = common::client().await;
+    match args.first().map(String::as_str).unwrap_or("all") {
+        "provision" => provision(&client, &or(nums, &[1000, 5000])).await,
+        "memory" => memory(&client, &or(nums, &[1000, 5000, 10000])).await,
+        "precision" => {
+            let n = or(nums, &[500, 5]);
+            precision(&client, n[0], n.get(1).copied().unwrap_or(5)).await
+        }
+        "catchup" => catchup(&client, or(nums, &[1000])[0]).await,
+        "cost" => cost(&client, or(nums, &[200])[0]).await,
+        "all" => {
+            provision(&client, &[1000, 5000]).await;
+            memory(&client, &[1000, 5000, 10000]).await;
+            precision(&client, 500, 5).await;
+            catchup(&client, 1000).await;
+            cost(&client, 200).await;
+        }
+        other => panic!("unknown scenario {other}: provision | memory | precision | catchup | cost | all"),
+    }
+}
+
+fn or(given: Vec<usize>, default: &[usize]) -> Vec<usize> {
+    if given.is_empty() { default.to_vec() } else { given }
+}
+
+/// A namespace with a policy (`expiry` as given) and a release controller for it.
+struct Bed {
+    ns: TestNamespace,
+    policy: String,
+    controller: Option<KeywardProcess>,
+}
+
+impl Bed {
+    async fn new(client: &Client, prefix: &str, expiry: serde_json::Value) -> Bed {
+        let ns = TestNamespace::new(client, prefix).await;
+        let policy = ns.policy(client, "p", json!({"expiry": expiry})).await;
+        Bed { ns, policy, controller: None }
+    }
+
+    async fn start_controller(&mut self) -> &KeywardProcess {
+        let c = common::controller_for(&self.ns.name, &[], "warn");
+        c.wait_ready().await;
+        self.controller.insert(c)
+    }
+
+    fn metrics(&self) -> String {
+        self.controller.as_ref().and_then(|c| c.get("/metrics")).map(|m| m.1).unwrap_or_default()
+    }
+
+    fn rss_mib(&self) -> f64 {
+        let pid = self.controller.as_ref().and_then(KeywardProcess::pid).expect("controller running");
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc status");
+        let kib: f64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmRSS");
+        kib / 1024.0
+    }
+
+    /// Create ApiKeys `prefix-<i>` for `range` (one owner each), `CONCURRENCY` at a time.
+    async fn create_keys(
+        &self,
+        client: &Client,
+        range: std::ops::Range<usize>,
+        lifetime: impl Fn(usize) -> Option<String>,
+    ) {
+        let api = Api::<ApiKey>::namespaced(client.clone(), &self.ns.name);
+        futures::stream::iter(range)
+            .map(|i| {
+                let mut spec = json!({"policy": self.policy, "owner": format!("team-{i}")});
+                if let Some(l) = lifetime(i) {
+                    spec["lifetime"] = json!(l);
+                }
+                let key: ApiKey = serde_json::from_value(json!({
+                    "apiVersion": "keyward.dev/v1alpha1", "kind": "ApiKey",
+                    "metadata": {"name": format!("k-{i}")}, "spec": spec
+                }))
+                .unwrap();
+                let api = api.clone();
+                async move { api.create(&PostParams::default(), &key).await.map(drop) }
+            })
+            .buffer_unordered(CONCURRENCY)
+            .try_collect::<()>()
+            .await
+            .expect("create ApiKeys");
+    }
+}
+
+/// Watches a namespace's ApiKeys and calls `on_key` with each new version and the
+/// time it arrived.
+fn watch_keys<S: Send + 'static>(
+    client: &Client,
+    ns: &str,
+    state: Arc<Mutex<S>>,
+    on_key: impl Fn(&mut S, &ApiKey, DateTime<Utc>) + Send + 'static,
+) -> tokio::task::JoinHandle<()> {
+    let api = Api::<ApiKey>::namespaced(client.clone(), ns);
+    tokio::spawn(async move {
+        let mut stream =
+            std::pin::pin!(watcher(api, watcher::Config::default()).default_backoff().applied_objects());
+        while let Some(ev) = stream.next().await {
+            if let Ok(key) = ev {
+                on_key(&mut state.lock().unwrap(), &key, Utc::now());
+            }
+        }
+    })
+}
+
+fn is_ready(key: &ApiKey) -> bool {
+    common::ready(key).is_some_and(|(s, _)| s == "True")
+}
+
+/// Wait (polling local state, 50 ms) until `done` holds, or panic after `timeout`.
+async fn until<S>(what: &str, state: &Arc<Mutex<S>>, timeout: Duration, done: impl Fn(&S) -> bool) {
+    let state = state.clone();
+    common::eventually(what, timeout, || {
+        let ok = done(&state.lock().unwrap());
+        async move { ok.then_some(()) }
+    })
+    .await;
+}
+
+/// Names of the ApiKeys seen `Ready=True`.
+fn track_ready(client: &Client, ns: &str) -> (Arc<Mutex<HashSet<String>>>, tokio::task::JoinHandle<()>) {
+    let ready = Arc::new(Mutex::new(HashSet::new()));
+    let task = watch_keys(client, ns, ready.clone(), |set, key, _| {
+        if is_ready(key) {
+            set.insert(key.name_any());
+        }
+    });
+    (ready, task)
+}
+
+/// Sum of `name` per value of its single label.
+fn by_label(metrics: &str, name: &str) -> BTreeMap<String, f64> {
+    let mut out = BTreeMap::new();
+    for line in metrics.lines().filter(|l| l.starts_with(&format!("{name}{{"))) {
+        let Some((labels, value)) = line.rsplit_once(' ') else { continue };
+        let label = labels.split('"').nth(1).unwrap_or_default().to_string();
+        *out.entry(label).or_insert(0.0) += value.parse::<f64>().unwrap_or(0.0);
+    }
+    out
+}
+
+fn writes(metrics: &str) -> BTreeMap<String, f64> {
+    by_label(metrics, "keyward_api_writes_total")
+}
+
+/// `after - before` per label, as "secrets 2.00, apikeys/status 1.00" divided by `per`.
+fn per_unit(before: &BTreeMap<String, f64>, after: &BTreeMap<String, f64>, per: f64) -> (f64, String) {
+    let mut total = 0.0;
+    let mut parts = Vec::new();
+    for (k, v) in after {
+        let d = v - before.get(k).copied().unwrap_or(0.0);
+        if d > 0.0 {
+            total += d;
+            parts.push(format!("{k} {:.2}", d / per));
+        }
+    }
+    (total / per, parts.join(", "))
+}
+
+/// Provisioning: N ApiKeys applied at once → all Ready, against the floor (the same
+/// client creating N ApiKeys, N Secrets and N status writes itself, same concurrency).
+async fn provision(client: &Client, sizes: &[usize]) {
+    println!(
+        "| provisioning N | floor (ApiKey + Secret + status, {CONCURRENCY} in flight) | keyward (apply → all Ready) | ratio | keyward writes per key |"
+    );
+    println!("|---|---|---|---|---|");
+    for &n in sizes {
+        let floor = floor(client, n).await;
+        let mut bed = Bed::new(client, "bench-prov", json!({"maxLifetime": "P90D"})).await;
+        bed.start_controller().await;
+        let (ready, watch) = track_ready(client, &bed.ns.name);
+        let before = writes(&bed.metrics());
+        let start = Instant::now();
+        bed.create_keys(client, 0..n, |_| None).await;
+        until("every ApiKey Ready", &ready, Duration::from_secs(1800), |r| r.len() >= n).await;
+        let took = start.elapsed();
+        watch.abort();
+        let (w, detail) = per_unit(&before, &writes(&bed.metrics()), n as f64);
+        println!(
+            "| {n} | {:.1} s | {:.1} s | {:.2}× | {w:.2} ({detail}) |",
+            floor.as_secs_f64(),
+            took.as_secs_f64(),
+            took.as_secs_f64() / floor.as_secs_f64()
+        );
+    }
+}
+
+/// The floor: what the same client takes to write what keyward writes for N keys, at
+/// least (ApiKey create, Secret create with an owner reference, status replace).
+async fn floor(client: &Client, n: usize) -> Duration {
+    let ns = TestNamespace::new(client, "bench-floor").await;
+    let keys = Api::<ApiKey>::namespaced(client.clone(), &ns.name);
+    let secrets = Api::<Secret>::namespaced(client.clone(), &ns.name);
+    let start = Instant::now();
+    futures::stream::iter(0..n)
+        .map(|i| {
+            let (keys, secrets) = (keys.clone(), secrets.clone());
+            async move {
+                let key: ApiKey = serde_json::from_value(json!({
+                    "apiVersion": "keyward.dev/v1alpha1", "kind": "ApiKey",
+                    "metadata": {"name": format!("k-{i}")},
+                    "spec": {"policy": "none", "owner": format!("team-{i}")}
+                }))
+                .unwrap();
+                let mut key = keys.create(&PostParams::default(), &key).await?;
+                let material = keyward::keys::KeyFormat::default().generate();
+                let secret: Secret = serde_json::from_value(json!({
+                    "metadata": {
+                        "name": key.name_any(),
+                        "labels": {"app.kubernetes.io/managed-by": "keyward"},
+                        "ownerReferences": [{"apiVersion": "keyward.dev/v1alpha1", "kind": "ApiKey",
+                            "name": key.name_any(), "uid": key.uid(), "controller": true}]
+                    },
+                    "stringData": {"api-key": material.expose(), "primary": material.expose()}
+                }))
+                .unwrap();
+                secrets.create(&PostParams::default(), &secret).await?;
+                let now = Utc::now();
+                key.status = Some(
+                    serde_json::from_value(json!({
+                        "clientId": "kwc_floor", "activeSlot": "Primary",
+                        "keys": [{"slot": "Primary", "keyId": "0123456789", "hash": "sha256:00",
+                            "preview": "kw_abcd", "createdAt": now, "expiresAt": now, "state": "Active"}],
+                        "nextAction": "CreateSecondary", "nextActionAt": now,
+                        "conditions": [{"type": "Ready", "status": "True", "reason": "KeyActive",
+                            "message": "floor", "lastTransitionTime": now}]
+                    }))
+                    .unwrap(),
+                );
+                keys.replace_status(&key.name_any(), &PostParams::default(), &key).await.map(drop)
+            }
+        })
+        .buffer_unordered(CONCURRENCY)
+        .try_collect::<()>()
+        .await
+        .expect("floor writes");
+    start.elapsed()
+}
+
+/// Controller RSS with N keys (cumulative), then with 100 unrelated 1 MiB Secrets.
+async fn memory(client: &Client, sizes: &[usize]) {
+    println!("| ApiKeys (all Ready) | controller RSS |");
+    println!("|---|---|");
+    let mut bed = Bed::new(client, "bench-mem", json!({"maxLifetime": "P90D"})).await;
+    bed.start_controller().await;
+    println!("| 0 | {:.1} MiB |", bed.rss_mib());
+    let (ready, watch) = track_ready(client, &bed.ns.name);
+    let mut have = 0;
+    for &n in sizes {
+        bed.create_keys(client, have..n, |_| None).await;
+        have = n;
+        until("every ApiKey Ready", &ready, Duration::from_secs(3600), |r| r.len() >= n).await;
+        println!("| {n} | {:.1} MiB |", settled_rss(&bed).await);
+    }
+    watch.abort();
+    let before = settled_rss(&bed).await;
+    let secrets = Api::<Secret>::namespaced(client.clone(), &bed.ns.name);
+    let blob = "x".repeat(1024 * 1024 - 64);
+    futures::stream::iter(0..100)
+        .map(|i| {
+            let s: Secret = serde_json::from_value(
+                json!({"metadata": {"name": format!("unrelated-{i}")}, "stringData": {"blob": blob}}),
+            )
+            .unwrap();
+            let secrets = secrets.clone();
+            async move { secrets.create(&PostParams::default(), &s).await.map(drop) }
+        })
+        .buffer_unordered(8)
+        .try_collect::<()>()
+        .await
+        .expect("create unrelated Secrets");
+    let after = settled_rss(&bed).await;
+    println!("| {have} + 100 unrelated 1 MiB Secrets | {after:.1} MiB ({:+.1} MiB) |", after - before);
+}
+
+/// The largest of 10 RSS samples over 5 s.
+async fn settled_rss(bed: &Bed) -> f64 {
+    let mut max: f64 = 0.0;
+    for _ in 0..10 {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        max = max.max(bed.rss_mib());
+    }
+    max
+}
+
+/// Per ApiKey, the last `nextActionAt` seen; lateness samples (seconds) by step.
+#[derive(Default)]
+struct Schedule {
+    next: HashMap<String, (Option<String>, DateTime<Utc>)>,
+    late: BTreeMap<String, Vec<f64>>,
+    record: bool,
+}
+
+impl Schedule {
+    /// A new version of `key` arrived at `now`: if it moved past a due `nextActionAt`,
+    /// that step ran; record how late its result was visible.
+    fn observe(&mut self, key: &ApiKey, now: DateTime<Utc>) {
+        let Some(status) = &key.status else { return };
+        let Some(at) = status.next_action_at else { return };
+        let step = (status.next_action.clone(), at);
+        if let Some((what, due)) = self.next.insert(key.name_any(), step)
+            && due != at
+            && due <= now
+            && self.record
+        {
+            let late = (now - due).num_microseconds().unwrap_or(i64::MAX) as f64 / 1e6;
+            self.late.entry(what.unwrap_or_default()).or_default().push(late);
+        }
+    }
+}
+
+fn quantiles(v: &mut [f64]) -> String {
+    v.sort_by(f64::total_cmp);
+    let q = |p: f64| v[((v.len() as f64 * p).ceil() as usize).clamp(1, v.len()) - 1];
+    format!("{} | {:.3} s | {:.3} s | {:.3} s", v.len(), q(0.5), q(0.99), v[v.len() - 1])
+}
+
+/// Timing precision: N keys with lifetimes spread over 60–120 s rotate for `minutes`;
+/// each step's lateness = when its result was visible on a watch − its `nextActionAt`.
+async fn precision(client: &Client, n: usize, minutes: usize) {
+    let mut bed = Bed::new(client, "bench-time", json!({"maxLifetime": "PT2M", "minLifetime": "PT1M"})).await;
+    bed.start_controller().await;
+    let sched = Arc::new(Mutex::new(Schedule::default()));
+    let watch = watch_keys(client, &bed.ns.name, sched.clone(), |s, k, now| s.observe(k, now));
+    let (ready, ready_watch) = track_ready(client, &bed.ns.name);
+    bed.create_keys(client, 0..n, |i| Some(format!("PT{}S", 60 + (i * 7919) % 61))).await;
+    until("every ApiKey Ready", &ready, Duration::from_secs(600), |r| r.len() >= n).await;
+    ready_watch.abort();
+    let before = writes(&bed.metrics());
+    sched.lock().unwrap().record = true;
+    tokio::time::sleep(Duration::from_secs(60 * minutes as u64)).await;
+    watch.abort();
+    let mut sched = std::mem::take(&mut *sched.lock().unwrap());
+    let mut all: Vec<f64> = sched.late.values().flatten().copied().collect();
+    let (w, detail) = per_unit(&before, &writes(&bed.metrics()), all.len() as f64);
+    println!("| step ({n} keys, lifetimes 60–120 s, {minutes} min) | steps | p50 | p99 | max |");
+    println!("|---|---|---|---|---|");
+    for (what, v) in sched.late.iter_mut() {
+        println!("| {what} | {} |", quantiles(v));
+    }
+    println!("| all | {} |", quantiles(&mut all));
+    println!("writes per scheduled step: {w:.2} ({detail})");
+}
+
+/// Catch-up: N one-minute keys; the controller stops until every key of every ApiKey is
+/// past its expiry, then starts: time until each ApiKey has been seen Ready with a
+/// future `nextActionAt`.
+async fn catchup(client: &Client, n: usize) {
+    let mut bed =
+        Bed::new(client, "bench-catchup", json!({"maxLifetime": "PT1M", "minLifetime": "PT1M"})).await;
+    bed.start_controller().await;
+    let (ready, ready_watch) = track_ready(client, &bed.ns.name);
+    bed.create_keys(client, 0..n, |_| None).await;
+    until("every ApiKey Ready", &ready, Duration::from_secs(900), |r| r.len() >= n).await;
+    ready_watch.abort();
+    bed.controller.as_mut().unwrap().terminate().await;
+    let api = Api::<ApiKey>::namespaced(client.clone(), &bed.ns.name);
+    let stopped = api.list(&Default::default()).await.expect("list ApiKeys").items;
+    let latest = stopped
+        .iter()
+        .flat_map(|k| k.status.iter().flat_map(|s| s.keys.iter().filter_map(|e| e.expires_at)))
+        .max()
+        .expect("keys");
+    let versions: HashMap<String, Option<String>> =
+        stopped.iter().map(|k| (k.name_any(), k.resource_version())).collect();
+    let wait = (latest - Utc::now()).to_std().unwrap_or_default() + Duration::from_secs(5);
+    tokio::time::sleep(wait).await;
+    let caught = Arc::new(Mutex::new(HashSet::new()));
+    let start = Instant::now();
+    let watch = watch_keys(client, &bed.ns.name, caught.clone(), move |set, k, now| {
+        let moved = versions.get(&k.name_any()).is_some_and(|v| *v != k.resource_version());
+        let on_schedule = k.status.as_ref().and_then(|s| s.next_action_at).is_some_and(|t| t > now);
+        if moved && on_schedule && is_ready(k) {
+            set.insert(k.name_any());
+        }
+    });
+    let before = BTreeMap::new();
+    bed.start_controller().await;
+    until("every ApiKey back on schedule", &caught, Duration::from_secs(1800), |s| s.len() >= n).await;
+    let took = start.elapsed();
+    watch.abort();
+    let (w, detail) = per_unit(&before, &writes(&bed.metrics()), n as f64);
+    println!("| catch-up: {n} ApiKeys, every key expired | all back on schedule | writes per ApiKey |");
+    println!("|---|---|---|");
+    println!(
+        "| controller stopped {:.0} s | {:.1} s | {w:.2} ({detail}) |",
+        wait.as_secs_f64(),
+        took.as_secs_f64()
+    );
+}
+
+/// API cost: writes per requested rotation, then per no-op reconcile (a restarted
+/// controller re-reconciling N settled ApiKeys).
+async fn cost(client: &Client, n: usize) {
+    let mut bed = Bed::new(client, "bench-cost", json!({"maxLifetime": "P90D"})).await;
+    bed.start_controller().await;
+    let (ready, ready_watch) = track_ready(client, &bed.ns.name);
+    bed.create_keys(client, 0..n, |_| None).await;
+    until("every ApiKey Ready", &ready, Duration::from_secs(900), |r| r.len() >= n).await;
+    ready_watch.abort();
+    let before = writes(&bed.metrics());
+    let rotated = Arc::new(Mutex::new(HashSet::new()));
+    let watch = watch_keys(client, &bed.ns.name, rotated.clone(), |set, k, _| {
+        if k.status.as_ref().and_then(|s| s.rotation_request.as_deref()) == Some("bench-1") && is_ready(k) {
+            set.insert(k.name_any());
+        }
+    });
+    let ns = bed.ns.name.as_str();
+    futures::stream::iter(0..n)
+        .map(|i| async move { common::request_rotation(client, ns, &format!("k-{i}"), "bench-1").await })
+        .buffer_unordered(CONCURRENCY)
+        .collect::<Vec<()>>()
+        .await;
+    until("every rotation done", &rotated, Duration::from_secs(900), |s| s.len() >= n).await;
+    watch.abort();
+    let (per_rotation, detail) = settled_writes(&bed, &before, n).await;
+    println!("| API cost ({n} ApiKeys) | writes |");
+    println!("|---|---|");
+    println!("| per requested rotation | {per_rotation:.2} ({detail}) |");
+    bed.controller.as_mut().unwrap().terminate().await;
+    bed.start_controller().await;
+    let reconciled =
+        common::eventually("every ApiKey reconciled after restart", Duration::from_secs(600), || async {
+            let m = bed.metrics();
+            let r = by_label(&m, "keyward_reconciles_total").get("ApiKey").copied().unwrap_or(0.0);
+            (r >= n as f64).then_some(r)
+        })
+        .await;
+    let (total, detail) = settled_writes(&bed, &BTreeMap::new(), 1).await;
+    println!(
+        "| per no-op reconcile | {:.2} ({total} writes in {reconciled} reconciles after a restart{}) |",
+        total / reconciled,
+        if detail.is_empty() { String::new() } else { format!(": {detail}") }
+    );
+}
+
+/// Writes since `before` per `n`, once the counters have not moved for 3 s.
+async fn settled_writes(bed: &Bed, before: &BTreeMap<String, f64>, n: usize) -> (f64, String) {
+    let mut last = writes(&bed.metrics());
+    let mut still = 0;
+    while still < 6 {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let now = writes(&bed.metrics());
+        still = if now == last { still + 1 } else { 0 };
+        last = now;
+    }
+    per_unit(before, &last, n as f64)
+}
