@@ -175,6 +175,40 @@ fn track_ready(client: &Client, ns: &str) -> (Arc<Mutex<HashSet<String>>>, tokio
     (ready, task)
 }
 
+/// CPU seconds used so far by the processes named `names` (kube-apiserver, etcd,
+/// keyward) on this machine: what limits a run on the local control plane.
+fn cpu_seconds(names: &[&str]) -> f64 {
+    let tick = 100.0; // USER_HZ on Linux
+    let mut total = 0.0;
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else { continue };
+        let Some((comm, rest)) = stat.split_once(") ") else { continue };
+        let comm = comm.rsplit_once('(').map_or("", |c| c.1);
+        if !names.contains(&comm) {
+            continue;
+        }
+        let f: Vec<&str> = rest.split(' ').collect();
+        // After "pid (comm) ": state is field 0, utime 11, stime 12.
+        let ticks: f64 = f.get(11..13).into_iter().flatten().filter_map(|v| v.parse::<f64>().ok()).sum();
+        total += ticks / tick;
+    }
+    total
+}
+
+/// CPU used by the API server + etcd and by keyward while `f` runs.
+struct Cpu([f64; 2]);
+
+impl Cpu {
+    fn start() -> Cpu {
+        Cpu([cpu_seconds(&["kube-apiserver", "etcd"]), cpu_seconds(&["keyward"])])
+    }
+
+    fn report(&self) -> String {
+        let now = Cpu::start();
+        format!("API server + etcd {:.0} s, keyward {:.1} s", now.0[0] - self.0[0], now.0[1] - self.0[1])
+    }
+}
+
 /// Sum of `name` per value of its single label.
 fn by_label(metrics: &str, name: &str) -> BTreeMap<String, f64> {
     let mut out = BTreeMap::new();
@@ -217,6 +251,7 @@ async fn provision(client: &Client, sizes: &[usize]) {
         bed.start_controller().await;
         let (ready, watch) = track_ready(client, &bed.ns.name);
         let before = writes(&bed.metrics());
+        let cpu = Cpu::start();
         let start = Instant::now();
         bed.create_keys(client, 0..n, |_| None).await;
         until("every ApiKey Ready", &ready, Duration::from_secs(1800), |r| r.len() >= n).await;
@@ -224,20 +259,23 @@ async fn provision(client: &Client, sizes: &[usize]) {
         watch.abort();
         let (w, detail) = per_unit(&before, &writes(&bed.metrics()), n as f64);
         println!(
-            "| {n} | {:.1} s | {:.1} s | {:.2}× | {w:.2} ({detail}) |",
-            floor.as_secs_f64(),
+            "| {n} | {:.1} s | {:.1} s | {:.2}× | {w:.2} ({detail}) | {} |",
+            floor.0.as_secs_f64(),
             took.as_secs_f64(),
-            took.as_secs_f64() / floor.as_secs_f64()
+            took.as_secs_f64() / floor.0.as_secs_f64(),
+            cpu.report()
         );
+        println!("floor {n}: CPU {}", floor.1);
     }
 }
 
 /// The floor: what the same client takes to write what keyward writes for N keys, at
 /// least (ApiKey create, Secret create with an owner reference, status replace).
-async fn floor(client: &Client, n: usize) -> Duration {
+async fn floor(client: &Client, n: usize) -> (Duration, String) {
     let ns = TestNamespace::new(client, "bench-floor").await;
     let keys = Api::<ApiKey>::namespaced(client.clone(), &ns.name);
     let secrets = Api::<Secret>::namespaced(client.clone(), &ns.name);
+    let cpu = Cpu::start();
     let start = Instant::now();
     futures::stream::iter(0..n)
         .map(|i| {
@@ -280,8 +318,8 @@ async fn floor(client: &Client, n: usize) -> Duration {
         .buffer_unordered(CONCURRENCY)
         .try_collect::<()>()
         .await
-        .expect("floor writes");
-    start.elapsed()
+        .expect("floor writes (is a cluster-wide keyward running? the benchmark needs none)");
+    (start.elapsed(), cpu.report())
 }
 
 /// Controller RSS with N keys (cumulative), then with 100 unrelated 1 MiB Secrets.

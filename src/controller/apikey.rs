@@ -42,10 +42,14 @@ pub async fn reconcile(obj: Arc<ApiKey>, ctx: Arc<Context>) -> Result<Action> {
     let ns = obj.namespace().unwrap_or_default();
     let name = obj.name_any();
     let api: Api<ApiKey> = Api::namespaced(ctx.client.clone(), &ns);
-    // A fresh read: the watch cache can lag behind this controller's own last write.
-    let Some(key) = api.get_opt(&name).await.map_err(Error::kube(format!("reading ApiKey {ns}/{name}")))?
-    else {
-        return Ok(Action::await_change());
+    // The cached object, unless this controller wrote a newer version than the cache
+    // holds (or lost a write conflict): then a fresh read.
+    let key = if ctx.own_writes.cache_is_current(obj.as_ref()) {
+        obj.as_ref().clone()
+    } else {
+        let fresh = api.get_opt(&name).await.map_err(Error::kube(format!("reading ApiKey {ns}/{name}")))?;
+        let Some(fresh) = fresh else { return Ok(Action::await_change()) };
+        fresh
     };
     if key.meta().deletion_timestamp.is_some() {
         return Ok(Action::await_change());
@@ -452,6 +456,7 @@ async fn apply_secret(
                 .map_err(Error::kube(format!("applying Secret {name}")))?
         }
     };
+    ctx.own_writes.wrote(&stored);
     ctx.metrics.count_write("secrets");
     Ok(stored)
 }
@@ -471,9 +476,13 @@ async fn write_status(
     let mut updated = key.clone();
     updated.status = Some(status);
     let pp = PostParams { field_manager: Some(STATUS_MANAGER.into()), ..Default::default() };
-    api.replace_status(&key.name_any(), &pp, &updated)
-        .await
-        .map_err(Error::kube(format!("writing ApiKey {} status", key.name_any())))?;
+    let stored = api.replace_status(&key.name_any(), &pp, &updated).await.map_err(|e| {
+        if matches!(&e, kube::Error::Api(s) if s.code == 409) {
+            ctx.own_writes.stale(key);
+        }
+        Error::kube(format!("writing ApiKey {} status", key.name_any()))(e)
+    })?;
+    ctx.own_writes.wrote(&stored);
     ctx.metrics.count_write("apikeys/status");
     Ok(())
 }

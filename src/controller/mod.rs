@@ -30,6 +30,8 @@ pub const CONTROLLER_NAME: &str = "keyward";
 pub const SECRET_MANAGER: &str = "keyward/secret";
 /// Field manager of ApiKey and KeyPolicy status.
 pub const STATUS_MANAGER: &str = "keyward/status";
+/// Namespace of the Events about KeyPolicies (cluster-scoped).
+pub const CLUSTER_EVENTS_NAMESPACE: &str = "kube-system";
 
 /// Options of `keyward controller`.
 #[derive(Clone, Debug)]
@@ -50,6 +52,8 @@ pub struct Context {
     pub client: Client,
     /// Event recorder (events.k8s.io).
     pub recorder: Recorder,
+    /// Who publishes the Events (also those about cluster-scoped objects).
+    pub reporter: Reporter,
     /// Process metrics.
     pub metrics: Arc<Metrics>,
     /// Cache of KeyPolicies.
@@ -62,6 +66,49 @@ pub struct Context {
     pub webhooks: crate::webhook::Sender,
     /// Consecutive failures per object, for the retry backoff (reset on success).
     failures: std::sync::Mutex<std::collections::HashMap<String, u32>>,
+    /// The resourceVersion of this controller's last write to each ApiKey status and
+    /// Secret (see [`OwnWrites`]).
+    pub own_writes: OwnWrites,
+}
+
+/// The resourceVersion this controller last wrote, per object. Its own writes then cost
+/// no extra reads: a Secret watch event carrying that version is its own echo and
+/// triggers nothing; a cached ApiKey carrying it is current, so the reconcile need not
+/// read it again. A conflict forgets the version, forcing a fresh read next time.
+#[derive(Default)]
+pub struct OwnWrites(std::sync::Mutex<std::collections::HashMap<String, Option<String>>>);
+
+impl OwnWrites {
+    /// `obj` as stored by this controller's write.
+    pub fn wrote<K: Resource<DynamicType = ()>>(&self, obj: &K) {
+        self.lock().insert(object_id(obj), obj.resource_version());
+    }
+
+    /// Whether `obj` is exactly what this controller last wrote.
+    pub fn is_echo<K: Resource<DynamicType = ()>>(&self, obj: &K) -> bool {
+        let rv = obj.resource_version();
+        rv.is_some() && self.lock().get(&object_id(obj)).is_some_and(|w| *w == rv)
+    }
+
+    /// Whether a cached `obj` is safe to act on: this controller has not written the
+    /// object since that version (or ever, in this process's life).
+    pub fn cache_is_current<K: Resource<DynamicType = ()>>(&self, obj: &K) -> bool {
+        self.lock().get(&object_id(obj)).is_none_or(|w| *w == obj.resource_version())
+    }
+
+    /// Someone else wrote `obj` meanwhile (a conflict): read it fresh next time.
+    pub fn stale<K: Resource<DynamicType = ()>>(&self, obj: &K) {
+        self.lock().insert(object_id(obj), None);
+    }
+
+    /// `obj` is gone.
+    pub fn forget<K: Resource<DynamicType = ()>>(&self, obj: &K) {
+        self.lock().remove(&object_id(obj));
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, Option<String>>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 impl Context {
@@ -102,10 +149,57 @@ impl Context {
             action: "Reconcile".into(),
             secondary: None,
         };
-        match self.recorder.publish(&event, &obj.object_ref(&())).await {
+        let reference = obj.object_ref(&());
+        let published = match reference.namespace {
+            Some(_) => self.recorder.publish(&event, &reference).await,
+            None => self.publish_cluster_scoped(&event, reference).await,
+        };
+        match published {
             Ok(()) => self.metrics.count_write("events"),
             Err(e) => tracing::warn!(error = %e, reason, "cannot publish event"),
         }
+    }
+
+    /// An Event about a cluster-scoped object (a KeyPolicy), in `kube-system`: kube-rs'
+    /// Recorder writes those to `default`, which API servers before 1.22 refuse for
+    /// events.k8s.io Events ("involvedObject.namespace does not match"); `kube-system`
+    /// is accepted by every version.
+    async fn publish_cluster_scoped(
+        &self,
+        ev: &Event,
+        reference: k8s_openapi::api::core::v1::ObjectReference,
+    ) -> kube::Result<()> {
+        use k8s_openapi::api::events::v1::Event as K8sEvent;
+        use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
+        let now = k8s_openapi::jiff::Timestamp::now();
+        let instance = self.reporter.instance.clone().unwrap_or_else(|| self.reporter.controller.clone());
+        let event = K8sEvent {
+            metadata: kube::api::ObjectMeta {
+                name: Some(format!(
+                    "{}.{:x}",
+                    reference.name.as_deref().unwrap_or(CONTROLLER_NAME),
+                    now.as_nanosecond()
+                )),
+                namespace: Some(CLUSTER_EVENTS_NAMESPACE.into()),
+                ..Default::default()
+            },
+            action: Some(ev.action.clone()),
+            reason: Some(ev.reason.clone()),
+            note: ev.note.clone(),
+            event_time: Some(MicroTime(now)),
+            regarding: Some(reference),
+            reporting_controller: Some(self.reporter.controller.clone()),
+            reporting_instance: Some(instance),
+            type_: Some(match ev.type_ {
+                EventType::Normal => "Normal".into(),
+                EventType::Warning => "Warning".into(),
+            }),
+            ..Default::default()
+        };
+        Api::<K8sEvent>::namespaced(self.client.clone(), CLUSTER_EVENTS_NAMESPACE)
+            .create(&Default::default(), &event)
+            .await
+            .map(drop)
     }
 
     /// A Warning Event.
@@ -274,13 +368,15 @@ pub async fn run(client: Client, server: &str, opts: Options) -> Result<()> {
         instance: std::env::var("POD_NAME").ok().or_else(|| std::env::var("HOSTNAME").ok()),
     };
     let ctx = Arc::new(Context {
-        recorder: Recorder::new(client.clone(), reporter),
+        recorder: Recorder::new(client.clone(), reporter.clone()),
+        reporter,
         client: client.clone(),
         metrics: metrics.clone(),
         policies: policies.clone(),
         apikeys: keys_reader.clone(),
         manage_policies: opts.namespace.is_none(),
         failures: Default::default(),
+        own_writes: Default::default(),
         webhooks: crate::webhook::Sender::new().map_err(|e| {
             Error::Config(format!("cannot load the system's CA certificates for webhooks: {e}"))
         })?,
@@ -294,16 +390,36 @@ pub async fn run(client: Client, server: &str, opts: Options) -> Result<()> {
     let keys_for_policy = keys_reader.clone();
     let owned = watcher::Config::default().labels(&format!("app.kubernetes.io/managed-by={MANAGED_BY}"));
     // A deleted ApiKey frees a place for the next ApiKey of the same owner.
+    let forget = ctx.clone();
     let deletions =
-        watcher(keys_api.clone(), watcher::Config::default()).default_backoff().filter_map(|ev| {
+        watcher(keys_api.clone(), watcher::Config::default()).default_backoff().filter_map(move |ev| {
             futures::future::ready(match ev {
-                Ok(watcher::Event::Delete(k)) => Some(Ok(k)),
+                Ok(watcher::Event::Delete(k)) => {
+                    forget.own_writes.forget(&k);
+                    Some(Ok(k))
+                }
                 _ => None,
             })
         });
+    // The Secrets keyward owns: a deleted or edited one is repaired; the echo of this
+    // controller's own write triggers nothing.
+    let echoes = ctx.clone();
+    let owned_secrets = watcher(secrets_api, owned).default_backoff().filter_map(move |ev| {
+        futures::future::ready(match ev {
+            Ok(watcher::Event::Apply(s) | watcher::Event::InitApply(s)) => {
+                (!echoes.own_writes.is_echo(&s)).then_some(Ok(s))
+            }
+            Ok(watcher::Event::Delete(s)) => {
+                echoes.own_writes.forget(&s);
+                Some(Ok(s))
+            }
+            Ok(watcher::Event::Init | watcher::Event::InitDone) => None,
+            Err(e) => Some(Err(e)),
+        })
+    });
     let keys_for_owner = keys_reader.clone();
     let apikeys = Controller::for_stream(key_stream, keys_reader)
-        .owns(secrets_api, owned)
+        .owns_stream(owned_secrets)
         .watches_stream(deletions, move |gone: ApiKey| {
             keys_for_owner
                 .state()

@@ -11,6 +11,7 @@ use k8s_openapi::api::core::v1::Namespace;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use kube::api::{Api, PostParams};
 use kube::runtime::controller::Action;
+use kube::runtime::reflector::ObjectRef;
 use kube::{Resource, ResourceExt};
 
 use super::{Context, now};
@@ -117,22 +118,37 @@ pub async fn resolve(
     key: &ApiKey,
     now: DateTime<Utc>,
 ) -> Result<Result<(KeyPolicy, Rules), Blocked>> {
+    // From the watch cache (policy changes re-trigger the ApiKeys that use them); only
+    // what the cache lacks is confirmed by reading the API, so a policy created just
+    // before its ApiKeys is never reported missing.
     let policies: Api<KeyPolicy> = Api::all(ctx.client.clone());
     let policy = match &key.spec.policy {
-        Some(name) => match policies
-            .get_opt(name)
-            .await
-            .map_err(Error::kube(format!("reading KeyPolicy {name}")))?
-        {
-            Some(p) => p,
-            None => {
-                return Ok(Err(blocked(c::POLICY_NOT_FOUND, format!("KeyPolicy {name:?} does not exist"))));
-            }
+        Some(name) => match ctx.policies.get(&ObjectRef::new(name)) {
+            Some(p) => p.as_ref().clone(),
+            None => match policies
+                .get_opt(name)
+                .await
+                .map_err(Error::kube(format!("reading KeyPolicy {name}")))?
+            {
+                Some(p) => p,
+                None => {
+                    return Ok(Err(blocked(
+                        c::POLICY_NOT_FOUND,
+                        format!("KeyPolicy {name:?} does not exist"),
+                    )));
+                }
+            },
         },
         None => {
-            let list =
-                policies.list(&Default::default()).await.map_err(Error::kube("listing KeyPolicies"))?;
-            let mut defaults: Vec<KeyPolicy> = list.items.into_iter().filter(|p| p.spec.default).collect();
+            let cached: Vec<KeyPolicy> =
+                ctx.policies.state().iter().filter(|p| p.spec.default).map(|p| p.as_ref().clone()).collect();
+            let mut defaults = if cached.is_empty() {
+                let list =
+                    policies.list(&Default::default()).await.map_err(Error::kube("listing KeyPolicies"))?;
+                list.items.into_iter().filter(|p| p.spec.default).collect()
+            } else {
+                cached
+            };
             match defaults.len() {
                 0 => {
                     return Ok(Err(blocked(
@@ -156,6 +172,16 @@ pub async fn resolve(
         }
     };
     let name = policy.name_any();
+    // Validity first: a broken selector is the policy's fault, not the namespace's.
+    let rules = match Rules::from_policy(&policy, now) {
+        Ok(rules) => rules,
+        Err(p) => {
+            return Ok(Err(blocked(
+                c::POLICY_INVALID,
+                format!("KeyPolicy {name:?} is not accepted: {}", p.message),
+            )));
+        }
+    };
     if let Some(selector) = &policy.spec.namespace_selector {
         let ns = key.namespace().unwrap_or_default();
         let namespace = Api::<Namespace>::all(ctx.client.clone())
@@ -170,12 +196,7 @@ pub async fn resolve(
             )));
         }
     }
-    match Rules::from_policy(&policy, now) {
-        Ok(rules) => Ok(Ok((policy, rules))),
-        Err(p) => {
-            Ok(Err(blocked(c::POLICY_INVALID, format!("KeyPolicy {name:?} is not accepted: {}", p.message))))
-        }
-    }
+    Ok(Ok((policy, rules)))
 }
 
 /// Reconcile a KeyPolicy: validate it, record since when its `maxLifetime` applies,

@@ -156,6 +156,25 @@ impl Rules {
         if spec.limits.max_keys_per_owner == 0 {
             return Err(problem(pc::INVALID_SPEC, "limits.maxKeysPerOwner must be at least 1"));
         }
+        let expressions = spec.namespace_selector.iter().flat_map(|s| s.match_expressions.iter().flatten());
+        for (i, e) in expressions.enumerate() {
+            let values = e.values.as_ref().map_or(0, Vec::len);
+            let ok = match e.operator.as_str() {
+                "In" | "NotIn" => values > 0,
+                "Exists" | "DoesNotExist" => values == 0,
+                _ => false,
+            };
+            if !ok {
+                let op: String = e.operator.chars().take(64).collect();
+                return Err(problem(
+                    pc::INVALID_SPEC,
+                    format!(
+                        "namespaceSelector.matchExpressions[{i}]: operator {op:?} with {values} values; \
+                         In and NotIn need values, Exists and DoesNotExist take none"
+                    ),
+                ));
+            }
+        }
         Ok(Rules {
             enforced: e.mode == ExpiryMode::Enforced,
             max_lifetime,
@@ -222,6 +241,16 @@ mod tests {
         KeyPolicySpec::default()
     }
 
+    fn selector(
+        operator: &str,
+        values: &[&str],
+    ) -> k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector {
+        serde_json::from_value(serde_json::json!({
+            "matchExpressions": [{"key": "env", "operator": operator, "values": values}]
+        }))
+        .unwrap()
+    }
+
     #[test]
     fn defaults_are_valid() {
         let r = Rules::from_spec(&spec(), reference()).unwrap();
@@ -277,6 +306,21 @@ mod tests {
             (Box::new(|s| s.key_format.prefix = "Bad".into()), pc::INVALID_SPEC, "keyFormat.prefix"),
             (Box::new(|s| s.key_format.random_bytes = 8), pc::INVALID_SPEC, "keyFormat.randomBytes"),
             (
+                Box::new(|s| s.namespace_selector = Some(selector("Banana", &["x"]))),
+                pc::INVALID_SPEC,
+                "matchExpressions[0]",
+            ),
+            (
+                Box::new(|s| s.namespace_selector = Some(selector("In", &[]))),
+                pc::INVALID_SPEC,
+                "matchExpressions[0]",
+            ),
+            (
+                Box::new(|s| s.namespace_selector = Some(selector("Exists", &["x"]))),
+                pc::INVALID_SPEC,
+                "matchExpressions[0]",
+            ),
+            (
                 Box::new(|s| s.expiry = ExpirySpec { mode: ExpiryMode::Disabled, ..Default::default() }),
                 pc::RISK_NOT_ACKNOWLEDGED,
                 "acknowledgeRisk",
@@ -290,6 +334,8 @@ mod tests {
             assert!(p.message.contains(field), "{p:?} should name {field}");
         }
         let mut ok = spec();
+        ok.namespace_selector = Some(selector("NotIn", &["prod"]));
+        assert!(Rules::from_spec(&ok, reference()).is_ok());
         ok.expiry.mode = ExpiryMode::Disabled;
         ok.expiry.acknowledge_risk = true;
         assert!(!Rules::from_spec(&ok, reference()).unwrap().enforced);
