@@ -48,6 +48,17 @@ async fn policies_report_accepted_since_and_key_count() {
     })
     .await;
 
+    // A deleted ApiKey leaves the count at once (the same watch event, not a refresh).
+    Api::<keyward::api::ApiKey>::namespaced(client.clone(), &ns.name)
+        .delete("two", &DeleteParams::default())
+        .await
+        .unwrap();
+    common::eventually("keyCount 1 after a deletion", Duration::from_secs(10), || async {
+        let p = Api::<KeyPolicy>::all(client.clone()).get(&valid).await.ok()?;
+        (p.status?.key_count == 1).then_some(())
+    })
+    .await;
+
     let (s, r, _) = accepted(&client, &bad_duration).await;
     assert_eq!((s.as_str(), r.as_str()), ("False", "InvalidDuration"));
     let (s, r, _) = accepted(&client, &no_ack).await;

@@ -281,6 +281,28 @@ fn apikey_trigger(key: &ApiKey) -> Option<u64> {
     Some(h.finish())
 }
 
+/// The other ApiKeys of `gone`'s owner in its namespace.
+fn same_owner(keys: &Store<ApiKey>, gone: &ApiKey) -> Vec<ObjectRef<ApiKey>> {
+    keys.state()
+        .iter()
+        .filter(|k| k.namespace() == gone.namespace() && k.spec.owner.trim() == gone.spec.owner.trim())
+        .map(|k| ObjectRef::from_obj(k.as_ref()))
+        .collect()
+}
+
+/// The policy `key` uses: the one it names, else the cached defaults.
+fn policies_of(policies: &Store<KeyPolicy>, key: &ApiKey) -> Vec<ObjectRef<KeyPolicy>> {
+    match &key.spec.policy {
+        Some(name) => vec![ObjectRef::new(name)],
+        None => policies
+            .state()
+            .iter()
+            .filter(|p| p.spec.default)
+            .map(|p| ObjectRef::from_obj(p.as_ref()))
+            .collect(),
+    }
+}
+
 /// Run the controllers until SIGTERM/SIGINT.
 pub async fn run(client: Client, server: &str, opts: Options) -> Result<()> {
     ensure_crds_in(&client, server, opts.namespace.as_deref()).await?;
@@ -337,30 +359,15 @@ pub async fn run(client: Client, server: &str, opts: Options) -> Result<()> {
     };
     let policies_api = Api::<KeyPolicy>::all(client.clone());
     let (keys_reader, keys_writer) = reflector::store();
-    let key_stream = watcher(keys_api.clone(), watcher::Config::default())
-        .default_backoff()
-        .reflect(keys_writer)
-        .applied_objects()
-        .predicate_filter(apikey_trigger, Default::default());
     let mut policy_ctl = Controller::new(policies_api.clone(), watcher::Config::default());
     let policies = policy_ctl.store();
-    if opts.namespace.is_none() {
-        // keyCount follows ApiKeys created or moved between policies (spec changes only;
-        // deletions are counted at the policy's next periodic refresh).
-        let key_specs = watcher(Api::<ApiKey>::all(client.clone()), watcher::Config::default())
-            .default_backoff()
-            .applied_objects()
-            .predicate_filter(predicates::generation, Default::default());
-        let policies_for_key = policies.clone();
-        policy_ctl = policy_ctl.watches_stream(key_specs, move |k: ApiKey| match &k.spec.policy {
-            Some(name) => vec![ObjectRef::new(name)],
-            None => policies_for_key
-                .state()
-                .iter()
-                .filter(|p| p.spec.default)
-                .map(|p| ObjectRef::from_obj(p.as_ref()))
-                .collect(),
-        });
+    // Fed by the one ApiKey watch below: the ApiKeys of a deleted ApiKey's owner (a place
+    // is free), and (cluster-wide) the policies whose keyCount an ApiKey changed.
+    let (owner_tx, owner_rx) = futures::channel::mpsc::unbounded::<ObjectRef<ApiKey>>();
+    let (count_tx, count_rx) = futures::channel::mpsc::unbounded::<ObjectRef<KeyPolicy>>();
+    let count_keys = opts.namespace.is_none();
+    if count_keys {
+        policy_ctl = policy_ctl.reconcile_on(count_rx);
     }
 
     let reporter = Reporter {
@@ -389,18 +396,46 @@ pub async fn run(client: Client, server: &str, opts: Options) -> Result<()> {
         .predicate_filter(predicates::generation, Default::default());
     let keys_for_policy = keys_reader.clone();
     let owned = watcher::Config::default().labels(&format!("app.kubernetes.io/managed-by={MANAGED_BY}"));
-    // A deleted ApiKey frees a place for the next ApiKey of the same owner.
-    let forget = ctx.clone();
-    let deletions =
-        watcher(keys_api.clone(), watcher::Config::default()).default_backoff().filter_map(move |ev| {
-            futures::future::ready(match ev {
-                Ok(watcher::Event::Delete(k)) => {
-                    forget.own_writes.forget(&k);
-                    Some(Ok(k))
-                }
-                _ => None,
+    // One watch on ApiKeys feeds the cache, the ApiKey controller (see `apikey_trigger`),
+    // the owner-limit re-check when an ApiKey is deleted, and (cluster-wide) keyCount
+    // when ApiKeys are created, deleted or move between policies.
+    let key_stream = {
+        let (ctx, keys, policies) = (ctx.clone(), keys_reader.clone(), policies.clone());
+        let mut generations: std::collections::HashMap<ObjectRef<ApiKey>, Option<i64>> = Default::default();
+        watcher(keys_api.clone(), watcher::Config::default())
+            .default_backoff()
+            .reflect(keys_writer)
+            .filter_map(move |ev| {
+                let out = match ev {
+                    Ok(watcher::Event::Apply(k) | watcher::Event::InitApply(k)) => {
+                        let generation = k.meta().generation;
+                        if count_keys
+                            && generations.insert(ObjectRef::from_obj(&k), generation) != Some(generation)
+                        {
+                            policies_of(&policies, &k)
+                                .into_iter()
+                                .for_each(|p| drop(count_tx.unbounded_send(p)));
+                        }
+                        Some(Ok(k))
+                    }
+                    Ok(watcher::Event::Delete(k)) => {
+                        ctx.own_writes.forget(&k);
+                        generations.remove(&ObjectRef::from_obj(&k));
+                        same_owner(&keys, &k).into_iter().for_each(|r| drop(owner_tx.unbounded_send(r)));
+                        if count_keys {
+                            policies_of(&policies, &k)
+                                .into_iter()
+                                .for_each(|p| drop(count_tx.unbounded_send(p)));
+                        }
+                        None
+                    }
+                    Ok(watcher::Event::Init | watcher::Event::InitDone) => None,
+                    Err(e) => Some(Err(e)),
+                };
+                futures::future::ready(out)
             })
-        });
+            .predicate_filter(apikey_trigger, Default::default())
+    };
     // The Secrets keyward owns: a deleted or edited one is repaired; the echo of this
     // controller's own write triggers nothing.
     let echoes = ctx.clone();
@@ -417,19 +452,9 @@ pub async fn run(client: Client, server: &str, opts: Options) -> Result<()> {
             Err(e) => Some(Err(e)),
         })
     });
-    let keys_for_owner = keys_reader.clone();
     let apikeys = Controller::for_stream(key_stream, keys_reader)
         .owns_stream(owned_secrets)
-        .watches_stream(deletions, move |gone: ApiKey| {
-            keys_for_owner
-                .state()
-                .iter()
-                .filter(|k| {
-                    k.namespace() == gone.namespace() && k.spec.owner.trim() == gone.spec.owner.trim()
-                })
-                .map(|k| ObjectRef::from_obj(k.as_ref()))
-                .collect::<Vec<_>>()
-        })
+        .reconcile_on(owner_rx)
         .watches_stream(policy_changes, move |p: KeyPolicy| {
             let name = p.name_any();
             keys_for_policy
