@@ -242,9 +242,9 @@ fn per_unit(before: &BTreeMap<String, f64>, after: &BTreeMap<String, f64>, per: 
 /// client creating N ApiKeys, N Secrets and N status writes itself, same concurrency).
 async fn provision(client: &Client, sizes: &[usize]) {
     println!(
-        "| provisioning N | floor (ApiKey + Secret + status, {CONCURRENCY} in flight) | keyward (apply → all Ready) | ratio | keyward writes per key |"
+        "| provisioning N | floor (ApiKey + Secret + status, {CONCURRENCY} in flight) | keyward (apply → all Ready) | ratio | keyward writes per key | CPU during keyward's run |"
     );
-    println!("|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|");
     for &n in sizes {
         let floor = floor(client, n).await;
         let mut bed = Bed::new(client, "bench-prov", json!({"maxLifetime": "P90D"})).await;
@@ -257,7 +257,7 @@ async fn provision(client: &Client, sizes: &[usize]) {
         until("every ApiKey Ready", &ready, Duration::from_secs(1800), |r| r.len() >= n).await;
         let took = start.elapsed();
         watch.abort();
-        let (w, detail) = per_unit(&before, &writes(&bed.metrics()), n as f64);
+        let (w, detail) = settled_writes(&bed, &before, n).await;
         println!(
             "| {n} | {:.1} s | {:.1} s | {:.2}× | {w:.2} ({detail}) | {} |",
             floor.0.as_secs_f64(),
@@ -464,7 +464,7 @@ async fn catchup(client: &Client, n: usize) {
     until("every ApiKey back on schedule", &caught, Duration::from_secs(1800), |s| s.len() >= n).await;
     let took = start.elapsed();
     watch.abort();
-    let (w, detail) = per_unit(&before, &writes(&bed.metrics()), n as f64);
+    let (w, detail) = settled_writes(&bed, &before, n).await;
     println!("| catch-up: {n} ApiKeys, every key expired | all back on schedule | writes per ApiKey |");
     println!("|---|---|---|");
     println!(
