@@ -38,7 +38,12 @@ const CONCURRENCY: usize = 32;
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
-    // `cargo bench` passes `--bench`; everything else is the scenario and its numbers.
+    // `cargo bench` passes `--bench`; `cargo test --all-targets` does not, and then
+    // there is nothing to do. Everything else is the scenario and its numbers.
+    if !std::env::args().any(|a| a == "--bench") {
+        eprintln!("operator benchmarks run under `cargo bench --bench operator -- <scenario>` only");
+        return;
+    }
     let args: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect();
     let nums: Vec<usize> = args.iter().skip(1).filter_map(|a| a.parse().ok()).collect();
     let client = common::client().await;

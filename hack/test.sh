@@ -32,6 +32,10 @@ fi
 echo "== rustfmt, clippy"
 cargo fmt --all -- --check
 cargo clippy --all-targets --locked -- -D warnings
+cargo fmt --manifest-path fuzz/Cargo.toml -- --check
+
+echo "== fuzzing the parsers (duration, key format, verifier requests), 20 s each"
+hack/fuzz.sh 20
 
 echo "== unit, drift and integration tests"
 # Integration tests wait on real time (seconds-scale key lifetimes): run them side by side.

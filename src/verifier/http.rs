@@ -12,8 +12,9 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use chrono::{SecondsFormat, Utc};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
+use super::request::{key_from_body, key_from_headers};
 use super::usage::Usage;
 use super::{Code, Index, MAX_BODY, RequestLabels, Verdict, VerifierMetrics};
 use crate::health::Readiness;
@@ -41,11 +42,6 @@ pub fn router(
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .with_state(AppState { index, usage, vm, ready: ready.clone() });
     api.merge(crate::health::router(metrics, ready))
-}
-
-#[derive(Deserialize)]
-struct VerifyRequest {
-    key: String,
 }
 
 #[derive(Serialize)]
@@ -105,14 +101,11 @@ async fn verify(State(s): State<AppState>, body: Bytes) -> Response {
         return not_synced();
     }
     let started = Instant::now();
-    let Ok(text) = std::str::from_utf8(&body) else {
-        return error(StatusCode::BAD_REQUEST, "body is not UTF-8");
+    let key = match key_from_body(&body) {
+        Ok(key) => key,
+        Err(e) => return error(StatusCode::BAD_REQUEST, &e.to_string()),
     };
-    let req: VerifyRequest = match serde_json::from_str(text) {
-        Ok(r) => r,
-        Err(_) => return error(StatusCode::BAD_REQUEST, "body must be JSON: {\"key\": \"...\"}"),
-    };
-    let verdict = s.check("verify", req.key.trim(), started);
+    let verdict = s.check("verify", &key, started);
     let e = verdict.entry.as_ref();
     let body = VerifyResponse {
         valid: verdict.code == Code::Valid,
@@ -127,21 +120,12 @@ async fn verify(State(s): State<AppState>, body: Bytes) -> Response {
     axum::Json(body).into_response()
 }
 
-/// The key from `Authorization: Bearer <key>` or `X-Api-Key: <key>`.
-fn key_from(headers: &HeaderMap) -> Option<&str> {
-    if let Some(v) = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()) {
-        let (scheme, rest) = v.trim().split_once(' ')?;
-        return scheme.eq_ignore_ascii_case("bearer").then(|| rest.trim());
-    }
-    headers.get("x-api-key").and_then(|v| v.to_str().ok()).map(str::trim)
-}
-
 async fn auth(State(s): State<AppState>, headers: HeaderMap) -> Response {
     if !s.ready.get() {
         return not_synced();
     }
     let started = Instant::now();
-    let verdict = s.check("auth", key_from(&headers).unwrap_or_default(), started);
+    let verdict = s.check("auth", key_from_headers(&headers).unwrap_or_default(), started);
     let code = HeaderValue::from_static(verdict.code.as_str());
     match (verdict.code, &verdict.entry) {
         (Code::Valid, Some(e)) => {
@@ -165,24 +149,5 @@ async fn auth(State(s): State<AppState>, headers: HeaderMap) -> Response {
             resp.headers_mut().insert("x-keyward-code", code);
             resp
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn keys_from_headers() {
-        let mut h = HeaderMap::new();
-        assert_eq!(key_from(&h), None);
-        h.insert("x-api-key", HeaderValue::from_static(" kw_abc "));
-        assert_eq!(key_from(&h), Some("kw_abc"));
-        h.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer kw_xyz"));
-        assert_eq!(key_from(&h), Some("kw_xyz"), "Authorization wins");
-        h.insert(header::AUTHORIZATION, HeaderValue::from_static("Basic dXNlcjpwYXNz"));
-        assert_eq!(key_from(&h), None);
-        h.insert(header::AUTHORIZATION, HeaderValue::from_static("bearer  kw_lower"));
-        assert_eq!(key_from(&h), Some("kw_lower"));
     }
 }

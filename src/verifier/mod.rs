@@ -6,6 +6,7 @@
 
 mod http;
 pub mod index;
+pub mod request;
 mod usage;
 
 use std::sync::{Arc, RwLock};

@@ -1,0 +1,81 @@
+//! Where the verifier finds the key in a request: the JSON body of `POST /v1/verify`
+//! and the `Authorization: Bearer` / `X-Api-Key` headers of `GET /v1/auth`. Pure (no
+//! I/O, no state), so the HTTP handlers stay thin and `fuzz/` can feed them any bytes.
+//!
+//! Both return the key trimmed of surrounding white space and judge nothing else: an
+//! empty or over-long key is the index's to refuse (`MALFORMED`).
+
+use axum::http::{HeaderMap, header};
+use serde::Deserialize;
+
+/// Why a `POST /v1/verify` body was refused (400); the message is the response's `error`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum BodyError {
+    /// The body is not UTF-8.
+    #[error("body is not UTF-8")]
+    NotUtf8,
+    /// The body is not a JSON object with a string `key`.
+    #[error("body must be JSON: {{\"key\": \"...\"}}")]
+    NotJson,
+}
+
+#[derive(Deserialize)]
+struct VerifyRequest {
+    key: String,
+}
+
+/// The key of a `POST /v1/verify` body `{"key": "..."}`, trimmed.
+pub fn key_from_body(body: &[u8]) -> Result<String, BodyError> {
+    let text = std::str::from_utf8(body).map_err(|_| BodyError::NotUtf8)?;
+    let req: VerifyRequest = serde_json::from_str(text).map_err(|_| BodyError::NotJson)?;
+    Ok(req.key.trim().to_owned())
+}
+
+/// The key from `Authorization: Bearer <key>` or, when there is no readable
+/// `Authorization`, `X-Api-Key: <key>`; trimmed. `None` for another scheme.
+pub fn key_from_headers(headers: &HeaderMap) -> Option<&str> {
+    if let Some(v) = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()) {
+        let (scheme, rest) = v.trim().split_once(' ')?;
+        return scheme.eq_ignore_ascii_case("bearer").then(|| rest.trim());
+    }
+    headers.get("x-api-key").and_then(|v| v.to_str().ok()).map(str::trim)
+}
+
+#[cfg(test)]
+mod tests {
+    use axum::http::HeaderValue;
+
+    use super::*;
+
+    #[test]
+    fn keys_from_headers() {
+        let mut h = HeaderMap::new();
+        assert_eq!(key_from_headers(&h), None);
+        h.insert("x-api-key", HeaderValue::from_static(" kw_abc "));
+        assert_eq!(key_from_headers(&h), Some("kw_abc"));
+        h.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer kw_xyz"));
+        assert_eq!(key_from_headers(&h), Some("kw_xyz"), "Authorization wins");
+        h.insert(header::AUTHORIZATION, HeaderValue::from_static("Basic dXNlcjpwYXNz"));
+        assert_eq!(key_from_headers(&h), None);
+        h.insert(header::AUTHORIZATION, HeaderValue::from_static("bearer  kw_lower"));
+        assert_eq!(key_from_headers(&h), Some("kw_lower"));
+        // An Authorization value that is not visible ASCII is skipped, as if absent.
+        h.insert(header::AUTHORIZATION, HeaderValue::from_bytes(b"Bearer \xff").unwrap());
+        assert_eq!(key_from_headers(&h), Some("kw_abc"));
+    }
+
+    #[test]
+    fn keys_from_bodies() {
+        assert_eq!(key_from_body(br#"{"key": " kw_abc "}"#), Ok("kw_abc".into()));
+        assert_eq!(key_from_body(br#"{"key": "kw_abc", "other": 1}"#), Ok("kw_abc".into()));
+        assert_eq!(key_from_body(br#"{"key": ""}"#), Ok(String::new()));
+        // serde reads a struct from an array of its fields too, and skips other fields unparsed.
+        assert_eq!(key_from_body(br#"["kw_abc"]"#), Ok("kw_abc".into()));
+        assert_eq!(key_from_body(br#"{"key": "kw_abc", "n": 1e999}"#), Ok("kw_abc".into()));
+        assert_eq!(key_from_body(b"\xff"), Err(BodyError::NotUtf8));
+        for bad in [&b""[..], b"kw_abc", b"{}", br#"{"key": 1}"#, br#"{"key": "a", "key": "b"}"#] {
+            assert_eq!(key_from_body(bad), Err(BodyError::NotJson), "{}", String::from_utf8_lossy(bad));
+        }
+        assert_eq!(BodyError::NotJson.to_string(), r#"body must be JSON: {"key": "..."}"#);
+    }
+}
