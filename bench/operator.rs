@@ -85,6 +85,12 @@ impl Bed {
         Bed { ns, policy, controller: None }
     }
 
+    /// Stop the controller, delete the namespace and wait until it is gone.
+    async fn finish(mut self, client: &Client) {
+        drop(self.controller.take());
+        clean_up(client, vec![self.ns]).await;
+    }
+
     async fn start_controller(&mut self) -> &KeywardProcess {
         let c = common::controller_for(&self.ns.name, &[], "warn");
         c.wait_ready().await;
@@ -132,6 +138,20 @@ impl Bed {
             .try_collect::<()>()
             .await
             .expect("create ApiKeys");
+    }
+}
+
+/// Delete the namespaces (and their policies) and wait until they are gone, so the
+/// next measurement does not share the API server with a namespace deletion.
+async fn clean_up(client: &Client, spaces: Vec<TestNamespace>) {
+    let names: Vec<String> = spaces.iter().map(|ns| ns.name.clone()).collect();
+    drop(spaces);
+    let api = Api::<k8s_openapi::api::core::v1::Namespace>::all(client.clone());
+    for name in names {
+        common::eventually(&format!("namespace {name} to be deleted"), Duration::from_secs(1800), || async {
+            api.get_opt(&name).await.ok()?.is_none().then_some(())
+        })
+        .await;
     }
 }
 
@@ -261,22 +281,24 @@ async fn provision(client: &Client, sizes: &[usize]) {
         bed.create_keys(client, 0..n, |_| None).await;
         until("every ApiKey Ready", &ready, Duration::from_secs(1800), |r| r.len() >= n).await;
         let took = start.elapsed();
+        let cpu = cpu.report();
         watch.abort();
         let (w, detail) = settled_writes(&bed, &before, n).await;
         println!(
-            "| {n} | {:.1} s | {:.1} s | {:.2}× | {w:.2} ({detail}) | {} |",
+            "| {n} | {:.1} s | {:.1} s | {:.2}× | {w:.2} ({detail}) | {cpu} |",
             floor.0.as_secs_f64(),
             took.as_secs_f64(),
             took.as_secs_f64() / floor.0.as_secs_f64(),
-            cpu.report()
         );
         println!("floor {n}: CPU {}", floor.1);
+        drop(bed.controller.take());
+        clean_up(client, vec![floor.2, bed.ns]).await;
     }
 }
 
 /// The floor: what the same client takes to write what keyward writes for N keys, at
 /// least (ApiKey create, Secret create with an owner reference, status replace).
-async fn floor(client: &Client, n: usize) -> (Duration, String) {
+async fn floor(client: &Client, n: usize) -> (Duration, String, TestNamespace) {
     let ns = TestNamespace::new(client, "bench-floor").await;
     let keys = Api::<ApiKey>::namespaced(client.clone(), &ns.name);
     let secrets = Api::<Secret>::namespaced(client.clone(), &ns.name);
@@ -324,7 +346,7 @@ async fn floor(client: &Client, n: usize) -> (Duration, String) {
         .try_collect::<()>()
         .await
         .expect("floor writes (is a cluster-wide keyward running? the benchmark needs none)");
-    (start.elapsed(), cpu.report())
+    (start.elapsed(), cpu.report(), ns)
 }
 
 /// Controller RSS with N keys (cumulative), then with 100 unrelated 1 MiB Secrets.
@@ -361,6 +383,7 @@ async fn memory(client: &Client, sizes: &[usize]) {
         .expect("create unrelated Secrets");
     let after = settled_rss(&bed).await;
     println!("| {have} + 100 unrelated 1 MiB Secrets | {after:.1} MiB ({:+.1} MiB) |", after - before);
+    bed.finish(client).await;
 }
 
 /// The largest of 10 RSS samples over 5 s.
@@ -430,6 +453,7 @@ async fn precision(client: &Client, n: usize, minutes: usize) {
     }
     println!("| all | {} |", quantiles(&mut all));
     println!("writes per scheduled step: {w:.2} ({detail})");
+    bed.finish(client).await;
 }
 
 /// Catch-up: N one-minute keys; the controller stops until every key of every ApiKey is
@@ -522,6 +546,7 @@ async fn cost(client: &Client, n: usize) {
         total / reconciled,
         if detail.is_empty() { String::new() } else { format!(": {detail}") }
     );
+    bed.finish(client).await;
 }
 
 /// Writes since `before` per `n`, once the counters have not moved for 3 s.

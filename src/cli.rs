@@ -48,6 +48,9 @@ pub enum Command {
         /// How long a leader's claim lasts without renewal (ISO 8601).
         #[arg(long, env = "KEYWARD_LEASE_DURATION", default_value = "PT15S", value_parser = parse_interval)]
         lease_duration: std::time::Duration,
+        /// ApiKeys reconciled at once (each holds at most one API request in flight).
+        #[arg(long, env = "KEYWARD_CONCURRENCY", default_value_t = 32, value_parser = clap::value_parser!(u16).range(1..))]
+        concurrency: u16,
     },
     /// Run the verifier: answer "is this key valid?" over HTTP and record last use.
     Verifier {

@@ -56,13 +56,19 @@ async fn run(cli: Cli) -> error::Result<()> {
             lease_name,
             lease_namespace,
             lease_duration,
+            concurrency,
         } => {
             let leader = leader_elect.then(|| {
                 keyward::cli::lease_config(namespace.as_deref(), lease_name, lease_namespace, lease_duration)
             });
             telemetry::init();
             let (client, server) = connect(cli.kubeconfig.as_ref(), cli.context.as_deref()).await?;
-            controller::run(client, &server, controller::Options { metrics_addr, namespace, leader }).await
+            controller::run(
+                client,
+                &server,
+                controller::Options { metrics_addr, namespace, leader, concurrency },
+            )
+            .await
         }
     }
 }

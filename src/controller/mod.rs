@@ -44,6 +44,10 @@ pub struct Options {
     pub namespace: Option<String>,
     /// Leader election (None: this process always writes).
     pub leader: Option<crate::leader::LeaseConfig>,
+    /// ApiKeys reconciled at once. Bounded so that a burst (thousands of ApiKeys
+    /// applied together, a catch-up) queues here instead of opening a connection per
+    /// reconcile to the API server.
+    pub concurrency: u16,
 }
 
 /// Shared state of every reconcile.
@@ -404,6 +408,9 @@ pub async fn run(client: Client, server: &str, opts: Options) -> Result<()> {
         let mut generations: std::collections::HashMap<ObjectRef<ApiKey>, Option<i64>> = Default::default();
         watcher(keys_api.clone(), watcher::Config::default())
             .default_backoff()
+            // managedFields are half of a cached ApiKey and never read; omitted (not
+            // emptied) they are also left alone by the status replace.
+            .modify(|k| k.metadata.managed_fields = None)
             .reflect(keys_writer)
             .filter_map(move |ev| {
                 let out = match ev {
@@ -453,6 +460,7 @@ pub async fn run(client: Client, server: &str, opts: Options) -> Result<()> {
         })
     });
     let apikeys = Controller::for_stream(key_stream, keys_reader)
+        .with_config(kube::runtime::controller::Config::default().concurrency(opts.concurrency))
         .owns_stream(owned_secrets)
         .reconcile_on(owner_rx)
         .watches_stream(policy_changes, move |p: KeyPolicy| {
