@@ -8,6 +8,10 @@
 //! 3. only then `api-key` moves to the active key, so a key is in `api-key` only after
 //!    its hash is in status.
 //!
+//! An ApiKey's first Secret skips step 1: status first, then the Secret is created
+//! whole (nobody can hold a key before it exists; a crash in between costs one unused
+//! hash, and the next reconcile issues anew as for a deleted Secret).
+//!
 //! Nothing is written when nothing changed.
 
 use std::collections::BTreeMap;
@@ -352,8 +356,10 @@ async fn run(
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &key.namespace().unwrap_or_default());
     let slots = secret::slot_material(existing, &minter.minted);
     let mut current = p.secret.clone();
+    // The first Secret of an ApiKey skips step 1 (see the module docs).
+    let first = current.is_none() && old.keys.is_empty();
     // 1. New material into its slot field; api-key untouched.
-    if !minter.minted.is_empty() || current.is_none() {
+    if !first && (!minter.minted.is_empty() || current.is_none()) {
         let want = secret::desired(
             key,
             &p.secret_name,
