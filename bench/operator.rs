@@ -383,6 +383,16 @@ async fn memory(client: &Client, sizes: &[usize]) {
         .expect("create unrelated Secrets");
     let after = settled_rss(&bed).await;
     println!("| {have} + 100 unrelated 1 MiB Secrets | {after:.1} MiB ({:+.1} MiB) |", after - before);
+    // Steady state without the provisioning burst's leftovers: a restarted controller
+    // that has listed and reconciled every ApiKey once.
+    bed.controller.as_mut().unwrap().terminate().await;
+    bed.start_controller().await;
+    common::eventually("every ApiKey reconciled after restart", Duration::from_secs(600), || async {
+        let r = by_label(&bed.metrics(), "keyward_reconciles_total").get("ApiKey").copied().unwrap_or(0.0);
+        (r >= have as f64).then_some(())
+    })
+    .await;
+    println!("| {have} + the Secrets, controller restarted | {:.1} MiB |", settled_rss(&bed).await);
     bed.finish(client).await;
 }
 
