@@ -1,4 +1,4 @@
-//! Reconcile one ApiKey: dereference (fresh ApiKey, policy, Secret) → validate →
+//! Reconcile one ApiKey: dereference (the cached ApiKey unless this controller wrote it since, the policy, the Secret) → validate →
 //! run the pure lifecycle → apply the Secret → write status → Events.
 //!
 //! Write order keeps the invariants across crashes:
