@@ -1,5 +1,6 @@
-//! Reconcile one ApiKey: dereference (the cached ApiKey unless this controller wrote it since, the policy, the Secret) → validate →
-//! run the pure lifecycle → apply the Secret → write status → Events.
+//! Reconcile one ApiKey: dereference (the cached ApiKey unless this controller wrote
+//! it since, the policy, the Secret) → validate → run the pure lifecycle → apply the
+//! Secret → write status → Events.
 //!
 //! Write order keeps the invariants across crashes:
 //! 1. new key material goes into the Secret's slot field (`primary`/`secondary`) first
