@@ -112,7 +112,35 @@ impl Bed {
         kib / 1024.0
     }
 
-    /// Create ApiKeys `prefix-<i>` for `range` (one owner each), `CONCURRENCY` at a time.
+    /// Create ApiKeys for `range` and wait until a watch has seen the namespace's first
+    /// `range.end` ApiKeys `Ready=True`.
+    async fn add_ready_keys(
+        &self,
+        client: &Client,
+        range: std::ops::Range<usize>,
+        lifetime: impl Fn(usize) -> Option<String>,
+    ) {
+        let (ready, watch) = track_ready(client, &self.ns.name);
+        let n = range.end;
+        self.create_keys(client, range, lifetime).await;
+        until("every ApiKey Ready", &ready, Duration::from_secs(3600), |r| r.len() >= n).await;
+        watch.abort();
+    }
+
+    /// Restart the controller and wait until it has reconciled `n` ApiKeys; how many it
+    /// had reconciled then.
+    async fn restart(&mut self, n: usize) -> f64 {
+        self.controller.as_mut().expect("controller running").terminate().await;
+        self.start_controller().await;
+        common::eventually("every ApiKey reconciled after restart", Duration::from_secs(600), || async {
+            let r =
+                by_label(&self.metrics(), "keyward_reconciles_total").get("ApiKey").copied().unwrap_or(0.0);
+            (r >= n as f64).then_some(r)
+        })
+        .await
+    }
+
+    /// Create ApiKeys `k-<i>` for `range` (one owner each), `CONCURRENCY` at a time.
     async fn create_keys(
         &self,
         client: &Client,
@@ -274,15 +302,12 @@ async fn provision(client: &Client, sizes: &[usize]) {
         let floor = floor(client, n).await;
         let mut bed = Bed::new(client, "bench-prov", json!({"maxLifetime": "P90D"})).await;
         bed.start_controller().await;
-        let (ready, watch) = track_ready(client, &bed.ns.name);
         let before = writes(&bed.metrics());
         let cpu = Cpu::start();
         let start = Instant::now();
-        bed.create_keys(client, 0..n, |_| None).await;
-        until("every ApiKey Ready", &ready, Duration::from_secs(1800), |r| r.len() >= n).await;
+        bed.add_ready_keys(client, 0..n, |_| None).await;
         let took = start.elapsed();
         let cpu = cpu.report();
-        watch.abort();
         let (w, detail) = settled_writes(&bed, &before, n).await;
         println!(
             "| {n} | {:.1} s | {:.1} s | {:.2}× | {w:.2} ({detail}) | {cpu} |",
@@ -356,15 +381,12 @@ async fn memory(client: &Client, sizes: &[usize]) {
     let mut bed = Bed::new(client, "bench-mem", json!({"maxLifetime": "P90D"})).await;
     bed.start_controller().await;
     println!("| 0 | {:.1} MiB |", bed.rss_mib());
-    let (ready, watch) = track_ready(client, &bed.ns.name);
     let mut have = 0;
     for &n in sizes {
-        bed.create_keys(client, have..n, |_| None).await;
+        bed.add_ready_keys(client, have..n, |_| None).await;
         have = n;
-        until("every ApiKey Ready", &ready, Duration::from_secs(3600), |r| r.len() >= n).await;
         println!("| {n} | {:.1} MiB |", settled_rss(&bed).await);
     }
-    watch.abort();
     let before = settled_rss(&bed).await;
     let secrets = Api::<Secret>::namespaced(client.clone(), &bed.ns.name);
     let blob = "x".repeat(1024 * 1024 - 64);
@@ -385,13 +407,7 @@ async fn memory(client: &Client, sizes: &[usize]) {
     println!("| {have} + 100 unrelated 1 MiB Secrets | {after:.1} MiB ({:+.1} MiB) |", after - before);
     // Steady state without the provisioning burst's leftovers: a restarted controller
     // that has listed and reconciled every ApiKey once.
-    bed.controller.as_mut().unwrap().terminate().await;
-    bed.start_controller().await;
-    common::eventually("every ApiKey reconciled after restart", Duration::from_secs(600), || async {
-        let r = by_label(&bed.metrics(), "keyward_reconciles_total").get("ApiKey").copied().unwrap_or(0.0);
-        (r >= have as f64).then_some(())
-    })
-    .await;
+    bed.restart(have).await;
     println!("| {have} + the Secrets, controller restarted | {:.1} MiB |", settled_rss(&bed).await);
     bed.finish(client).await;
 }
@@ -445,10 +461,7 @@ async fn precision(client: &Client, n: usize, minutes: usize) {
     bed.start_controller().await;
     let sched = Arc::new(Mutex::new(Schedule::default()));
     let watch = watch_keys(client, &bed.ns.name, sched.clone(), |s, k, now| s.observe(k, now));
-    let (ready, ready_watch) = track_ready(client, &bed.ns.name);
-    bed.create_keys(client, 0..n, |i| Some(format!("PT{}S", 60 + (i * 7919) % 61))).await;
-    until("every ApiKey Ready", &ready, Duration::from_secs(600), |r| r.len() >= n).await;
-    ready_watch.abort();
+    bed.add_ready_keys(client, 0..n, |i| Some(format!("PT{}S", 60 + (i * 7919) % 61))).await;
     let before = writes(&bed.metrics());
     sched.lock().unwrap().record = true;
     tokio::time::sleep(Duration::from_secs(60 * minutes as u64)).await;
@@ -473,10 +486,7 @@ async fn catchup(client: &Client, n: usize) {
     let mut bed =
         Bed::new(client, "bench-catchup", json!({"maxLifetime": "PT1M", "minLifetime": "PT1M"})).await;
     bed.start_controller().await;
-    let (ready, ready_watch) = track_ready(client, &bed.ns.name);
-    bed.create_keys(client, 0..n, |_| None).await;
-    until("every ApiKey Ready", &ready, Duration::from_secs(900), |r| r.len() >= n).await;
-    ready_watch.abort();
+    bed.add_ready_keys(client, 0..n, |_| None).await;
     bed.controller.as_mut().unwrap().terminate().await;
     let api = Api::<ApiKey>::namespaced(client.clone(), &bed.ns.name);
     let stopped = api.list(&Default::default()).await.expect("list ApiKeys").items;
@@ -511,6 +521,7 @@ async fn catchup(client: &Client, n: usize) {
         wait.as_secs_f64(),
         took.as_secs_f64()
     );
+    bed.finish(client).await;
 }
 
 /// API cost: writes per requested rotation, then per no-op reconcile (a restarted
@@ -518,10 +529,7 @@ async fn catchup(client: &Client, n: usize) {
 async fn cost(client: &Client, n: usize) {
     let mut bed = Bed::new(client, "bench-cost", json!({"maxLifetime": "P90D"})).await;
     bed.start_controller().await;
-    let (ready, ready_watch) = track_ready(client, &bed.ns.name);
-    bed.create_keys(client, 0..n, |_| None).await;
-    until("every ApiKey Ready", &ready, Duration::from_secs(900), |r| r.len() >= n).await;
-    ready_watch.abort();
+    bed.add_ready_keys(client, 0..n, |_| None).await;
     let before = writes(&bed.metrics());
     let rotated = Arc::new(Mutex::new(HashSet::new()));
     let watch = watch_keys(client, &bed.ns.name, rotated.clone(), |set, k, _| {
@@ -541,15 +549,7 @@ async fn cost(client: &Client, n: usize) {
     println!("| API cost ({n} ApiKeys) | writes |");
     println!("|---|---|");
     println!("| per requested rotation | {per_rotation:.2} ({detail}) |");
-    bed.controller.as_mut().unwrap().terminate().await;
-    bed.start_controller().await;
-    let reconciled =
-        common::eventually("every ApiKey reconciled after restart", Duration::from_secs(600), || async {
-            let m = bed.metrics();
-            let r = by_label(&m, "keyward_reconciles_total").get("ApiKey").copied().unwrap_or(0.0);
-            (r >= n as f64).then_some(r)
-        })
-        .await;
+    let reconciled = bed.restart(n).await;
     let (total, detail) = settled_writes(&bed, &BTreeMap::new(), 1).await;
     println!(
         "| per no-op reconcile | {:.2} ({total} writes in {reconciled} reconciles after a restart{}) |",

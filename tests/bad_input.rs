@@ -666,18 +666,6 @@ async fn create(client: &Client, ns: Option<&str>, kind: &str, obj: Value) -> Re
     api.create(&PostParams::default(), &obj).await.map(drop).map_err(|e| e.to_string())
 }
 
-/// The `Accepted` condition of KeyPolicy `name` once it reflects the current generation.
-async fn accepted(client: &Client, name: &str, reason: Option<&str>) -> (KeyPolicy, keyward::api::Condition) {
-    let api: Api<KeyPolicy> = Api::all(client.clone());
-    eventually(&format!("KeyPolicy {name} Accepted {reason:?}"), WAIT, || async {
-        let p = api.get(name).await.ok()?;
-        let c = find_condition(&p.status.as_ref()?.conditions, "Accepted")?.clone();
-        let current = c.observed_generation == p.metadata.generation;
-        (current && reason.is_none_or(|r| r == c.reason)).then_some((p, c))
-    })
-    .await
-}
-
 /// Wait until ApiKey `name` is Ready and its Secret carries the active key.
 async fn settled(client: &Client, ns: &str, name: &str) {
     let id = wait_key(client, ns, name, WAIT, |k| {
@@ -824,7 +812,7 @@ async fn run(client: Client, row: Row) -> String {
         settled(&client, &n, name).await;
     }
     for p in &valid_policies {
-        accepted(&client, p, None).await;
+        common::policy_accepted(&client, p, None, WAIT).await;
     }
     if let Apply::Patch { spec, .. } = &row.apply {
         ns.apikey(&client, "bad", fill(spec, &n)).await;
@@ -923,7 +911,7 @@ async fn check(
         }
         (Expect::Policy { reason, key_reason, mentions }, Ok(())) => {
             for p in policies_under_test.iter() {
-                let (policy, c) = accepted(&client, p, Some(reason)).await;
+                let (policy, c) = common::policy_accepted(&client, p, Some(reason), WAIT).await;
                 assert_eq!(c.status, "False", "{:#?}", policy.status);
                 assert!(c.message.contains(mentions), "message should contain {mentions:?}: {}", c.message);
                 assert!(c.message.len() <= 1024, "huge input echoed: {} bytes", c.message.len());

@@ -7,19 +7,14 @@ mod common;
 use std::time::Duration;
 
 use common::{KeywardProcess, TestNamespace, client};
-use keyward::api::{KeyPolicy, find_condition};
+use keyward::api::KeyPolicy;
 use kube::api::{Api, DeleteParams};
 use kube::{Client, ResourceExt};
 use serde_json::json;
 
 async fn accepted(client: &Client, name: &str) -> (String, String, KeyPolicy) {
-    let api: Api<KeyPolicy> = Api::all(client.clone());
-    common::eventually(&format!("KeyPolicy {name} to report Accepted"), Duration::from_secs(60), || async {
-        let p = api.get(name).await.ok()?;
-        let c = find_condition(&p.status.as_ref()?.conditions, "Accepted")?.clone();
-        (p.status.as_ref()?.observed_generation == p.metadata.generation).then_some((c.status, c.reason, p))
-    })
-    .await
+    let (p, c) = common::policy_accepted(client, name, None, Duration::from_secs(60)).await;
+    (c.status, c.reason, p)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -416,6 +416,24 @@ pub fn verifier_for(ns: &str) -> KeywardProcess {
     KeywardProcess::start(&["verifier", "--namespace", ns], "info")
 }
 
+/// KeyPolicy `name` and its `Accepted` condition, once that reflects the current
+/// generation (and has `reason`, when given); panics after `timeout`.
+pub async fn policy_accepted(
+    client: &Client,
+    name: &str,
+    reason: Option<&str>,
+    timeout: Duration,
+) -> (keyward::api::KeyPolicy, keyward::api::Condition) {
+    let api: Api<keyward::api::KeyPolicy> = Api::all(client.clone());
+    eventually(&format!("KeyPolicy {name} Accepted {reason:?}"), timeout, || async {
+        let p = api.get(name).await.ok()?;
+        let c = keyward::api::find_condition(&p.status.as_ref()?.conditions, "Accepted")?.clone();
+        let current = c.observed_generation == p.metadata.generation;
+        (current && reason.is_none_or(|r| r == c.reason)).then_some((p, c))
+    })
+    .await
+}
+
 /// Wait until the ApiKey reports `Ready=True`.
 pub async fn wait_ready(client: &Client, ns: &str, name: &str, timeout: Duration) {
     wait_key(client, ns, name, timeout, |k| ready(k).filter(|(s, _)| s == "True").map(|_| ())).await;
