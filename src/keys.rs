@@ -94,12 +94,27 @@ impl fmt::Debug for SecretKey {
 /// What may be shown about a key: its ID, hash and preview.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct KeyFacts {
-    /// Short identifier (10 hex characters of the key's SHA-256).
+    /// Short identifier ([`KEY_ID_LEN`] hex characters of the key's SHA-256).
     pub key_id: String,
     /// `sha256:<hex>`.
     pub hash: String,
     /// Prefix and the first 4 characters of the random part.
     pub preview: String,
+}
+
+/// Hex digits of a key ID: the first 64 bits of the key's SHA-256. Among a million keys
+/// the chance that any two share an ID is about n²/2⁶⁵ ≈ 3·10⁻⁸ (40 bits, the width
+/// before, gave 0.4); and an ID only ever names a key of its own ApiKey, where the
+/// controller also never issues two keys with one ID.
+pub const KEY_ID_LEN: usize = 16;
+/// Key IDs issued by earlier keyward versions were 10 hex digits; revocations may still
+/// name them.
+pub const LEGACY_KEY_ID_LEN: usize = 10;
+
+/// The key ID within a `sha256:<hex>` hash (its first [`KEY_ID_LEN`] hex digits).
+pub fn key_id_of(hash: &str) -> &str {
+    let hex = hash.strip_prefix("sha256:").unwrap_or(hash);
+    hex.get(..KEY_ID_LEN).unwrap_or(hex)
 }
 
 /// `sha256:<hex>` of a key.
@@ -208,11 +223,7 @@ impl KeyFormat {
         let hash = hash(text);
         let body = text.strip_prefix(self.prefix.as_str()).unwrap_or(text);
         let preview: String = body.chars().take(4).collect();
-        KeyFacts {
-            key_id: hash["sha256:".len().."sha256:".len() + 10].to_string(),
-            hash,
-            preview: format!("{}{preview}", self.prefix),
-        }
+        KeyFacts { key_id: key_id_of(&hash).to_string(), hash, preview: format!("{}{preview}", self.prefix) }
     }
 }
 
@@ -288,7 +299,7 @@ mod tests {
         let k = f.generate();
         let facts = f.facts(&k);
         assert!(facts.hash.starts_with("sha256:") && facts.hash.len() == 7 + 64);
-        assert_eq!(facts.key_id.len(), 10);
+        assert_eq!(facts.key_id.len(), KEY_ID_LEN);
         assert_eq!(facts.preview.len(), 3 + 4);
         assert!(k.expose().starts_with(&facts.preview));
         assert!(!facts.hash.contains(&k.expose()[3..]));

@@ -33,11 +33,24 @@ fn nginx_binary() -> String {
         .to_string()
 }
 
-/// nginx with `auth_request` to the verifier in front of an upstream that says "upstream ok".
+/// nginx running `examples/nginx-auth-request.conf` itself (its upstream addresses and
+/// port replaced) in front of an upstream that echoes the identity headers it receives.
 async fn nginx(verifier: &str) -> Nginx {
     let dir = std::env::temp_dir().join(format!("keyward-nginx-{}", rand::random::<u64>()));
     std::fs::create_dir_all(dir.join("tmp")).unwrap();
     let (front, upstream) = (common::free_port(), common::free_port());
+    let example =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/nginx-auth-request.conf"))
+            .unwrap();
+    let mut server = example.clone();
+    for (from, to) in [
+        ("keyward-verifier.keyward-system.svc:8081", verifier.to_string()),
+        ("payments.payments.svc:8080", format!("127.0.0.1:{upstream}")),
+        ("listen 8080;", format!("listen 127.0.0.1:{front};")),
+    ] {
+        assert!(server.contains(from), "the example has {from}");
+        server = server.replace(from, &to);
+    }
     let d = dir.display();
     let conf = format!(
         r#"daemon off; master_process off; worker_processes 1;
@@ -47,22 +60,13 @@ http {{
   access_log off;
   client_body_temp_path {d}/tmp; proxy_temp_path {d}/tmp; fastcgi_temp_path {d}/tmp;
   uwsgi_temp_path {d}/tmp; scgi_temp_path {d}/tmp;
-  server {{ listen 127.0.0.1:{upstream}; location / {{ return 200 "upstream ok owner=$http_x_owner\n"; }} }}
   server {{
-    listen 127.0.0.1:{front};
-    location = /_keyward {{
-      internal;
-      proxy_pass http://{verifier}/v1/auth;
-      proxy_pass_request_body off;
-      proxy_set_header Content-Length "";
-    }}
+    listen 127.0.0.1:{upstream};
     location / {{
-      auth_request /_keyward;
-      auth_request_set $owner $upstream_http_x_keyward_owner;
-      proxy_set_header X-Owner $owner;
-      proxy_pass http://127.0.0.1:{upstream};
+      return 200 "upstream ok owner=$http_x_keyward_owner namespace=$http_x_keyward_namespace apikey=$http_x_keyward_apikey key-id=$http_x_keyward_key_id client-id=$http_x_keyward_client_id scopes=$http_x_keyward_scopes authorization=$http_authorization\n";
     }}
   }}
+{server}
 }}
 "#
     );
@@ -81,17 +85,21 @@ http {{
     Nginx { child, front, _dir: dir }
 }
 
-fn through_nginx(front: &str, key: &str) -> u16 {
+/// A request through nginx with `key` (and `extra` headers): status and the upstream's echo.
+fn via_nginx(front: &str, key: &str, extra: &[(&str, &str)]) -> (u16, String) {
     let auth = format!("Bearer {key}");
-    match http(front, "GET", "/orders", &[("Authorization", &auth)], b"") {
-        Some((code, _, body)) => {
-            if code == 200 {
-                assert!(body.starts_with("upstream ok owner=team-a"), "{body}");
-            }
-            code
-        }
-        None => 0,
+    let mut headers = vec![("Authorization", auth.as_str())];
+    headers.extend_from_slice(extra);
+    http(front, "GET", "/orders", &headers, b"").map_or((0, String::new()), |(code, _, body)| (code, body))
+}
+
+fn through_nginx(front: &str, key: &str) -> u16 {
+    let (code, body) = via_nginx(front, key, &[]);
+    if code == 200 {
+        assert!(body.starts_with("upstream ok owner=team-a namespace=kw-"), "{body}");
+        assert!(body.contains("authorization=\n"), "the key does not reach the upstream: {body}");
     }
+    code
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -146,14 +154,30 @@ async fn nginx_never_rejects_the_current_key_across_flips() {
         401,
         "the first key expired long ago"
     );
-    let key = get_key(&client, &ns.name, "svc").await;
-    let status = key.status.unwrap();
-    let standby = status.keys.iter().find(|k| k.state == KeyState::Standby).expect("a standby key").clone();
-    let data = secret_data(&client, &ns.name, "svc").await.unwrap();
-    let standby_material = data[standby.slot.data_key()].clone();
-    assert_eq!(through_nginx(&nginx.front, &standby_material), 200, "the standby verifies too");
+    // A standby key with a few seconds of life left, read as one consistent pair: its
+    // material in the Secret has the hash status lists for it. (A slot's new material
+    // reaches the Secret before its hash reaches status, and a draining standby may be
+    // about to expire: either would make the check below race the lifecycle.)
+    let (standby_material, standby_id) =
+        common::eventually("a standby key valid for 8 s more", Duration::from_secs(30), || async {
+            let status = get_key(&client, &ns.name, "svc").await.status?;
+            let data = secret_data(&client, &ns.name, "svc").await?;
+            let soon = Utc::now() + chrono::TimeDelta::seconds(8);
+            status.keys.iter().find_map(|k| {
+                let material = data.get(k.slot.data_key())?;
+                (k.state == KeyState::Standby
+                    && k.effective_expires_at.is_some_and(|t| t > soon)
+                    && keyward::keys::hash(material) == k.hash)
+                    .then(|| (material.clone(), k.key_id.clone()))
+            })
+        })
+        .await;
+    common::eventually("the standby to verify too", Duration::from_secs(5), || async {
+        (through_nginx(&nginx.front, &standby_material) == 200).then_some(())
+    })
+    .await;
     let revoked_at = tokio::time::Instant::now();
-    common::revoke_keys(&client, &ns.name, "svc", &[standby.key_id.as_str()]).await;
+    common::revoke_keys(&client, &ns.name, "svc", &[standby_id.as_str()]).await;
     common::eventually("the revoked key to be refused", Duration::from_secs(5), || async {
         (through_nginx(&nginx.front, &standby_material) == 401).then_some(())
     })
@@ -204,13 +228,33 @@ async fn json_api_answers_codes_and_refuses_bad_requests() {
     assert_eq!(post(&vec![b'a'; 64 * 1024]).unwrap().0, 413);
     let (code, head, _) = http(&verifier.addr, "GET", "/v1/auth", &[("X-Api-Key", &key)], b"").unwrap();
     assert_eq!(code, 200);
-    assert!(head.contains("x-keyward-owner: team-a") && head.contains("x-keyward-key-id:"), "{head}");
+    for h in [
+        format!("x-keyward-namespace: {}", ns.name),
+        "x-keyward-apikey: svc".into(),
+        "x-keyward-owner: team-a".into(),
+        "x-keyward-key-id: ".into(),
+        "x-keyward-client-id: kwc_".into(),
+    ] {
+        assert!(head.contains(&h), "{h} in {head}");
+    }
     let (code, head, _) = http(&verifier.addr, "GET", "/v1/auth", &[], b"").unwrap();
     assert_eq!(code, 401);
     assert!(head.contains("x-keyward-code: malformed"), "{head}");
+    // Oversized and repeated key headers: a decision (401 MALFORMED), not a dropped
+    // connection; the same key sent twice is refused too (a proxy and its upstream could
+    // read different copies).
     let huge = "k".repeat(100_000);
-    let code = http(&verifier.addr, "GET", "/v1/auth", &[("X-Api-Key", &huge)], b"").map_or(0, |r| r.0);
-    assert!(code == 431 || code == 400 || code == 401 || code == 0, "oversized header refused: {code}");
+    let bearer = format!("Bearer {key}");
+    for headers in [
+        vec![("X-Api-Key", huge.as_str())],
+        vec![("Authorization", &format!("Bearer {huge}"))],
+        vec![("Authorization", bearer.as_str()), ("Authorization", bearer.as_str())],
+        vec![("X-Api-Key", key.as_str()), ("X-Api-Key", key.as_str())],
+    ] {
+        let (code, head, _) = http(&verifier.addr, "GET", "/v1/auth", &headers, b"").expect("an answer");
+        assert_eq!(code, 401, "{:.60?}", headers);
+        assert!(head.contains("x-keyward-code: malformed") && !head.contains("x-keyward-owner"), "{head}");
+    }
     assert_eq!(verifier.get("/healthz").unwrap().0, 200, "still serving");
     let metrics = verifier.get("/metrics").unwrap().1;
     assert!(metric_sum(&metrics, "keyward_verify_requests_total") >= 10.0, "{metrics}");
@@ -264,4 +308,176 @@ async fn last_use_is_written_at_most_once_a_minute_and_keeps_used_keys_alive() {
     assert_eq!(ready(&used).unwrap().1, "KeyActive");
     let idle = wait_key(&client, &ns.name, "idle", Duration::from_secs(30), |k| ready(k).map(|r| r.1)).await;
     assert_eq!(idle, "KeyExpiredInactive", "the unused key expired for inactivity");
+}
+
+/// POST /v1/verify: the answer as JSON.
+fn verify_json(verifier: &str, key: &str) -> serde_json::Value {
+    let body = json!({"key": key}).to_string();
+    let (code, _, body) =
+        http(verifier, "POST", "/v1/verify", &[("Content-Type", "application/json")], body.as_bytes())
+            .expect("an answer");
+    assert_eq!(code, 200, "{body}");
+    serde_json::from_str(&body).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_namespace_can_neither_revoke_our_keys_nor_claim_our_identity() {
+    let client = client().await;
+    let a = TestNamespace::new(&client, "tenant-a").await;
+    let b = TestNamespace::new(&client, "tenant-b").await;
+    let spec = json!({"expiry": {"maxLifetime": "PT1H"}});
+    let pa = a.policy(&client, "p", spec.clone()).await;
+    let pb = b.policy(&client, "p", spec).await;
+    let _ca = common::controller_for(&a.name, &[], "info");
+    let _cb = common::controller_for(&b.name, &[], "info");
+    // One verifier for every namespace, as the chart installs it.
+    let verifier = common::KeywardProcess::start(&["verifier"], "info");
+    verifier.wait_ready().await;
+    let nginx = nginx(&verifier.addr).await;
+    a.apikey(&client, "checkout", json!({"policy": pa, "owner": "payments"})).await;
+    b.apikey(&client, "mallory", json!({"policy": pb, "owner": "payments"})).await;
+    let mut keys = Vec::new();
+    for (ns, name) in [(&a.name, "checkout"), (&b.name, "mallory")] {
+        let key = common::eventually("the key", Duration::from_secs(30), || async {
+            secret_data(&client, ns, name).await?.get("api-key").cloned()
+        })
+        .await;
+        let v = common::eventually("the verifier to know the key", Duration::from_secs(10), || async {
+            let v = verify_json(&verifier.addr, &key);
+            (v["code"] == "VALID").then_some(v)
+        })
+        .await;
+        assert_eq!(v["apiKey"], json!({"namespace": ns, "name": name}), "told apart by namespace and name");
+        assert_eq!(v["owner"], "payments", "the owner is the same free text in both");
+        keys.push(key);
+    }
+    let (key_a, key_b) = (keys[0].clone(), keys[1].clone());
+
+    // Through the documented nginx configuration: the upstream sees who called, and
+    // identity headers a caller injects never reach it.
+    let injected = [
+        ("X-Keyward-Owner", "admin"),
+        ("X-Keyward-Namespace", "kube-system"),
+        ("x-keyward-apikey", "root"),
+        ("X-Keyward-Key-Id", "0000000000000000"),
+        ("X-Keyward-Scopes", "admin"),
+        ("X-Keyward-Owner", "admin-again"),
+    ];
+    for (key, ns, name) in [(&key_a, &a.name, "checkout"), (&key_b, &b.name, "mallory")] {
+        let (code, body) = via_nginx(&nginx.front, key, &injected);
+        assert_eq!(code, 200, "{body}");
+        let expected = format!("upstream ok owner=payments namespace={ns} apikey={name} key-id=");
+        assert!(body.starts_with(&expected), "{body}");
+        assert!(!body.contains("admin") && !body.contains("root") && !body.contains("kube-system"), "{body}");
+        assert!(body.contains("scopes= authorization=\n"), "{body}");
+    }
+    let (code, _, body) = http(&nginx.front, "GET", "/orders", &injected, b"").unwrap();
+    assert_eq!(code, 401, "injected identity without a key: {body}");
+    assert!(!body.contains("upstream ok"));
+
+    // B lists A's key IDs (public: status, Events, X-Keyward-Key-Id) in its revokedKeys,
+    // together with its own active key, whose refusal shows the verifier has the change.
+    let a_before = get_key(&client, &a.name, "checkout").await;
+    let a_ids: Vec<String> =
+        a_before.status.iter().flat_map(|s| s.keys.iter().map(|k| k.key_id.clone())).collect();
+    let b_active = common::active(&get_key(&client, &b.name, "mallory").await).unwrap().key_id;
+    let mut listed: Vec<&str> = a_ids.iter().map(String::as_str).collect();
+    listed.push(&b_active);
+    common::revoke_keys(&client, &b.name, "mallory", &listed).await;
+    common::eventually("B's own key to be revoked", Duration::from_secs(5), || async {
+        (verify_json(&verifier.addr, &key_b)["code"] == "REVOKED").then_some(())
+    })
+    .await;
+    let v = verify_json(&verifier.addr, &key_a);
+    assert_eq!(
+        (v["code"].as_str(), v["apiKey"]["namespace"].as_str()),
+        (Some("VALID"), Some(a.name.as_str()))
+    );
+    assert_eq!(via_nginx(&nginx.front, &key_a, &[]).0, 200, "A's key still passes nginx");
+    // B's controller acts on B's list (a new active key for B); A's keys stay as they were.
+    wait_key(&client, &b.name, "mallory", Duration::from_secs(30), |k| {
+        let s = k.status.as_ref()?;
+        (s.observed_generation == k.metadata.generation && common::active(k)?.key_id != b_active)
+            .then_some(())
+    })
+    .await;
+    let a_after = get_key(&client, &a.name, "checkout").await;
+    let ids_after: Vec<String> =
+        a_after.status.iter().flat_map(|s| s.keys.iter().map(|k| k.key_id.clone())).collect();
+    assert_eq!(ids_after, a_ids, "A's keys were not touched");
+    assert!(a_after.status.unwrap().keys.iter().all(|k| k.state != KeyState::Revoked));
+    assert_eq!(
+        ready(&get_key(&client, &a.name, "checkout").await).unwrap(),
+        ("True".into(), "KeyActive".into())
+    );
+    assert_eq!(verify_json(&verifier.addr, &key_a)["code"], "VALID");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_verifier_replicas_write_last_use_once_per_interval_in_total() {
+    let client = client().await;
+    let ns = TestNamespace::new(&client, "replicas").await;
+    let policy = ns.policy(&client, "p", json!({"expiry": {"maxLifetime": "PT1H"}})).await;
+    let _controller = common::controller_for(&ns.name, &[], "info");
+    let replicas: Vec<_> = (0..2)
+        .map(|_| {
+            common::KeywardProcess::start(
+                &["verifier", "--namespace", &ns.name, "--usage-flush-interval", "PT10S"],
+                "info",
+            )
+        })
+        .collect();
+    for r in &replicas {
+        r.wait_ready().await;
+    }
+    ns.apikey(&client, "svc", json!({"policy": policy, "owner": "a"})).await;
+    let key = common::eventually("the key", Duration::from_secs(30), || async {
+        secret_data(&client, &ns.name, "svc").await?.get("api-key").cloned()
+    })
+    .await;
+    let auth = format!("Bearer {key}");
+    // Counted from before the first request, so every write falls inside.
+    let started = tokio::time::Instant::now();
+    for r in &replicas {
+        common::eventually("each replica to know the key", Duration::from_secs(10), || async {
+            (http(&r.addr, "GET", "/v1/auth", &[("Authorization", &auth)], b"")?.0 == 200).then_some(())
+        })
+        .await;
+    }
+    // 45 s of traffic spread over both replicas (as a Service would), watching lastUsedAt.
+    let mut values = std::collections::BTreeSet::new();
+    let mut sent = 0u32;
+    while started.elapsed() < Duration::from_secs(45) {
+        for r in &replicas {
+            let code = http(&r.addr, "GET", "/v1/auth", &[("Authorization", &auth)], b"").unwrap().0;
+            assert_eq!(code, 200);
+            sent += 1;
+        }
+        if let Some(t) = common::active(&get_key(&client, &ns.name, "svc").await).and_then(|k| k.last_used_at)
+        {
+            values.insert(t);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let writes: f64 = replicas
+        .iter()
+        .map(|r| metric_sum(&r.get("/metrics").unwrap().1, "keyward_verifier_usage_writes_total"))
+        .sum();
+    let per_replica: Vec<f64> = replicas
+        .iter()
+        .map(|r| metric_sum(&r.get("/metrics").unwrap().1, "keyward_verifier_usage_writes_total"))
+        .collect();
+    eprintln!(
+        "{sent} requests in {elapsed:.0} s: {writes} lastUsedAt writes ({per_replica:?}), {} values seen",
+        values.len()
+    );
+    // At most one write per 10 s interval in total (plus the first), not one per replica.
+    let most = (elapsed / 10.0).floor() + 1.0;
+    assert!(writes <= most, "{writes} writes in {elapsed:.0} s: at most {most}");
+    assert!(writes >= 3.0, "last use keeps being written under traffic: {writes}");
+    let values: Vec<_> = values.into_iter().collect();
+    for pair in values.windows(2) {
+        assert!(pair[1] - pair[0] >= chrono::TimeDelta::seconds(10), "values an interval apart: {values:?}");
+    }
 }

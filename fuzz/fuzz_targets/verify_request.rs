@@ -9,6 +9,7 @@
 //!   whose `key` (an object field, or serde's one-element array form) is that string.
 //! - A found key is trimmed, part of what was sent, and `Authorization` wins over
 //!   `X-Api-Key`; `Bearer` is matched in any case.
+//! - A request that sends `Authorization` (or, without one, `X-Api-Key`) twice gets no key.
 //! - Wrapping any string as `{"key": ...}` or `Bearer ...`/`X-Api-Key` gives it back
 //!   trimmed (for headers: when it is a valid header value and not blank).
 //! - The index, holding one key of the default format, answers `VALID` for that key
@@ -107,6 +108,18 @@ fuzz_target!(|data: &[u8]| {
         verdict_fits(index, key, now);
     } else {
         assert!(auth_text.is_some() || api_key_text.is_none(), "X-Api-Key {api_key_text:?} was ignored");
+    }
+
+    // Any header sent twice is refused whatever else is there: a proxy and its upstream
+    // could read different copies.
+    for name in [AUTHORIZATION.as_str(), "x-api-key"] {
+        if let Some(v) = if name == "x-api-key" { &api_key } else { &auth } {
+            let mut twice = headers.clone();
+            twice.remove(AUTHORIZATION);
+            twice.append(name, v.clone());
+            twice.append(name, v.clone());
+            assert_eq!(key_from_headers(&twice), None, "{name} sent twice");
+        }
     }
 
     // The input as a key, wrapped the ways clients send it.

@@ -83,7 +83,13 @@ impl<'a> Minter<'a> {
         let candidate = SecretKey::from_string(text(self.existing, slot.data_key())?);
         self.format.check(candidate.expose()).ok()?;
         let facts = self.format.facts(&candidate);
-        (!self.known.contains(&facts.hash) && !self.revoked.contains(&facts.key_id)).then_some(candidate)
+        (!self.known.contains(&facts.hash) && !self.id_taken(&facts.key_id)).then_some(candidate)
+    }
+
+    /// Whether another key of this ApiKey (in status, minted now, or revoked) has this ID:
+    /// an ID names one key of one ApiKey, so `revokedKeys` can never hit a second one.
+    fn id_taken(&self, key_id: &str) -> bool {
+        self.revoked.iter().any(|r| r == key_id) || self.known.iter().any(|h| keys::key_id_of(h) == key_id)
     }
 }
 
@@ -94,7 +100,12 @@ impl Mint for Minter<'_> {
                 self.adopted += 1;
                 k
             }
-            None => self.format.generate(),
+            None => loop {
+                let key = self.format.generate();
+                if !self.id_taken(&self.format.facts(&key).key_id) {
+                    break key;
+                }
+            },
         };
         let facts = self.format.facts(&key);
         self.known.push(facts.hash.clone());
@@ -189,4 +200,32 @@ pub fn differs(have: Option<&Secret>, want: &Secret) -> bool {
         || !subset(&want.metadata.labels, &have.metadata.labels)
         || !subset(&want.metadata.annotations, &have.metadata.annotations)
         || want.metadata.owner_references.iter().flatten().any(|o| !have.owner_references().contains(o))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_id_already_used_by_this_apikey_is_never_issued_again() {
+        let format = KeyFormat::default();
+        let old = format.generate();
+        let old_facts = format.facts(&old);
+        let mut data = BTreeMap::new();
+        data.insert(Slot::Secondary.data_key().to_string(), ByteString(old.expose().as_bytes().to_vec()));
+        let secret = Secret { data: Some(data), ..Default::default() };
+        // A key in the slot whose ID this ApiKey revoked is not adopted, and neither is
+        // one whose ID a key in status has.
+        let revoked = vec![old_facts.key_id.clone()];
+        let mut minter = Minter::new(&format, Some(&secret), vec![], &revoked);
+        assert!(minter.id_taken(&old_facts.key_id));
+        assert_ne!(minter.mint(Slot::Secondary).key_id, old_facts.key_id);
+        let other = format.facts(&format.generate());
+        let known = vec![other.hash.clone()];
+        let mut minter = Minter::new(&format, None, known, &[]);
+        assert!(minter.id_taken(&other.key_id) && !minter.id_taken(&old_facts.key_id));
+        let first = minter.mint(Slot::Primary);
+        assert_eq!(first.key_id.len(), keys::KEY_ID_LEN);
+        assert!(minter.id_taken(&first.key_id), "a key minted now takes its ID too");
+    }
 }

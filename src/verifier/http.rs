@@ -110,9 +110,9 @@ async fn verify(State(s): State<AppState>, body: Bytes) -> Response {
     let body = VerifyResponse {
         valid: verdict.code == Code::Valid,
         code: verdict.code,
-        api_key: e.map(|e| ApiKeyRef { namespace: &e.namespace, name: &e.name }),
-        owner: e.map(|e| e.owner.as_str()),
-        client_id: e.map(|e| e.client_id.as_str()),
+        api_key: e.map(|e| ApiKeyRef { namespace: &e.apikey.namespace, name: &e.apikey.name }),
+        owner: e.map(|e| e.apikey.owner.as_str()),
+        client_id: e.map(|e| e.apikey.client_id.as_str()),
         key_id: e.map(|e| e.key_id.as_str()),
         slot: e.map(|e| e.slot.to_string()),
         expires_at: e.and_then(|e| e.expires_at).map(|t| t.to_rfc3339_opts(SecondsFormat::Secs, true)),
@@ -131,9 +131,13 @@ async fn auth(State(s): State<AppState>, headers: HeaderMap) -> Response {
         (Code::Valid, Some(e)) => {
             let mut resp = StatusCode::OK.into_response();
             let h = resp.headers_mut();
+            // The namespace and ApiKey name are what no other namespace can claim; the
+            // owner is free text, unique only within its namespace.
             for (name, value) in [
-                ("x-keyward-owner", e.owner.as_str()),
-                ("x-keyward-client-id", e.client_id.as_str()),
+                ("x-keyward-namespace", e.apikey.namespace.as_str()),
+                ("x-keyward-apikey", e.apikey.name.as_str()),
+                ("x-keyward-owner", e.apikey.owner.as_str()),
+                ("x-keyward-client-id", e.apikey.client_id.as_str()),
                 ("x-keyward-key-id", e.key_id.as_str()),
             ] {
                 if let Ok(v) = HeaderValue::from_str(value) {

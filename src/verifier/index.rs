@@ -1,34 +1,63 @@
 //! The verifier's in-memory index: `sha256(key) → entry` for every key in every
-//! ApiKey's status, the revoked key IDs from `spec.revokedKeys`, and the key formats of
-//! all KeyPolicies (malformed keys are refused before any lookup). Pure: fed by watch
+//! ApiKey's status, each ApiKey's own `spec.revokedKeys`, and the key formats of all
+//! KeyPolicies (malformed keys are refused before any lookup). Pure: fed by watch
 //! events, asked at request time (expiry is judged against the clock then).
+//!
+//! Tenancy: a key is judged only by the ApiKey whose status holds its hash. Another
+//! ApiKey listing the same key ID in its `revokedKeys` changes nothing for it, and
+//! removing an ApiKey removes only its own entries, even when (material copied between
+//! Secrets) two ApiKeys list one hash: the key stays with the one that issued it first.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use kube::ResourceExt;
 use serde::Serialize;
 
 use crate::api::{ApiKey, KeyState, Slot};
-use crate::keys::{self, KeyFormat, MAX_KEY_LEN};
+use crate::keys::{self, KEY_ID_LEN, KeyFormat, LEGACY_KEY_ID_LEN, MAX_KEY_LEN};
 
-/// What the index knows about one key.
+/// The ApiKey a key belongs to; shared by its keys' entries.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Entry {
+pub struct Holder {
     /// The ApiKey's namespace.
     pub namespace: String,
     /// The ApiKey's name.
     pub name: String,
-    /// Its owner.
+    /// Its owner (unique only within the namespace).
     pub owner: String,
     /// Its client ID.
     pub client_id: String,
+    /// Its `spec.revokedKeys`.
+    pub revoked: Vec<String>,
+    /// The ApiKey's resourceVersion this view was built from.
+    pub resource_version: Option<String>,
+}
+
+impl Holder {
+    fn is(&self, id: &Id) -> bool {
+        self.namespace == id.0 && self.name == id.1
+    }
+}
+
+/// What the index knows about one key.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Entry {
+    /// The ApiKey that holds it.
+    pub apikey: Arc<Holder>,
     /// The key's ID.
     pub key_id: String,
     /// The key's slot.
     pub slot: Slot,
+    /// Its position in `status.keys` (for the verifier's JSON patch).
+    pub position: usize,
+    /// When it was issued.
+    pub created_at: DateTime<Utc>,
     /// When it stops verifying (None: never).
     pub expires_at: Option<DateTime<Utc>>,
+    /// Its last use as status records it.
+    pub last_used_at: Option<DateTime<Utc>>,
     /// Its state in status.
     pub state: KeyState,
 }
@@ -45,7 +74,8 @@ pub enum Code {
     Expired,
     /// Revoked.
     Revoked,
-    /// Not a key of any policy's format (prefix, length, encoding, checksum).
+    /// Not a key of any policy's format (prefix, length, encoding, checksum), or sent
+    /// ambiguously (two different keys in one request).
     Malformed,
 }
 
@@ -71,13 +101,19 @@ pub struct Verdict {
     pub entry: Option<Entry>,
 }
 
+type Id = (String, String);
+
 /// The index.
 #[derive(Default, Debug)]
 pub struct Index {
     by_hash: HashMap<String, Entry>,
-    hashes_of: HashMap<(String, String), Vec<String>>,
-    revoked: HashMap<String, (String, String)>,
-    revoked_of: HashMap<(String, String), Vec<String>>,
+    /// Each ApiKey's hashes, in `status.keys` order.
+    hashes_of: HashMap<Id, Vec<String>>,
+    /// Each ApiKey's revoked IDs, and how many ApiKeys list each ID: only used for a key
+    /// that is in no status any more (its slot was regenerated), to say `REVOKED`
+    /// rather than `NOT_FOUND`; a key in a status is judged by its own ApiKey alone.
+    revoked_of: HashMap<Id, Vec<String>>,
+    revoked_ids: HashMap<String, usize>,
     formats: Vec<KeyFormat>,
 }
 
@@ -104,14 +140,38 @@ impl Index {
         self.formats = formats;
     }
 
-    /// Forget an ApiKey's keys.
+    /// Whether the index holds this ApiKey (with keys or revocations).
+    pub fn contains(&self, namespace: &str, name: &str) -> bool {
+        let id = (namespace.to_string(), name.to_string());
+        self.hashes_of.contains_key(&id) || self.revoked_of.contains_key(&id)
+    }
+
+    /// The keys an ApiKey holds, in `status.keys` order.
+    pub fn keys_of(&self, namespace: &str, name: &str) -> Vec<&Entry> {
+        let id = (namespace.to_string(), name.to_string());
+        self.hashes_of
+            .get(&id)
+            .into_iter()
+            .flatten()
+            .filter_map(|h| self.by_hash.get(h).filter(|e| e.apikey.is(&id)))
+            .collect()
+    }
+
+    /// Forget an ApiKey's keys and revocations (and nothing of any other ApiKey).
     pub fn remove(&mut self, namespace: &str, name: &str) {
         let id = (namespace.to_string(), name.to_string());
         for h in self.hashes_of.remove(&id).unwrap_or_default() {
-            self.by_hash.remove(&h);
+            if self.by_hash.get(&h).is_some_and(|e| e.apikey.is(&id)) {
+                self.by_hash.remove(&h);
+            }
         }
         for k in self.revoked_of.remove(&id).unwrap_or_default() {
-            self.revoked.remove(&k);
+            if let Some(n) = self.revoked_ids.get_mut(&k) {
+                *n -= 1;
+                if *n == 0 {
+                    self.revoked_ids.remove(&k);
+                }
+            }
         }
     }
 
@@ -121,29 +181,49 @@ impl Index {
         let name = key.name_any();
         self.remove(&namespace, &name);
         let id = (namespace.clone(), name.clone());
-        let revoked = key.spec.revoked_keys.clone();
+        let mut revoked = key.spec.revoked_keys.clone();
+        revoked.sort();
+        revoked.dedup();
         for k in &revoked {
-            self.revoked.insert(k.clone(), id.clone());
+            *self.revoked_ids.entry(k.clone()).or_default() += 1;
         }
-        self.revoked_of.insert(id.clone(), revoked);
+        if !revoked.is_empty() {
+            self.revoked_of.insert(id.clone(), revoked.clone());
+        }
         let Some(status) = &key.status else { return };
+        let holder = Arc::new(Holder {
+            namespace,
+            name,
+            owner: key.spec.owner.clone(),
+            client_id: status.client_id.clone().unwrap_or_default(),
+            revoked,
+            resource_version: key.metadata.resource_version.clone(),
+        });
         let mut hashes = Vec::new();
-        for k in &status.keys {
+        for (position, k) in status.keys.iter().enumerate() {
             let Some(hex) = k.hash.strip_prefix("sha256:") else { continue };
             let entry = Entry {
-                namespace: namespace.clone(),
-                name: name.clone(),
-                owner: key.spec.owner.clone(),
-                client_id: status.client_id.clone().unwrap_or_default(),
+                apikey: holder.clone(),
                 key_id: k.key_id.clone(),
                 slot: k.slot,
+                position,
+                created_at: k.created_at,
                 expires_at: k.effective_expires_at,
+                last_used_at: k.last_used_at,
                 state: k.state,
             };
-            self.by_hash.insert(hex.to_string(), entry);
+            // One hash in two ApiKeys (material copied into another Secret): the key
+            // stays with the ApiKey that issued it first.
+            let taken =
+                self.by_hash.get(hex).is_some_and(|e| !e.apikey.is(&id) && e.created_at <= k.created_at);
+            if !taken {
+                self.by_hash.insert(hex.to_string(), entry);
+            }
             hashes.push(hex.to_string());
         }
-        self.hashes_of.insert(id, hashes);
+        if !hashes.is_empty() {
+            self.hashes_of.insert(id, hashes);
+        }
     }
 
     /// Is `key` valid at `now`?
@@ -158,16 +238,22 @@ impl Index {
             Some(e) => {
                 let code = match e.state {
                     KeyState::Revoked => Code::Revoked,
-                    _ if self.revoked.contains_key(&e.key_id) => Code::Revoked,
+                    // Only the ApiKey that holds the key can revoke it.
+                    _ if e.apikey.revoked.contains(&e.key_id) => Code::Revoked,
                     KeyState::Expired => Code::Expired,
                     _ if e.expires_at.is_some_and(|t| t <= now) => Code::Expired,
                     _ => Code::Valid,
                 };
                 Verdict { code, entry: Some(e.clone()) }
             }
-            // A revoked key whose slot was already regenerated is no longer in status;
-            // its ID (derived from its hash) is still in spec.revokedKeys.
-            None if self.revoked.contains_key(&hex[..10]) => Verdict { code: Code::Revoked, entry: None },
+            // A revoked key whose slot was already regenerated is in no status any more
+            // (and so valid nowhere); its ID (derived from its hash) is still listed.
+            None if [KEY_ID_LEN, LEGACY_KEY_ID_LEN]
+                .iter()
+                .any(|&n| self.revoked_ids.contains_key(&hex[..n])) =>
+            {
+                Verdict { code: Code::Revoked, entry: None }
+            }
             None => Verdict { code: Code::NotFound, entry: None },
         }
     }
@@ -230,7 +316,7 @@ mod tests {
         assert_eq!(index.len(), 2);
         let v = index.verify(&m[0], now);
         assert_eq!(v.code, Code::Valid);
-        assert_eq!(v.entry.unwrap().owner, "team");
+        assert_eq!(v.entry.unwrap().apikey.owner, "team");
         assert_eq!(index.verify(&m[1], now).code, Code::Expired, "judged against the clock");
         assert_eq!(index.verify(KeyFormat::default().generate().expose(), now).code, Code::NotFound);
         for bad in ["", "kw_short", "nope", &"x".repeat(5000), &m[0][..m[0].len() - 1]] {
@@ -249,6 +335,76 @@ mod tests {
         index.remove("ns", "svc");
         assert!(index.is_empty());
         assert_eq!(index.verify(&m[0], now).code, Code::NotFound);
+    }
+
+    fn moved(mut key: ApiKey, namespace: &str, name: &str) -> ApiKey {
+        key.metadata.namespace = Some(namespace.into());
+        key.metadata.name = Some(name.into());
+        key
+    }
+
+    fn index_of(keys: &[&ApiKey]) -> Index {
+        let mut index = Index::default();
+        index.set_formats(vec![KeyFormat::default()]);
+        keys.iter().for_each(|k| index.upsert(k));
+        index
+    }
+
+    #[test]
+    fn another_namespace_listing_a_key_id_revokes_nothing_of_ours() {
+        let now = Utc::now();
+        let later = Some(now + TimeDelta::seconds(60));
+        let (a, ma) = apikey(vec![("a", KeyState::Active, later)], vec![]);
+        let a = moved(a, "tenant-a", "checkout");
+        let a_id = a.status.as_ref().unwrap().keys[0].key_id.clone();
+        // Tenant B lists A's (public) key ID, twice over, in two ApiKeys.
+        let (b, mb) = apikey(vec![("b", KeyState::Active, later)], vec![a_id.clone()]);
+        let b1 = moved(b.clone(), "tenant-b", "x");
+        let b2 = moved(b, "tenant-b", "y");
+        let mut index = index_of(&[&a, &b1, &b2]);
+        assert_eq!(index.verify(&ma[0], now).code, Code::Valid, "A's key is judged by A alone");
+        let v = index.verify(&mb[0], now);
+        assert_eq!(v.code, Code::Valid);
+        // Two ApiKeys listing one ID: removing one leaves the other's revocation in place.
+        let (c, mc) = apikey(vec![("c", KeyState::Active, later)], vec![]);
+        let c = moved(c, "tenant-c", "c");
+        let c_id = c.status.as_ref().unwrap().keys[0].key_id.clone();
+        let mut c_revoked = c.clone();
+        c_revoked.spec.revoked_keys = vec![c_id.clone()];
+        let mut b_lists_c = moved(c.clone(), "tenant-b", "z");
+        b_lists_c.status = None;
+        b_lists_c.spec.revoked_keys = vec![c_id];
+        index.upsert(&c_revoked);
+        index.upsert(&b_lists_c);
+        assert_eq!(index.verify(&mc[0], now).code, Code::Revoked);
+        index.remove("tenant-b", "z");
+        assert_eq!(index.verify(&mc[0], now).code, Code::Revoked, "C's own revocation stays");
+        index.upsert(&c);
+        assert_eq!(index.verify(&mc[0], now).code, Code::Valid, "and goes when C lifts it");
+        assert_eq!(index.verify(&ma[0], now).code, Code::Valid);
+    }
+
+    #[test]
+    fn a_copied_hash_stays_with_the_apikey_that_issued_it_first() {
+        let now = Utc::now();
+        let later = Some(now + TimeDelta::seconds(60));
+        let (a, m) = apikey(vec![("a", KeyState::Active, later)], vec![]);
+        let a = moved(a, "tenant-a", "checkout");
+        let mut copy = moved(a.clone(), "tenant-b", "copy");
+        copy.status.as_mut().unwrap().keys[0].created_at += TimeDelta::seconds(5);
+        copy.spec.owner = "payments".into();
+        for order in [[&a, &copy], [&copy, &a]] {
+            let mut index = index_of(&order);
+            assert_eq!(index.verify(&m[0], now).entry.unwrap().apikey.namespace, "tenant-a", "either order");
+            // B revoking its copy, or deleting it, leaves A's key alone.
+            let mut revoked = copy.clone();
+            revoked.spec.revoked_keys = vec![copy.status.as_ref().unwrap().keys[0].key_id.clone()];
+            index.upsert(&revoked);
+            assert_eq!(index.verify(&m[0], now).code, Code::Valid);
+            index.remove("tenant-b", "copy");
+            assert_eq!(index.verify(&m[0], now).code, Code::Valid);
+            assert_eq!(index.keys_of("tenant-a", "checkout").len(), 1);
+        }
     }
 
     #[test]

@@ -20,7 +20,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 
-pub use index::{Code, Entry, Index, Verdict};
+pub use index::{Code, Entry, Holder, Index, Verdict};
 
 use crate::api::{ApiKey, KeyPolicy};
 use crate::error::Result;
@@ -63,6 +63,8 @@ pub struct VerifierMetrics {
     pub index_keys: Gauge,
     /// `lastUsedAt` status writes.
     pub usage_writes: Counter,
+    /// `lastUsedAt` writes that failed (other than a concurrent change).
+    pub usage_write_failures: Counter,
 }
 
 impl VerifierMetrics {
@@ -72,6 +74,7 @@ impl VerifierMetrics {
             latency: Histogram::new(exponential_buckets(0.00001, 2.0, 16)),
             index_keys: Gauge::default(),
             usage_writes: Counter::default(),
+            usage_write_failures: Counter::default(),
         };
         registry.register(
             "verify_requests",
@@ -81,6 +84,11 @@ impl VerifierMetrics {
         registry.register("verify_duration_seconds", "Time to answer a verification", m.latency.clone());
         registry.register("verifier_index_keys", "Keys in the verifier's index", m.index_keys.clone());
         registry.register("verifier_usage_writes", "lastUsedAt status writes", m.usage_writes.clone());
+        registry.register(
+            "verifier_usage_write_failures",
+            "lastUsedAt status writes that failed (retried with backoff)",
+            m.usage_write_failures.clone(),
+        );
         Arc::new(m)
     }
 }
@@ -92,7 +100,7 @@ pub async fn run(client: Client, server: &str, opts: Options) -> Result<()> {
     let vm = VerifierMetrics::register(&mut registry);
     let metrics = Metrics::with_registry(registry);
     let index = Arc::new(RwLock::new(Index::default()));
-    let usage = Arc::new(usage::Usage::new(client.clone(), opts.usage_interval, vm.clone()));
+    let usage = Arc::new(usage::Usage::new(client.clone(), opts.usage_interval, vm.clone(), index.clone()));
     let ready = Readiness::default();
 
     let keys: Api<ApiKey> = match &opts.namespace {

@@ -32,13 +32,24 @@ pub fn key_from_body(body: &[u8]) -> Result<String, BodyError> {
 }
 
 /// The key from `Authorization: Bearer <key>` or, when there is no readable
-/// `Authorization`, `X-Api-Key: <key>`; trimmed. `None` for another scheme.
+/// `Authorization`, `X-Api-Key: <key>`; trimmed. `None` for another scheme, and for a
+/// request that sends the header it reads more than once: a proxy and the upstream
+/// behind it could each read a different one, so such a request is refused, not
+/// guessed at.
 pub fn key_from_headers(headers: &HeaderMap) -> Option<&str> {
-    if let Some(v) = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()) {
+    let single = |name| {
+        let mut values = headers.get_all(name).iter();
+        match (values.next(), values.next()) {
+            (Some(v), None) => Ok(v.to_str().ok()),
+            (None, _) => Ok(None),
+            (Some(_), Some(_)) => Err(()),
+        }
+    };
+    if let Some(v) = single(header::AUTHORIZATION).ok()? {
         let (scheme, rest) = v.trim().split_once(' ')?;
         return scheme.eq_ignore_ascii_case("bearer").then(|| rest.trim());
     }
-    headers.get("x-api-key").and_then(|v| v.to_str().ok()).map(str::trim)
+    single(header::HeaderName::from_static("x-api-key")).ok()?.map(str::trim)
 }
 
 #[cfg(test)]
@@ -62,6 +73,21 @@ mod tests {
         // An Authorization value that is not visible ASCII is skipped, as if absent.
         h.insert(header::AUTHORIZATION, HeaderValue::from_bytes(b"Bearer \xff").unwrap());
         assert_eq!(key_from_headers(&h), Some("kw_abc"));
+    }
+
+    #[test]
+    fn a_header_sent_twice_is_refused_not_guessed() {
+        let mut h = HeaderMap::new();
+        h.append(header::AUTHORIZATION, HeaderValue::from_static("Bearer kw_a"));
+        h.append(header::AUTHORIZATION, HeaderValue::from_static("Bearer kw_a"));
+        h.insert("x-api-key", HeaderValue::from_static("kw_c"));
+        assert_eq!(key_from_headers(&h), None, "two Authorization headers, even equal ones");
+        let mut h = HeaderMap::new();
+        h.append("x-api-key", HeaderValue::from_static("kw_a"));
+        h.append("x-api-key", HeaderValue::from_static("kw_b"));
+        assert_eq!(key_from_headers(&h), None, "two X-Api-Key headers");
+        h.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer kw_z"));
+        assert_eq!(key_from_headers(&h), Some("kw_z"), "one Authorization decides; X-Api-Key is not read");
     }
 
     #[test]

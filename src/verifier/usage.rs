@@ -1,79 +1,178 @@
 //! Last use per key, kept in memory and written to `status.keys[].lastUsedAt` at most
-//! once per interval per ApiKey, batched (both slots in one JSON patch), with a `test`
-//! on the key ID so a regenerated slot never inherits the old key's last use.
+//! once per interval per key across all verifier replicas.
+//!
+//! Every replica sees the stored `lastUsedAt` through its index (the ApiKey watch) and
+//! writes a key's last use only when it is at least one interval later than the stored
+//! one, so a second replica never repeats what the first one wrote. Each write is one
+//! JSON patch per ApiKey (both slots at once) with a `test` on the `resourceVersion` its
+//! decision was made from: when another replica (or the controller) wrote meanwhile,
+//! the patch fails, and the decision is made again from the newer state. Errors back
+//! off per ApiKey (1 s doubling to the interval); every map holds only ApiKeys with
+//! something to write or written within the last interval.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use chrono::{DateTime, SecondsFormat, Utc};
+use chrono::{DateTime, SecondsFormat, TimeDelta, Utc};
 use kube::Client;
 use kube::api::{Api, Patch, PatchParams};
 
-use super::{Entry, VERIFIER_MANAGER, VerifierMetrics};
+use super::{Entry, Index, VERIFIER_MANAGER, VerifierMetrics};
 use crate::api::ApiKey;
 
 type Id = (String, String);
 
-/// Pending last uses and the time of each ApiKey's last write.
+/// How often pending uses are looked at.
+const TICK: Duration = Duration::from_millis(200);
+/// First delay after a failed write; doubles up to the interval.
+const FIRST_BACKOFF: Duration = Duration::from_secs(1);
+
+/// A key's use that may need writing, and whether to write it now.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Decision {
+    /// Write this use (the stored value is absent or at least an interval older).
+    Write,
+    /// The stored value is recent enough (or newer): forget this use.
+    Drop,
+}
+
+/// Whether a use at `used` should be written over the stored `stored`, given `interval`.
+pub fn decide(used: DateTime<Utc>, stored: Option<DateTime<Utc>>, interval: Duration) -> Decision {
+    let interval = TimeDelta::from_std(interval).unwrap_or(TimeDelta::MAX);
+    match stored {
+        Some(t) if used - t < interval => Decision::Drop,
+        _ => Decision::Write,
+    }
+}
+
+#[derive(Default)]
+struct State {
+    /// Latest use per key ID, per ApiKey.
+    pending: HashMap<Id, HashMap<String, DateTime<Utc>>>,
+    /// When this replica last wrote each ApiKey (kept for one interval).
+    written: HashMap<Id, Instant>,
+    /// After a failed write: not before, and the delay that led there.
+    retry: HashMap<Id, (Instant, Duration)>,
+}
+
+/// One ApiKey's write: JSON patch operations and the version they were computed from.
+struct Planned {
+    id: Id,
+    ops: Vec<serde_json::Value>,
+    uses: HashMap<String, DateTime<Utc>>,
+}
+
+/// Pending last uses and this replica's writes.
 pub struct Usage {
     client: Client,
     interval: Duration,
     vm: Arc<VerifierMetrics>,
-    pending: Mutex<HashMap<Id, HashMap<String, DateTime<Utc>>>>,
-    written: Mutex<HashMap<Id, Instant>>,
+    index: Arc<RwLock<Index>>,
+    state: Mutex<State>,
 }
 
 impl Usage {
-    /// Write at most once per `interval` per ApiKey.
-    pub fn new(client: Client, interval: Duration, vm: Arc<VerifierMetrics>) -> Self {
-        Usage { client, interval, vm, pending: Mutex::default(), written: Mutex::default() }
+    /// Write a key's last use at most once per `interval`.
+    pub fn new(
+        client: Client,
+        interval: Duration,
+        vm: Arc<VerifierMetrics>,
+        index: Arc<RwLock<Index>>,
+    ) -> Self {
+        Usage { client, interval, vm, index, state: Mutex::default() }
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Remember that `entry`'s key was used at `now` (memory only).
     pub fn record(&self, entry: &Entry, now: DateTime<Utc>) {
-        let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
-        pending
-            .entry((entry.namespace.clone(), entry.name.clone()))
-            .or_default()
-            .insert(entry.key_id.clone(), now);
+        if entry.last_used_at.is_some_and(|t| decide(now, Some(t), self.interval) == Decision::Drop) {
+            return;
+        }
+        let id = (entry.apikey.namespace.clone(), entry.apikey.name.clone());
+        let mut state = self.state();
+        let used = state.pending.entry(id).or_default().entry(entry.key_id.clone()).or_insert(now);
+        *used = (*used).max(now);
     }
 
-    /// Flush what is due, every 200 ms, forever.
+    /// Look at pending uses every 200 ms, forever.
     pub async fn run(self: Arc<Self>) {
         loop {
-            tokio::time::sleep(Duration::from_millis(200)).await;
+            tokio::time::sleep(TICK).await;
             self.flush(false).await;
         }
     }
 
-    /// Write everything pending, due or not (on shutdown).
+    /// Write everything that is due, ignoring backoff and this replica's own last write
+    /// (on shutdown).
     pub async fn flush_all(&self) {
         self.flush(true).await;
     }
 
+    /// Decide, from the index, what to write for each due ApiKey; drop what needs no write.
+    fn plan(&self, all: bool) -> Vec<Planned> {
+        let index = self.index.read().unwrap_or_else(|p| p.into_inner());
+        let mut state = self.state();
+        let now = Instant::now();
+        let interval = self.interval;
+        state.written.retain(|_, t| t.elapsed() < interval);
+        state.retry.retain(|id, _| index.contains(&id.0, &id.1));
+        let State { pending, written, retry } = &mut *state;
+        let mut planned = Vec::new();
+        pending.retain(|id, uses| {
+            if !all && (written.contains_key(id) || retry.get(id).is_some_and(|(at, _)| now < *at)) {
+                return true;
+            }
+            let keys = index.keys_of(&id.0, &id.1);
+            let Some(version) = keys.first().and_then(|e| e.apikey.resource_version.clone()) else {
+                return false;
+            };
+            let mut ops = vec![
+                serde_json::json!({"op": "test", "path": "/metadata/resourceVersion", "value": version}),
+            ];
+            uses.retain(|key_id, used| {
+                let Some(e) = keys.iter().find(|e| e.key_id == *key_id) else { return false };
+                if decide(*used, e.last_used_at, interval) == Decision::Drop {
+                    return false;
+                }
+                ops.push(serde_json::json!({
+                    "op": "add", "path": format!("/status/keys/{}/lastUsedAt", e.position),
+                    "value": used.to_rfc3339_opts(SecondsFormat::Millis, true)
+                }));
+                true
+            });
+            if ops.len() > 1 {
+                planned.push(Planned { id: id.clone(), ops, uses: std::mem::take(uses) });
+            }
+            false
+        });
+        planned
+    }
+
     async fn flush(&self, all: bool) {
-        let due: Vec<(Id, HashMap<String, DateTime<Utc>>)> = {
-            let written = self.written.lock().unwrap_or_else(|p| p.into_inner());
-            let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
-            let ids: Vec<Id> = pending
-                .keys()
-                .filter(|id| all || written.get(*id).is_none_or(|t| t.elapsed() >= self.interval))
-                .cloned()
-                .collect();
-            ids.into_iter().filter_map(|id| pending.remove(&id).map(|p| (id, p))).collect()
-        };
-        for (id, uses) in due {
-            match self.write(&id, &uses).await {
+        for Planned { id, ops, uses } in self.plan(all) {
+            match self.write(&id, ops).await {
                 Ok(true) => {
-                    self.written.lock().unwrap_or_else(|p| p.into_inner()).insert(id, Instant::now());
+                    let mut state = self.state();
+                    state.written.insert(id.clone(), Instant::now());
+                    state.retry.remove(&id);
                     self.vm.usage_writes.inc();
                 }
                 Ok(false) => {}
-                Err(e) => {
-                    tracing::warn!(namespace = %id.0, apikey = %id.1, error = %e, "cannot record last use; will retry");
-                    let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
-                    let slot = pending.entry(id).or_default();
+                Err(conflict) => {
+                    // Put the uses back: they are decided again from the index's next view.
+                    let mut state = self.state();
+                    let delay = if conflict {
+                        TICK
+                    } else {
+                        let last = state.retry.get(&id).map_or(FIRST_BACKOFF / 2, |r| r.1);
+                        (last * 2).min(self.interval).max(FIRST_BACKOFF)
+                    };
+                    state.retry.insert(id.clone(), (Instant::now() + delay, delay));
+                    let slot = state.pending.entry(id).or_default();
                     for (k, t) in uses {
                         let e = slot.entry(k).or_insert(t);
                         *e = (*e).max(t);
@@ -83,35 +182,41 @@ impl Usage {
         }
     }
 
-    /// One JSON patch for an ApiKey: for each used key still in status, `test` its ID
-    /// and set `lastUsedAt` when later than what is there. Ok(false): nothing to write.
-    async fn write(&self, id: &Id, uses: &HashMap<String, DateTime<Utc>>) -> Result<bool, kube::Error> {
+    /// Apply one ApiKey's patch. Ok(true): written; Ok(false): the ApiKey is gone;
+    /// Err(true): it changed since the index saw it; Err(false): any other failure.
+    async fn write(&self, id: &Id, ops: Vec<serde_json::Value>) -> Result<bool, bool> {
         let api: Api<ApiKey> = Api::namespaced(self.client.clone(), &id.0);
-        let Some(key) = api.get_opt(&id.1).await? else { return Ok(false) };
-        let Some(status) = key.status else { return Ok(false) };
-        let mut ops = Vec::new();
-        for (i, k) in status.keys.iter().enumerate() {
-            let Some(used) = uses.get(&k.key_id) else { continue };
-            if k.last_used_at.is_some_and(|t| t >= *used) {
-                continue;
-            }
-            ops.push(serde_json::json!({"op": "test", "path": format!("/status/keys/{i}/keyId"), "value": k.key_id}));
-            ops.push(serde_json::json!({
-                "op": "add", "path": format!("/status/keys/{i}/lastUsedAt"),
-                "value": used.to_rfc3339_opts(SecondsFormat::Millis, true)
-            }));
-        }
-        if ops.is_empty() {
-            return Ok(false);
-        }
         let patch: json_patch::Patch =
             serde_json::from_value(serde_json::Value::Array(ops)).expect("valid JSON patch");
         let pp = PatchParams { field_manager: Some(VERIFIER_MANAGER.into()), ..Default::default() };
         match api.patch_status(&id.1, &pp, &Patch::<()>::Json(patch)).await {
             Ok(_) => Ok(true),
-            // The key was regenerated meanwhile: its old last use no longer matters.
-            Err(kube::Error::Api(e)) if e.code == 422 || e.code == 409 => Ok(false),
-            Err(e) => Err(e),
+            Err(kube::Error::Api(e)) if e.code == 404 => Ok(false),
+            Err(kube::Error::Api(e)) if e.code == 422 || e.code == 409 => Err(true),
+            Err(e) => {
+                tracing::warn!(namespace = %id.0, apikey = %id.1, error = %e, "cannot record last use; will retry");
+                self.vm.usage_write_failures.inc();
+                Err(false)
+            }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_use_is_written_only_an_interval_after_the_stored_one() {
+        let t = Utc::now();
+        let minute = Duration::from_secs(60);
+        assert_eq!(decide(t, None, minute), Decision::Write, "never written");
+        assert_eq!(
+            decide(t, Some(t - TimeDelta::seconds(59)), minute),
+            Decision::Drop,
+            "another replica wrote"
+        );
+        assert_eq!(decide(t, Some(t - TimeDelta::seconds(60)), minute), Decision::Write);
+        assert_eq!(decide(t, Some(t + TimeDelta::seconds(1)), minute), Decision::Drop, "stored is newer");
     }
 }
