@@ -63,6 +63,11 @@ pub enum Command {
         /// Least time between two lastUsedAt writes for one ApiKey (ISO 8601).
         #[arg(long, env = "KEYWARD_USAGE_FLUSH_INTERVAL", default_value = "PT1M", value_parser = parse_interval)]
         usage_flush_interval: std::time::Duration,
+        /// How long a watch may keep failing (no successful list or event since its first
+        /// error) before the verifier goes unready and answers 503 rather than verify
+        /// against a possibly stale index (ISO 8601). A quiet, healthy watch is never stale.
+        #[arg(long, env = "KEYWARD_MAX_STALENESS", default_value = "PT1M", value_parser = parse_interval)]
+        max_staleness: std::time::Duration,
     },
     /// Show ApiKeys: owner, active key, expiry, standby, next action, warnings.
     Status {

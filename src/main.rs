@@ -43,10 +43,15 @@ async fn run(cli: Cli) -> error::Result<()> {
             print!("{}", keyward::ops::revoke(client, namespace.as_deref(), &name, &key_id).await?);
             Ok(())
         }
-        Command::Verifier { listen, namespace, usage_flush_interval } => {
+        Command::Verifier { listen, namespace, usage_flush_interval, max_staleness } => {
             telemetry::init();
             let (client, server) = connect(cli.kubeconfig.as_ref(), cli.context.as_deref()).await?;
-            let opts = keyward::verifier::Options { listen, namespace, usage_interval: usage_flush_interval };
+            let opts = keyward::verifier::Options {
+                listen,
+                namespace,
+                usage_interval: usage_flush_interval,
+                max_staleness,
+            };
             keyward::verifier::run(client, &server, opts).await
         }
         Command::Controller {

@@ -125,29 +125,92 @@ pub async fn rotate(client: Client, namespace: Option<&str>, name: &str) -> Resu
     Ok(format!("apikey {ns}/{name}: rotation requested ({ROTATE_ANNOTATION}={value})\n"))
 }
 
+/// The key IDs in `spec.revokedKeys` that `manager` owns through server-side apply (from
+/// `metadata.managedFields`; a set's items appear there as `v:"<id>"`), in list order.
+pub fn revocations_owned_by(key: &ApiKey, manager: &str) -> Vec<String> {
+    let mut owned: Vec<String> = Vec::new();
+    for entry in key.metadata.managed_fields.iter().flatten() {
+        if entry.manager.as_deref() != Some(manager) || entry.operation.as_deref() != Some("Apply") {
+            continue;
+        }
+        let Some(items) =
+            entry.fields_v1.as_ref().and_then(|f| f.0.get("f:spec")?.get("f:revokedKeys")?.as_object())
+        else {
+            continue;
+        };
+        for field in items.keys() {
+            if let Some(id) = field.strip_prefix("v:").and_then(|v| serde_json::from_str::<String>(v).ok())
+                && !owned.contains(&id)
+            {
+                owned.push(id);
+            }
+        }
+    }
+    owned.sort_by_key(|id| key.spec.revoked_keys.iter().position(|r| r == id));
+    owned
+}
+
+/// What `keyward revoke` applies: the IDs it already owns plus `key_id`, guarded by the
+/// ApiKey's resourceVersion (an apply that lost a race fails with 409 and is retried).
+/// Applying only its own IDs leaves every other manager's entries to their managers: a
+/// GitOps tool that drops an ID of its own drops it, unless the CLI revoked it too.
+pub fn revocation_apply(key: &ApiKey, key_id: &str) -> serde_json::Value {
+    let mut ids = revocations_owned_by(key, CLI_MANAGER);
+    if !ids.iter().any(|id| id == key_id) {
+        ids.push(key_id.to_string());
+    }
+    json!({
+        "apiVersion": "keyward.dev/v1alpha1", "kind": "ApiKey",
+        "metadata": {
+            "name": key.name_any(), "namespace": key.namespace(),
+            "resourceVersion": key.resource_version(),
+        },
+        "spec": {"revokedKeys": ids}
+    })
+}
+
+/// Attempts of `keyward revoke` when the ApiKey changes between its read and its apply.
+const REVOKE_ATTEMPTS: u32 = 10;
+
 /// `keyward revoke`: add a key ID to `spec.revokedKeys` (server-side apply, own field
-/// manager; `revokedKeys` is a set, so other managers' IDs stay).
+/// manager; `revokedKeys` is a set, so other managers' IDs stay, and the CLI's earlier
+/// revocations are re-applied with the new one so none is dropped).
 pub async fn revoke(client: Client, namespace: Option<&str>, name: &str, key_id: &str) -> Result<String> {
     let ns = namespace.map_or_else(|| client.default_namespace().to_string(), str::to_string);
     let api: Api<ApiKey> = Api::namespaced(client, &ns);
-    let key = api.get(name).await.map_err(not_found(&ns, name))?;
-    let known: Vec<String> =
-        key.status.iter().flat_map(|s| s.keys.iter().map(|k| k.key_id.clone())).collect();
-    if !known.iter().any(|k| k == key_id) {
-        return Err(Error::InvalidSpec(format!(
-            "{key_id:?} is not a key of ApiKey {ns}/{name} (its keys: {})",
-            if known.is_empty() { "none".into() } else { known.join(", ") }
-        )));
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let key = api.get(name).await.map_err(not_found(&ns, name))?;
+        let listed = key.spec.revoked_keys.iter().any(|k| k == key_id);
+        if listed && revocations_owned_by(&key, CLI_MANAGER).iter().any(|k| k == key_id) {
+            return Ok(format!("apikey {ns}/{name}: key {key_id} already revoked\n"));
+        }
+        // A key ID another manager already revoked (its slot perhaps regenerated since) is
+        // taken into the CLI's set too: the operator's revocation outlives theirs.
+        let known: Vec<String> =
+            key.status.iter().flat_map(|s| s.keys.iter().map(|k| k.key_id.clone())).collect();
+        if !listed && !known.iter().any(|k| k == key_id) {
+            return Err(Error::InvalidSpec(format!(
+                "{key_id:?} is not a key of ApiKey {ns}/{name} (its keys: {})",
+                if known.is_empty() { "none".into() } else { known.join(", ") }
+            )));
+        }
+        let patch = revocation_apply(&key, key_id);
+        match api.patch(name, &PatchParams::apply(CLI_MANAGER), &Patch::Apply(patch)).await {
+            Ok(_) => return Ok(format!("apikey {ns}/{name}: key {key_id} revoked\n")),
+            // The resourceVersion precondition failed: someone wrote in between; read again.
+            Err(kube::Error::Api(s))
+                if s.code == 409 && s.message.contains("has been modified") && attempt < REVOKE_ATTEMPTS =>
+            {
+                tokio::time::sleep(std::time::Duration::from_millis(25 * u64::from(attempt))).await;
+            }
+            Err(kube::Error::Api(s)) if s.code == 404 => {
+                return Err(Error::InvalidSpec(format!("ApiKey {ns}/{name} not found")));
+            }
+            Err(e) => return Err(Error::kube(format!("revoking key {key_id} of ApiKey {ns}/{name}"))(e)),
+        }
     }
-    let patch = json!({
-        "apiVersion": "keyward.dev/v1alpha1", "kind": "ApiKey",
-        "metadata": {"name": name, "namespace": ns},
-        "spec": {"revokedKeys": [key_id]}
-    });
-    api.patch(name, &PatchParams::apply(CLI_MANAGER), &Patch::Apply(patch))
-        .await
-        .map_err(not_found(&ns, name))?;
-    Ok(format!("apikey {ns}/{name}: key {key_id} revoked\n"))
 }
 
 #[cfg(test)]
@@ -202,5 +265,54 @@ mod tests {
             assert!(lines[1].contains(needle), "{needle} missing: {out}");
         }
         assert!(table(&[], true).starts_with("NAMESPACE"));
+    }
+
+    #[test]
+    fn revoke_applies_the_clis_earlier_ids_plus_the_new_one_and_no_one_elses() {
+        use k8s_openapi::apimachinery::pkg::apis::meta::v1::{FieldsV1, ManagedFieldsEntry};
+        let entry = |manager: &str, operation: &str, ids: &[&str]| {
+            let items: serde_json::Map<String, serde_json::Value> =
+                ids.iter().map(|id| (format!("v:{}", json!(id)), json!({}))).collect();
+            ManagedFieldsEntry {
+                manager: Some(manager.into()),
+                operation: Some(operation.into()),
+                fields_v1: Some(FieldsV1(json!({"f:spec": {"f:revokedKeys": items, "f:owner": {}}}))),
+                ..Default::default()
+            }
+        };
+        let mut key = ApiKey::new(
+            "svc",
+            ApiKeySpec {
+                revoked_keys: vec![
+                    "gitops1".into(),
+                    "cli2".into(),
+                    "both".into(),
+                    "cli1".into(),
+                    "edit".into(),
+                ],
+                ..Default::default()
+            },
+        );
+        key.metadata.namespace = Some("shop".into());
+        key.metadata.resource_version = Some("42".into());
+        key.metadata.managed_fields = Some(vec![
+            entry("gitops", "Apply", &["gitops1", "both"]),
+            entry(CLI_MANAGER, "Apply", &["cli1", "cli2", "both"]),
+            entry(CLI_MANAGER, "Update", &["edit"]),
+            entry("kubectl-edit", "Update", &["edit"]),
+        ]);
+        assert_eq!(revocations_owned_by(&key, CLI_MANAGER), ["cli2", "both", "cli1"]);
+        assert_eq!(revocations_owned_by(&key, "nobody"), Vec::<String>::new());
+
+        let patch = revocation_apply(&key, "new");
+        assert_eq!(patch["spec"]["revokedKeys"], json!(["cli2", "both", "cli1", "new"]));
+        assert_eq!(patch["metadata"]["resourceVersion"], json!("42"), "guards against a concurrent revoke");
+        assert_eq!(patch["metadata"]["namespace"], json!("shop"));
+        // Taking over another manager's ID co-owns it; an ID the CLI owns is not repeated.
+        assert_eq!(
+            revocation_apply(&key, "gitops1")["spec"]["revokedKeys"],
+            json!(["cli2", "both", "cli1", "gitops1"])
+        );
+        assert_eq!(revocation_apply(&key, "cli1")["spec"]["revokedKeys"], json!(["cli2", "both", "cli1"]));
     }
 }

@@ -71,6 +71,14 @@ enum Expect {
     /// ApiKey `bad`: `Ready=False` with `key_reason` and a Warning Event. Both messages
     /// contain `mentions`.
     Policy { reason: &'static str, key_reason: &'static str, mentions: &'static str },
+    /// ApiKey `bad` keeps its valid key (`Ready=True`) but can issue no new one:
+    /// `Stalled=True` with this reason, its message containing `mentions`, and a Warning
+    /// Event with the reason.
+    Stalled { reason: &'static str, mentions: &'static str },
+    /// ApiKey `bad` gets a key with its lifetime clamped to the policy's bounds:
+    /// `Ready=True`, `LifetimeClamped=True` whose message contains `mentions`, and a
+    /// Warning Event `LifetimeOutOfBounds`.
+    Clamped(&'static str),
 }
 
 struct Row {
@@ -115,6 +123,10 @@ fn refused(what: &'static str) -> Expect {
 
 fn blocked(reason: &'static str, mentions: &'static str) -> Expect {
     Expect::Key { status: "False", reason, mentions }
+}
+
+fn stalled(reason: &'static str, mentions: &'static str) -> Expect {
+    Expect::Stalled { reason, mentions }
 }
 
 fn active() -> Expect {
@@ -248,17 +260,17 @@ fn rows() -> Vec<Row> {
         row(
             "lifetime: PT0S",
             key_with(json!({"lifetime": "PT0S"})),
-            blocked("LifetimeOutOfBounds", "bounds"),
+            Expect::Clamped("keys are issued for PT1M"),
         ),
         row(
             "lifetime: PT30S < minLifetime",
             key_with(json!({"lifetime": "PT30S"})),
-            blocked("LifetimeOutOfBounds", "PT1M to P1D"),
+            Expect::Clamped("bounds PT1M to P1D"),
         ),
         row(
             "lifetime: P2D > maxLifetime",
             key_with(json!({"lifetime": "P2D"})),
-            blocked("LifetimeOutOfBounds", "PT1M to P1D"),
+            Expect::Clamped("keys are issued for P1D"),
         ),
         row(
             "policy: unknown",
@@ -374,19 +386,19 @@ fn rows() -> Vec<Row> {
         row(
             "patch: lifetime banana",
             patch(json!({"spec": {"lifetime": "banana"}})),
-            blocked("InvalidSpec", "spec.lifetime"),
+            stalled("InvalidSpec", "spec.lifetime"),
         ),
         row(
             "patch: unknown policy",
             patch(json!({"spec": {"policy": format!("{NS}-nope")}})),
-            blocked("PolicyNotFound", "does not exist"),
+            stalled("PolicyNotFound", "does not exist"),
         ),
         with(
             vec![foreign("foreign", json!({}))],
             row(
                 "patch: secretName to foreign",
                 patch(json!({"spec": {"secretName": "foreign"}})),
-                blocked("SecretConflict", "\"foreign\""),
+                stalled("SecretConflict", "\"foreign\""),
             ),
         ),
         row(
@@ -682,8 +694,17 @@ async fn settled(client: &Client, ns: &str, name: &str) {
 
 /// The ApiKey's `Ready` condition once it reflects the current generation with `reason`.
 async fn key_condition(client: &Client, ns: &str, reason: &str) -> (ApiKey, keyward::api::Condition) {
+    key_condition_of(client, ns, "Ready", reason).await
+}
+
+async fn key_condition_of(
+    client: &Client,
+    ns: &str,
+    type_: &str,
+    reason: &str,
+) -> (ApiKey, keyward::api::Condition) {
     wait_key(client, ns, "bad", WAIT, |k| {
-        let c = find_condition(&k.status.as_ref()?.conditions, "Ready")?;
+        let c = find_condition(&k.status.as_ref()?.conditions, type_)?;
         (c.observed_generation == k.metadata.generation && c.reason == reason).then(|| (k.clone(), c.clone()))
     })
     .await
@@ -909,6 +930,35 @@ async fn check(
                 format!("Ready=False {reason} + Warning")
             }
         }
+        (Expect::Stalled { reason, mentions }, Ok(())) => {
+            let (key, c) = key_condition_of(&client, &n, "Stalled", reason).await;
+            assert_eq!(c.status, "True", "{:#?}", key.status);
+            assert!(c.message.contains(mentions), "message should contain {mentions:?}: {}", c.message);
+            assert!(c.message.len() <= 1024, "huge input echoed: {} bytes", c.message.len());
+            let ready = find_condition(&key.status.as_ref().unwrap().conditions, "Ready").unwrap();
+            assert_eq!(
+                (ready.status.as_str(), ready.reason.as_str()),
+                ("True", "KeyActive"),
+                "the key stays valid"
+            );
+            assert!(ready.message.contains("no new key is issued"), "{}", ready.message);
+            texts.push(("ApiKey status".into(), serde_json::to_string(&key.status).unwrap()));
+            texts.push(("Event note".into(), warning(&client, &n, "ApiKey", "bad", reason).await));
+            format!("Ready=True, Stalled=True {reason} + Warning")
+        }
+        (Expect::Clamped(mentions), Ok(())) => {
+            let (key, c) = key_condition_of(&client, &n, "LifetimeClamped", "LifetimeOutOfBounds").await;
+            assert_eq!(c.status, "True", "{:#?}", key.status);
+            assert!(c.message.contains(mentions), "message should contain {mentions:?}: {}", c.message);
+            let (key, _) = key_condition(&client, &n, "KeyActive").await;
+            assert_eq!(key.status.as_ref().unwrap().keys.len(), 1, "a key, clamped");
+            texts.push(("ApiKey status".into(), serde_json::to_string(&key.status).unwrap()));
+            texts.push((
+                "Event note".into(),
+                warning(&client, &n, "ApiKey", "bad", "LifetimeOutOfBounds").await,
+            ));
+            "Ready=True, LifetimeClamped=True + Warning".into()
+        }
         (Expect::Policy { reason, key_reason, mentions }, Ok(())) => {
             for p in policies_under_test.iter() {
                 let (policy, c) = common::policy_accepted(&client, p, Some(reason), WAIT).await;
@@ -932,7 +982,7 @@ async fn check(
 
     // Nothing else changed; no Secret for a refused key; no key material in any text.
     let after = snapshot(&client, &n, valid_policies).await;
-    let ready_now = matches!(row.expect, Expect::Key { status: "True", .. });
+    let ready_now = matches!(row.expect, Expect::Key { status: "True", .. } | Expect::Clamped(_));
     for (id, was) in &before {
         let now = after.get(id);
         assert!(now == Some(was), "{id} changed:\nbefore: {was}\nafter: {now:?}");

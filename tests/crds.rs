@@ -1,11 +1,16 @@
 //! The CRDs install on a real API server, are served, default and validate as
-//! documented, and show their docs and printer columns through kubectl.
+//! documented, and show their docs and printer columns through kubectl. `keyward crds
+//! --kube-version` and the chart pick the rendering each Kubernetes version accepts
+//! (1.28+: CEL rules with `reason`/`fieldPath`; 1.25–1.27: without; older: no rules).
+//! The CEL rules themselves are evaluated by a CEL engine in `src/api/cel_tests.rs`: no
+//! API server that runs them can run here.
 
 mod common;
 
 use common::{TestNamespace, client, kubectl, kubectl_eventually};
 use keyward::api::{ApiKey, KeyPolicy};
-use kube::api::{Api, DynamicObject, PostParams};
+use kube::api::{Api, DynamicObject, Patch, PatchParams, PostParams};
+use std::process::Command;
 
 fn policy(name: &str, spec: serde_json::Value) -> KeyPolicy {
     serde_json::from_value(serde_json::json!({
@@ -137,4 +142,121 @@ async fn kubectl_explain_shows_field_docs() {
     }
     let lifetime = kubectl_eventually(&["explain", "apikey.spec.lifetime"]).await;
     assert!(lifetime.contains("<string>"), "optional fields keep their type:\n{lifetime}");
+}
+
+/// Kubernetes versions around each boundary, and the rendering (by its file under
+/// `crds/`) each must get.
+const VERSIONS: &[(&str, &str)] = &[
+    ("1.20.2", "keyward-crds-pre-1.25.yaml"),
+    ("1.24.17", "keyward-crds-pre-1.25.yaml"),
+    ("1.25.0", "keyward-crds-1.25-1.27.yaml"),
+    ("1.27.0", "keyward-crds-1.25-1.27.yaml"),
+    ("1.27.3-eks-2d98532", "keyward-crds-1.25-1.27.yaml"),
+    ("1.28.0", "keyward-crds.yaml"),
+    ("1.33.1", "keyward-crds.yaml"),
+];
+
+fn checked_in(file: &str) -> String {
+    std::fs::read_to_string(format!("{}/crds/{file}", env!("CARGO_MANIFEST_DIR"))).unwrap()
+}
+
+/// The CRD documents of a YAML stream, without the chart's labels and annotations, with
+/// every number as a float (helm writes `maximum: 64.0` as `64`).
+fn crd_docs(yaml: &str) -> Vec<serde_json::Value> {
+    fn floats(v: &mut serde_json::Value) {
+        match v {
+            serde_json::Value::Number(n) => *v = serde_json::json!(n.as_f64().unwrap()),
+            serde_json::Value::Array(items) => items.iter_mut().for_each(floats),
+            serde_json::Value::Object(map) => map.values_mut().for_each(floats),
+            _ => {}
+        }
+    }
+    serde_yaml::Deserializer::from_str(yaml)
+        .map(|doc| serde::Deserialize::deserialize(doc).unwrap())
+        .filter(|v: &serde_json::Value| v["kind"] == "CustomResourceDefinition")
+        .map(|mut v| {
+            let meta = v["metadata"].as_object_mut().unwrap();
+            meta.remove("labels");
+            meta.remove("annotations");
+            floats(&mut v);
+            v
+        })
+        .collect()
+}
+
+#[test]
+fn keyward_crds_picks_the_rendering_by_kube_version() {
+    for (version, file) in VERSIONS {
+        let out = Command::new(env!("CARGO_BIN_EXE_keyward"))
+            .args(["crds", "--kube-version", version])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{version}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(String::from_utf8(out.stdout).unwrap() == checked_in(file), "{version} should print {file}");
+    }
+    let rules = |file: &str| checked_in(file).matches("x-kubernetes-validations").count();
+    assert_eq!(rules("keyward-crds-pre-1.25.yaml"), 0);
+    assert_eq!(rules("keyward-crds-1.25-1.27.yaml"), rules("keyward-crds.yaml"));
+    assert!(!checked_in("keyward-crds-1.25-1.27.yaml").contains("reason: FieldValue"));
+    assert!(!checked_in("keyward-crds-1.25-1.27.yaml").contains("fieldPath"));
+    assert!(checked_in("keyward-crds.yaml").contains("reason: FieldValueInvalid"));
+}
+
+#[test]
+fn the_chart_installs_the_rendering_each_version_accepts() {
+    let chart = format!("{}/charts/keyward", env!("CARGO_MANIFEST_DIR"));
+    for (version, file) in VERSIONS {
+        let out = Command::new("helm")
+            .args(["template", "t", &chart, "--kube-version", version, "--show-only", "templates/crds.yaml"])
+            .output()
+            .expect("helm (hack/cluster.sh tools installs it)");
+        assert!(out.status.success(), "{version}: {}", String::from_utf8_lossy(&out.stderr));
+        let rendered = crd_docs(&String::from_utf8(out.stdout).unwrap());
+        assert_eq!(rendered.len(), 2, "{version}");
+        assert!(
+            rendered == crd_docs(&checked_in(file)),
+            "helm template --kube-version {version} should install {file}"
+        );
+    }
+}
+
+/// The CRDs installed for this server are the rendering for its version. On a cluster
+/// without CEL rules (1.20 here) the API server lets an owner change through; the
+/// renderings for 1.25+ refuse it with a transition rule (evaluated by a CEL engine in
+/// src/api/cel_tests.rs), and the controller refuses it on older clusters.
+#[tokio::test]
+async fn the_installed_rendering_matches_the_server() {
+    let client = client().await;
+    let minor = common::server_minor(&client).await;
+    let crds: Api<
+        k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
+    > = Api::all(client.clone());
+    let installed = crds.get("apikeys.keyward.dev").await.unwrap();
+    let schema = serde_json::to_string(&installed.spec.versions[0].schema).unwrap();
+    assert_eq!(
+        schema.contains("x-kubernetes-validations"),
+        minor >= keyward::api::CEL_MIN_MINOR,
+        "1.{minor}"
+    );
+    // The owner rule is in every rendering that has rules, with the message the
+    // controller uses too.
+    for file in ["keyward-crds.yaml", "keyward-crds-1.25-1.27.yaml"] {
+        let text = checked_in(file);
+        assert!(text.contains(&format!("message: {}", keyward::api::OWNER_IMMUTABLE_MESSAGE)), "{file}");
+        assert!(text.contains("rule: self == oldSelf"), "{file}");
+    }
+    if minor < keyward::api::CEL_MIN_MINOR {
+        // Here the API server itself lets an owner change through (a dry run shows it):
+        // that is why the controller refuses it on such clusters.
+        let ns = TestNamespace::new(&client, "owner").await;
+        let keys: Api<ApiKey> = Api::namespaced(client.clone(), &ns.name);
+        let key: ApiKey =
+            serde_json::from_value(apikey("owned", serde_json::json!({"owner": "team-a"}))).unwrap();
+        keys.create(&PostParams::default(), &key).await.unwrap();
+        let patch = serde_json::json!({"spec": {"owner": "team-b"}});
+        let dry = PatchParams { dry_run: true, ..Default::default() };
+        let changed =
+            keys.patch("owned", &dry, &Patch::Merge(&patch)).await.expect("1.20 does not run CEL rules");
+        assert_eq!(changed.spec.owner, "team-b");
+    }
 }

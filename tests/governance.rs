@@ -251,7 +251,8 @@ async fn warnings_fire_once_per_threshold_with_signed_retried_webhooks() {
     let _keyward = common::controller_for(&ns.name, &[], "info");
     ns.apikey(&client, "svc", json!({"policy": policy, "owner": "payments"})).await;
     // P1 passes 25 s-before at 5 s and 15 s-before at 15 s; S1 becomes active at the
-    // flip (22.5 s) with its 25 s-before threshold already passed, and 15 s-before at 30 s.
+    // flip (22.5 s) with its 25 s-before threshold already passed, which is no news while
+    // its successor is on schedule; its 15 s-before passes at 30 s, P2's at 45 s.
     // Entries of a key leave status with the key, so collect them over time.
     let mut expected: BTreeSet<(String, String)> = BTreeSet::new();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(90);

@@ -346,8 +346,6 @@ async fn bad_input_gets_a_condition_and_changes_nothing_else() {
         ("no-policy", json!({"policy": format!("{}-missing", ns.name), "owner": "a"}), "PolicyNotFound"),
         ("not-allowed", json!({"policy": elsewhere, "owner": "a"}), "PolicyNotAllowed"),
         ("broken-policy", json!({"policy": broken, "owner": "a"}), "PolicyInvalid"),
-        ("too-short", json!({"policy": good, "owner": "a", "lifetime": "PT1M"}), "LifetimeOutOfBounds"),
-        ("too-long", json!({"policy": good, "owner": "a", "lifetime": "P1Y"}), "LifetimeOutOfBounds"),
         ("malformed", json!({"policy": good, "owner": "a", "lifetime": "banana"}), "InvalidSpec"),
         ("conflict", json!({"policy": good, "owner": "a", "secretName": "taken"}), "SecretConflict"),
     ];
@@ -370,6 +368,23 @@ async fn bad_input_gets_a_condition_and_changes_nothing_else() {
         if *name != "conflict" {
             assert!(secret_data(&client, &ns.name, name).await.is_none(), "{name}: no Secret");
         }
+    }
+    // A lifetime outside the policy's bounds is clamped when a key is issued (and said
+    // so), not refused: the bounds belong to the moment of issuance.
+    for (name, lifetime) in [("too-short", "PT1M"), ("too-long", "P1Y")] {
+        ns.apikey(
+            &client,
+            name,
+            json!({"policy": good, "owner": format!("owner-{name}"), "lifetime": lifetime}),
+        )
+        .await;
+        let key = wait_key(&client, &ns.name, name, Duration::from_secs(60), |k| {
+            let c = keyward::api::find_condition(&k.status.as_ref()?.conditions, "LifetimeClamped")?.clone();
+            ready(k).filter(|(s, _)| s == "True").map(|_| (k.clone(), c))
+        })
+        .await;
+        assert_eq!(key.1.reason, "LifetimeOutOfBounds", "{name}");
+        assert!(key.1.message.contains("keys are issued for"), "{name}: {}", key.1.message);
     }
     let after = secrets.get("taken").await.unwrap();
     assert_eq!(

@@ -481,3 +481,149 @@ async fn two_verifier_replicas_write_last_use_once_per_interval_in_total() {
         assert!(pair[1] - pair[0] >= chrono::TimeDelta::seconds(10), "values an interval apart: {values:?}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_verifier_that_loses_its_watch_goes_unready_and_recovers() {
+    use std::net::{Shutdown, TcpListener, TcpStream};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+
+    /// A TCP proxy to the API server that the test can cut (live connections closed, new
+    /// ones closed at once) and restore.
+    struct Proxy {
+        port: u16,
+        up: Arc<AtomicBool>,
+        live: Arc<Mutex<Vec<TcpStream>>>,
+    }
+    impl Proxy {
+        fn start(upstream: String) -> Proxy {
+            let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+            let port = listener.local_addr().unwrap().port();
+            let (up, live) = (Arc::new(AtomicBool::new(true)), Arc::new(Mutex::new(Vec::<TcpStream>::new())));
+            let (u, l) = (up.clone(), live.clone());
+            std::thread::spawn(move || {
+                for client in listener.incoming().flatten() {
+                    if !u.load(Ordering::SeqCst) {
+                        let _ = client.shutdown(Shutdown::Both);
+                        continue;
+                    }
+                    let Ok(server) = TcpStream::connect(&upstream) else { continue };
+                    let mut live = l.lock().unwrap();
+                    live.extend([client.try_clone().unwrap(), server.try_clone().unwrap()]);
+                    for (mut from, mut to) in
+                        [(client.try_clone().unwrap(), server.try_clone().unwrap()), (server, client)]
+                    {
+                        std::thread::spawn(move || {
+                            let _ = std::io::copy(&mut from, &mut to);
+                            let _ = from.shutdown(Shutdown::Both);
+                            let _ = to.shutdown(Shutdown::Both);
+                        });
+                    }
+                }
+            });
+            Proxy { port, up, live }
+        }
+        fn cut(&self) {
+            self.up.store(false, Ordering::SeqCst);
+            for s in self.live.lock().unwrap().drain(..) {
+                let _ = s.shutdown(Shutdown::Both);
+            }
+        }
+        fn restore(&self) {
+            self.up.store(true, Ordering::SeqCst);
+        }
+    }
+    fn gauge(metrics: &str, name: &str, resource: &str) -> Option<f64> {
+        let prefix = format!("{name}{{resource=\"{resource}\"}} ");
+        metrics.lines().find_map(|l| l.strip_prefix(&prefix)?.trim().parse().ok())
+    }
+
+    let client = client().await;
+    let ns = TestNamespace::new(&client, "stale").await;
+    let policy = ns.policy(&client, "p", json!({"expiry": {"maxLifetime": "PT1H"}})).await;
+    let _controller = common::controller_for(&ns.name, &[], "info");
+    ns.apikey(&client, "svc", json!({"policy": policy, "owner": "team-a"})).await;
+    let key = common::eventually("the first key in the Secret", Duration::from_secs(30), || async {
+        secret_data(&client, &ns.name, "svc").await?.get("api-key").cloned()
+    })
+    .await;
+
+    // The verifier reaches the API server only through the proxy (same credentials).
+    let mut kubeconfig: serde_json::Value = serde_json::from_str(&common::kubectl(&[
+        "config",
+        "view",
+        "--raw",
+        "--minify",
+        "--flatten",
+        "-o",
+        "json",
+    ]))
+    .unwrap();
+    let server = kubeconfig["clusters"][0]["cluster"]["server"].as_str().unwrap().to_string();
+    let upstream = server.trim_start_matches("https://").trim_end_matches('/').to_string();
+    let proxy = Proxy::start(upstream);
+    kubeconfig["clusters"][0]["cluster"]["server"] = json!(format!("https://127.0.0.1:{}", proxy.port));
+    let path = std::env::temp_dir().join(format!("keyward-proxied-{}.kubeconfig", rand::random::<u64>()));
+    std::fs::write(&path, kubeconfig.to_string()).unwrap();
+    let verifier = common::KeywardProcess::start(
+        &[
+            "verifier",
+            "--namespace",
+            &ns.name,
+            "--kubeconfig",
+            path.to_str().unwrap(),
+            "--max-staleness",
+            "PT5S",
+        ],
+        "info",
+    );
+    verifier.wait_ready().await;
+    let _ = std::fs::remove_file(&path);
+    let key_id = common::eventually("the key to verify", Duration::from_secs(30), || async {
+        let v = verify_json(&verifier.addr, &key);
+        (v["code"] == "VALID").then(|| v["keyId"].as_str().unwrap().to_string())
+    })
+    .await;
+    let metrics = verifier.get("/metrics").unwrap().1;
+    assert_eq!(gauge(&metrics, "keyward_verifier_watch_healthy", "apikeys"), Some(1.0), "{metrics}");
+    assert_eq!(gauge(&metrics, "keyward_verifier_watch_healthy", "keypolicies"), Some(1.0), "{metrics}");
+
+    // Cut: the watches fail; after --max-staleness (not before) the verifier goes unready
+    // and answers 503 with Retry-After instead of verifying against a stale index.
+    proxy.cut();
+    let cut = tokio::time::Instant::now();
+    common::eventually("/readyz to answer 503 after the cut", Duration::from_secs(60), || async {
+        (verifier.get("/readyz")?.0 == 503).then_some(())
+    })
+    .await;
+    let unready_after = cut.elapsed();
+    assert!(unready_after >= Duration::from_secs(5), "unready only after --max-staleness: {unready_after:?}");
+    let body = json!({"key": key}).to_string();
+    let (code, head, _) =
+        http(&verifier.addr, "POST", "/v1/verify", &[("Content-Type", "application/json")], body.as_bytes())
+            .unwrap();
+    assert!(code == 503 && head.contains("retry-after: 1"), "{code} {head}");
+    let auth = format!("Bearer {key}");
+    assert_eq!(http(&verifier.addr, "GET", "/v1/auth", &[("Authorization", &auth)], b"").unwrap().0, 503);
+    let metrics = verifier.get("/metrics").unwrap().1;
+    assert_eq!(gauge(&metrics, "keyward_verifier_watch_healthy", "apikeys"), Some(0.0), "{metrics}");
+    assert!(
+        gauge(&metrics, "keyward_verifier_watch_errors_total", "apikeys").unwrap_or(0.0) >= 1.0,
+        "{metrics}"
+    );
+    assert!(verifier.logs().contains("watch failing for longer than --max-staleness"), "{}", verifier.logs());
+
+    // Revoked while the verifier cannot see it; once the proxy is back, the verifier lists
+    // again, is ready, and already knows.
+    common::revoke_keys(&client, &ns.name, "svc", &[&key_id]).await;
+    proxy.restore();
+    common::eventually("/readyz to answer 200 after the restore", Duration::from_secs(90), || async {
+        (verifier.get("/readyz")?.0 == 200).then_some(())
+    })
+    .await;
+    eprintln!("unready {unready_after:?} after the cut; ready again {:?} after it", cut.elapsed());
+    assert_eq!(verify_json(&verifier.addr, &key)["code"], "REVOKED");
+    let metrics = verifier.get("/metrics").unwrap().1;
+    assert_eq!(gauge(&metrics, "keyward_verifier_watch_healthy", "apikeys"), Some(1.0), "{metrics}");
+    assert_eq!(gauge(&metrics, "keyward_verifier_watch_healthy", "keypolicies"), Some(1.0), "{metrics}");
+}

@@ -56,7 +56,8 @@ pub struct ApiKeySpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub policy: Option<String>,
     /// Who holds the key (team, service, person). Limits count per owner and namespace.
-    #[schemars(length(min = 1, max = 253))]
+    /// Fixed once the ApiKey exists: for another owner, create another ApiKey.
+    #[schemars(schema_with = "owner_schema")]
     pub owner: String,
     /// What the key is for. Unique per owner when the policy says so.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -272,6 +273,23 @@ pub struct ApiKeyStatus {
     pub observed_generation: Option<i64>,
 }
 
+/// Message of the CEL transition rule that keeps `spec.owner` fixed (reason
+/// `FieldValueInvalid`, on clusters that run CEL rules); the controller refuses an owner
+/// change with the same text on clusters that do not.
+pub const OWNER_IMMUTABLE_MESSAGE: &str = "owner is immutable";
+
+/// `spec.owner`: 1..=253 characters, and immutable (a CEL transition rule).
+fn owner_schema(generator: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    let mut schema = String::json_schema(generator);
+    schema.insert("minLength".into(), 1.into());
+    schema.insert("maxLength".into(), 253.into());
+    let rule = kube::core::Rule::new("self == oldSelf")
+        .message(OWNER_IMMUTABLE_MESSAGE)
+        .reason(kube::core::Reason::FieldValueInvalid);
+    kube::core::validate(&mut schema, rule).expect("a CEL rule serializes");
+    schema
+}
+
 fn revoked_schema(generator: &mut schemars::SchemaGenerator) -> schemars::Schema {
     let mut schema = <Vec<String>>::json_schema(generator);
     schema.insert("x-kubernetes-list-type".into(), "set".into());
@@ -290,6 +308,14 @@ pub mod conditions {
     pub const READY: &str = "Ready";
     /// A warning threshold before the active key's expiry has passed.
     pub const EXPIRING: &str = "Expiring";
+    /// No new key can be issued until the user fixes something (the reason says what);
+    /// the keys already issued still expire, are revoked and flipped to.
+    pub const STALLED: &str = "Stalled";
+    /// Whether the last reconcile could write everything it wanted (API errors).
+    pub const SYNCED: &str = "Synced";
+    /// `spec.lifetime` is outside the policy's bounds: keys are issued with the nearest
+    /// bound instead.
+    pub const LIFETIME_CLAMPED: &str = "LifetimeClamped";
 
     /// Ready reason: the Secret holds a valid active key.
     pub const KEY_ACTIVE: &str = "KeyActive";
@@ -313,8 +339,12 @@ pub mod conditions {
     pub const KEY_EXPIRED_INACTIVE: &str = "KeyExpiredInactive";
     /// Ready reason: no valid key (expired and not regenerated automatically).
     pub const KEY_EXPIRED: &str = "KeyExpired";
-    /// Ready reason: the API server refused or failed a write.
+    /// Synced reason: the API server refused or failed a write.
     pub const APPLY_FAILED: &str = "ApplyFailed";
+    /// Synced reason: everything was written.
+    pub const APPLIED: &str = "Applied";
+    /// Stalled reason: nothing blocks issuing keys.
+    pub const NOT_BLOCKED: &str = "NotBlocked";
 
     /// Expiring reason: a warning threshold has passed.
     pub const EXPIRING_SOON: &str = "KeyExpiringSoon";

@@ -74,7 +74,8 @@ pub enum ExpiryMode {
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("self.mode != 'Disabled' || self.acknowledgeRisk")
     .message("expiry.mode Disabled requires expiry.acknowledgeRisk: true")
-    .reason(Reason::FieldValueInvalid))]
+    .reason(Reason::FieldValueInvalid)
+    .field_path(".acknowledgeRisk"))]
 pub struct ExpirySpec {
     /// `Enforced` (default) or `Disabled`. `Disabled` needs `acknowledgeRisk: true`.
     #[serde(default)]

@@ -60,53 +60,83 @@ pub async fn reconcile(obj: Arc<ApiKey>, ctx: Arc<Context>) -> Result<Action> {
         return Ok(Action::await_change());
     }
     let now = now();
-    match prepare(&ctx, &key, now).await? {
-        Err(b) => block(&ctx, &api, &key, b, now).await,
-        Ok(prepared) => run(&ctx, &api, &key, prepared, now).await,
-    }
+    let prepared = prepare(&ctx, &key, now).await?;
+    run(&ctx, &api, &key, prepared, now).await
 }
 
+/// What a reconcile works with. A blocked ApiKey (`blocked`) is still run: its keys are
+/// revoked, capped, expired and flipped to as usual; only new keys are not issued.
 struct Prepared {
-    policy: crate::api::KeyPolicy,
+    /// The policy, when one was found.
+    policy: Option<crate::api::KeyPolicy>,
+    /// Its rules; frozen rules when there is no usable policy.
     rules: lifecycle::Rules,
-    lifetime: crate::duration::IsoDuration,
+    /// The lifetime of a key issued now.
+    lifetime: lifecycle::Lifetime,
     secret_name: String,
+    /// The Secret when this ApiKey owns it (a foreign one is never read or written).
     secret: Option<Secret>,
+    /// A Secret of that name that this ApiKey does not own exists.
+    foreign_secret: bool,
+    /// Why no new key may be issued.
+    blocked: Option<Blocked>,
 }
 
-/// Dereference and validate; Err(Blocked) for anything the user has to fix.
-async fn prepare(ctx: &Context, key: &ApiKey, now: DateTime<Utc>) -> Result<Result<Prepared, Blocked>> {
-    if let Some(b) = spec_problem(&key.spec) {
-        return Ok(Err(b));
+/// Dereference and validate. Whatever the user has to fix becomes `blocked` (the first
+/// of: spec, policy, owner limits, Secret conflict), never a reason to skip the keys'
+/// safety steps.
+async fn prepare(ctx: &Context, key: &ApiKey, now: DateTime<Utc>) -> Result<Prepared> {
+    let mut block = spec_problem(&key.spec);
+    let policy_name_ok = key.spec.policy.as_deref().is_none_or(dns_subdomain);
+    let resolved = if policy_name_ok { policy::resolve(ctx, key, now).await? } else { Default::default() };
+    block = block.or(resolved.blocked);
+    if let Some(found) = &resolved.policy
+        && block.is_none()
+    {
+        block = owner_limits(ctx, key, found);
     }
-    let (found, rules) = match policy::resolve(ctx, key, now).await? {
-        Ok(found) => found,
-        Err(b) => return Ok(Err(b)),
-    };
-    if let Some(b) = owner_limits(ctx, key, &found) {
-        return Ok(Err(b));
-    }
+    let format = resolved
+        .policy
+        .as_ref()
+        .map(|p| crate::keys::KeyFormat::from(&p.spec.key_format))
+        .unwrap_or_default();
+    let rules = resolved.rules.unwrap_or_else(|| lifecycle::Rules::frozen(format));
     let lifetime = match rules.lifetime(key.spec.lifetime.as_deref(), now) {
         Ok(l) => l,
-        Err((reason, message)) => return Ok(Err(blocked(reason, message))),
+        Err((reason, message)) => {
+            block = block.or(Some(blocked(reason, message)));
+            lifecycle::Lifetime { duration: rules.max_lifetime, clamped: None }
+        }
     };
     let secret_name = key.spec.secret_name.clone().unwrap_or_else(|| key.name_any());
     let ns = key.namespace().unwrap_or_default();
-    let secret = Api::<Secret>::namespaced(ctx.client.clone(), &ns)
-        .get_opt(&secret_name)
-        .await
-        .map_err(Error::kube(format!("reading Secret {ns}/{secret_name}")))?;
-    if let Some(s) = &secret
-        && !secret::owned_by(s, key)
-    {
-        return Ok(Err(blocked(
-            c::SECRET_CONFLICT,
-            format!(
-                "Secret {secret_name:?} exists and is not owned by this ApiKey; keyward leaves it untouched (choose another spec.secretName)"
-            ),
-        )));
+    let mut secret = None;
+    let mut foreign_secret = false;
+    if dns_subdomain(&secret_name) {
+        secret = Api::<Secret>::namespaced(ctx.client.clone(), &ns)
+            .get_opt(&secret_name)
+            .await
+            .map_err(Error::kube(format!("reading Secret {ns}/{secret_name}")))?;
+        if secret.as_ref().is_some_and(|s| !secret::owned_by(s, key)) {
+            secret = None;
+            foreign_secret = true;
+            block = block.or(Some(blocked(
+                c::SECRET_CONFLICT,
+                format!(
+                    "Secret {secret_name:?} exists and is not owned by this ApiKey; keyward leaves it untouched (choose another spec.secretName)"
+                ),
+            )));
+        }
     }
-    Ok(Ok(Prepared { policy: found, rules, lifetime, secret_name, secret }))
+    Ok(Prepared {
+        policy: resolved.policy,
+        rules,
+        lifetime,
+        secret_name,
+        secret,
+        foreign_secret,
+        blocked: block,
+    })
 }
 
 /// Longest piece of user input quoted in a message.
@@ -229,19 +259,20 @@ fn owner_limits(ctx: &Context, key: &ApiKey, policy: &crate::api::KeyPolicy) -> 
 }
 
 /// A reconcile failed (API error, missing permission): say so on the ApiKey as
-/// `Ready=False ApplyFailed` and a Warning Event, when that news is new. Best effort:
-/// if even that write fails, the log and the failure metric carry it.
+/// `Synced=False ApplyFailed` and a Warning Event, when that news is new. `Ready` is
+/// left alone: it says whether consumers hold a valid key, which a failed write does
+/// not change. Best effort: if even that write fails, the log and the failure metric
+/// carry it.
 pub async fn report_failure(ctx: &Context, key: &ApiKey, err: &Error) {
     let ns = key.namespace().unwrap_or_default();
     let api: Api<ApiKey> = Api::namespaced(ctx.client.clone(), &ns);
     let Ok(Some(fresh)) = api.get_opt(&key.name_any()).await else { return };
     let message: String = crate::error::chain(err).chars().take(512).collect();
-    let b = blocked(c::APPLY_FAILED, message);
     let news = fresh
         .status
         .as_ref()
-        .and_then(|s| find_condition(&s.conditions, c::READY))
-        .is_none_or(|r| r.reason != b.reason || r.message != b.message);
+        .and_then(|s| find_condition(&s.conditions, c::SYNCED))
+        .is_none_or(|r| r.reason != c::APPLY_FAILED || r.message != message);
     if !news {
         return;
     }
@@ -249,42 +280,64 @@ pub async fn report_failure(ctx: &Context, key: &ApiKey, err: &Error) {
     let mut status = old.clone();
     set_condition(
         &mut status.conditions,
-        Condition::new(c::READY, FALSE, b.reason, b.message.clone(), fresh.meta().generation, now()),
+        Condition::new(c::SYNCED, FALSE, c::APPLY_FAILED, message.clone(), fresh.meta().generation, now()),
     );
     if let Err(e) = write_status(ctx, &api, &fresh, &old, status).await {
         tracing::warn!(error = %crate::error::chain(&e), "cannot record the failure on the ApiKey");
     }
-    ctx.warn(&fresh, b.reason, &b.message).await;
+    ctx.warn(&fresh, c::APPLY_FAILED, &message).await;
 }
 
-/// Record why the ApiKey cannot proceed (`Ready=False`, a Warning Event when that
-/// news is new) and change nothing else.
-async fn block(
-    ctx: &Context,
-    api: &Api<ApiKey>,
-    key: &ApiKey,
-    b: Blocked,
+/// The conditions that say whether new keys can be issued (`Stalled`) and whether
+/// `spec.lifetime` had to be clamped (`LifetimeClamped`); the Warning Events for what is
+/// new among them.
+fn issuance_conditions(
+    status: &mut ApiKeyStatus,
+    p: &Prepared,
+    generation: Option<i64>,
     now: DateTime<Utc>,
-) -> Result<Action> {
-    let old = key.status.clone().unwrap_or_default();
-    let mut status = old.clone();
-    let generation = key.meta().generation;
-    let news = find_condition(&old.conditions, c::READY)
-        .is_none_or(|r| r.reason != b.reason || r.message != b.message);
-    set_condition(
-        &mut status.conditions,
-        Condition::new(c::READY, FALSE, b.reason, b.message.clone(), generation, now),
-    );
-    status.observed_generation = generation;
-    status.next_action = None;
-    status.next_action_at = None;
-    status.details = Some(b.message.clone());
-    write_status(ctx, api, key, &old, status).await?;
-    if news {
-        ctx.warn(key, b.reason, &b.message).await;
+) -> Vec<(&'static str, String)> {
+    let mut news = Vec::new();
+    let before =
+        |t: &str| find_condition(&status.conditions, t).map(|c| (c.reason.clone(), c.message.clone()));
+    let (stalled_before, clamped_before) = (before(c::STALLED), before(c::LIFETIME_CLAMPED));
+    let stalled = match &p.blocked {
+        Some(b) => {
+            if stalled_before != Some((b.reason.to_string(), b.message.clone())) {
+                news.push((b.reason, b.message.clone()));
+            }
+            Condition::new(c::STALLED, TRUE, b.reason, b.message.clone(), generation, now)
+        }
+        None => Condition::new(
+            c::STALLED,
+            FALSE,
+            c::NOT_BLOCKED,
+            "new keys are issued on schedule",
+            generation,
+            now,
+        ),
+    };
+    set_condition(&mut status.conditions, stalled);
+    match &p.lifetime.clamped {
+        Some(message) => {
+            if clamped_before.map(|(_, m)| m) != Some(message.clone()) {
+                news.push((c::LIFETIME_OUT_OF_BOUNDS, message.clone()));
+            }
+            set_condition(
+                &mut status.conditions,
+                Condition::new(
+                    c::LIFETIME_CLAMPED,
+                    TRUE,
+                    c::LIFETIME_OUT_OF_BOUNDS,
+                    message.clone(),
+                    generation,
+                    now,
+                ),
+            );
+        }
+        None => status.conditions.retain(|x| x.type_ != c::LIFETIME_CLAMPED),
     }
-    ctx.metrics.count_blocked(b.reason);
-    Ok(Action::requeue(BLOCKED_RETRY))
+    news
 }
 
 async fn run(
@@ -307,26 +360,41 @@ async fn run(
     let mut minter = Minter::new(&p.rules.format, existing, known, &key.spec.revoked_keys);
     let input = Input {
         rules: &p.rules,
-        lifetime: p.lifetime,
+        lifetime: p.lifetime.duration,
         revoked: &key.spec.revoked_keys,
         rotate_request: key.annotations().get(ROTATE_ANNOTATION).map(String::as_str),
         now,
+        may_issue: p.blocked.is_none(),
     };
     let outcome = lifecycle::advance(&input, &mut status, &mut material, &mut minter);
+    // A blocked ApiKey says what is blocked (new keys) and what still happens.
+    let details = match &p.blocked {
+        Some(b) if old.keys.is_empty() && status.keys.is_empty() => b.message.clone(),
+        Some(b) => format!("{}; no new key is issued: {}", b.message, outcome.details),
+        None => outcome.details.clone(),
+    };
 
-    let ready = match outcome.health {
-        Health::Ready => {
-            Condition::new(c::READY, TRUE, c::KEY_ACTIVE, outcome.details.clone(), generation, now)
+    // Ready: whether consumers hold a valid key.
+    let ready = match (outcome.health, &p.blocked) {
+        (Health::Ready, _) => Condition::new(c::READY, TRUE, c::KEY_ACTIVE, details.clone(), generation, now),
+        (Health::ExpiredInactive, _) => {
+            Condition::new(c::READY, FALSE, c::KEY_EXPIRED_INACTIVE, details.clone(), generation, now)
         }
-        Health::ExpiredInactive => {
-            Condition::new(c::READY, FALSE, c::KEY_EXPIRED_INACTIVE, outcome.details.clone(), generation, now)
+        (Health::Expired, Some(b)) => {
+            Condition::new(c::READY, FALSE, b.reason, details.clone(), generation, now)
         }
-        Health::Expired => {
-            Condition::new(c::READY, FALSE, c::KEY_EXPIRED, outcome.details.clone(), generation, now)
+        (Health::Expired, None) => {
+            Condition::new(c::READY, FALSE, c::KEY_EXPIRED, details.clone(), generation, now)
         }
     };
     set_condition(&mut status.conditions, ready);
-    let warnings = notify::evaluate(&p.rules, &mut status, now);
+    let news = issuance_conditions(&mut status, &p, generation, now);
+    set_condition(
+        &mut status.conditions,
+        Condition::new(c::SYNCED, TRUE, c::APPLIED, "everything was written", generation, now),
+    );
+    let on_schedule = p.blocked.is_none() && p.rules.automatic && p.rules.enforced && !p.rules.frozen;
+    let warnings = notify::evaluate(&p.rules, &mut status, now, on_schedule);
     let expiring = match &warnings.expiring {
         Some((threshold, end)) => Condition::new(
             c::EXPIRING,
@@ -352,15 +420,21 @@ async fn run(
     status.observed_generation = generation;
     status.next_action = outcome.next.as_ref().map(|n| n.action.as_str().to_string());
     status.next_action_at = outcome.next.as_ref().map(|n| n.at);
-    status.details = Some(outcome.details.clone());
+    status.details = Some(details);
 
+    // The Secret is written only when this ApiKey owns it (or may create it), and not
+    // while a spec field it is built from is invalid.
+    let invalid_spec = p.blocked.as_ref().is_some_and(|b| b.reason == c::INVALID_SPEC);
+    let may_write_secret = !p.foreign_secret && !invalid_spec && (p.blocked.is_none() || p.secret.is_some());
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &key.namespace().unwrap_or_default());
-    let slots = secret::slot_material(existing, &minter.minted);
+    let slots = secret::slot_material(existing, &minter.minted, |slot| {
+        status.keys.iter().find(|k| k.slot == slot).map(|k| k.hash.clone())
+    });
     let mut current = p.secret.clone();
     // The first Secret of an ApiKey skips step 1 (see the module docs).
     let first = current.is_none() && old.keys.is_empty();
     // 1. New material into its slot field; api-key untouched.
-    if !first && (!minter.minted.is_empty() || current.is_none()) {
+    if may_write_secret && !first && (!minter.minted.is_empty() || current.is_none()) {
         let want = secret::desired(
             key,
             &p.secret_name,
@@ -372,7 +446,8 @@ async fn run(
     // 2. Status with the new hashes.
     write_status(ctx, api, key, &old, status.clone()).await?;
     // 3. api-key to the active key, now that its hash is in status.
-    if outcome.health == Health::Ready
+    if may_write_secret
+        && outcome.health == Health::Ready
         && let Some(active) = status.active_slot.and_then(|s| status.keys.iter().find(|k| k.slot == s))
         && let Some(material) = slots.get(&active.slot)
     {
@@ -392,7 +467,8 @@ async fn run(
         }
     }
     // Env-var consumers roll out once per change of the active key.
-    if outcome.health == Health::Ready
+    if !invalid_spec
+        && outcome.health == Health::Ready
         && let Some(active) = status.active_slot.and_then(|s| status.keys.iter().find(|k| k.slot == s))
     {
         let changed = outcome
@@ -406,11 +482,19 @@ async fn run(
     }
     export_expiry(ctx, key, &status);
     record(ctx, key, &outcome.happenings).await;
-    warn_owner(ctx, key, &p.policy, &warnings.fire).await;
+    for (reason, message) in &news {
+        ctx.warn(key, reason, message).await;
+    }
+    if let Some(b) = &p.blocked {
+        ctx.metrics.count_blocked(b.reason);
+    }
+    warn_owner(ctx, key, p.policy.as_ref(), &warnings.fire).await;
     let next = [outcome.next.as_ref().map(|n| n.at), warnings.next].into_iter().flatten().min();
-    Ok(match next {
-        Some(at) => Action::requeue(until(at, now)),
-        None => Action::await_change(),
+    Ok(match (next, &p.blocked) {
+        (Some(at), Some(_)) => Action::requeue(until(at, now).min(BLOCKED_RETRY)),
+        (Some(at), None) => Action::requeue(until(at, now)),
+        (None, Some(_)) => Action::requeue(BLOCKED_RETRY),
+        (None, None) => Action::await_change(),
     })
 }
 
@@ -500,7 +584,7 @@ async fn write_status(
 async fn warn_owner(
     ctx: &Arc<Context>,
     key: &ApiKey,
-    policy: &crate::api::KeyPolicy,
+    policy: Option<&crate::api::KeyPolicy>,
     notices: &[notify::Notice],
 ) {
     for n in notices {
@@ -511,7 +595,7 @@ async fn warn_owner(
                     "{} key {} never expires: KeyPolicy {} has expiry disabled",
                     n.slot,
                     n.key_id,
-                    policy.name_any()
+                    policy.map(|p| p.name_any()).unwrap_or_default()
                 ),
             )
         } else {
@@ -539,7 +623,7 @@ async fn warn_owner(
             standby_ready: n.standby_ready,
         };
         let Ok(body) = serde_json::to_vec(&payload) else { continue };
-        for hook in &policy.spec.notifications.webhooks {
+        for hook in policy.iter().flat_map(|p| &p.spec.notifications.webhooks) {
             let (ctx, key, hook, body) =
                 (ctx.clone(), key.clone(), hook.clone(), bytes::Bytes::from(body.clone()));
             tokio::spawn(async move {

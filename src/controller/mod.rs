@@ -16,7 +16,7 @@ use kube::api::ListParams;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef, Store};
-use kube::runtime::{WatchStreamExt, predicates, watcher};
+use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
 
 use crate::api::{ApiKey, KeyPolicy, MANAGED_BY, ROTATE_ANNOTATION};
@@ -270,19 +270,74 @@ pub async fn shutdown_signal() {
 }
 
 /// What about an ApiKey should trigger a reconcile: its spec (generation), the rotate
-/// annotation, and the verifier's `lastUsedAt` writes (they move an inactivity
-/// deadline, which the verifier reads back from `effectiveExpiresAt`: waiting for the
-/// old deadline's timer would refuse a key in use until then). This controller's own
-/// status writes do not trigger: their effects are scheduled by `nextActionAt`.
-fn apikey_trigger(key: &ApiKey) -> Option<u64> {
+/// annotation, and, when its policy has an inactivity timeout (`inactivity`), the
+/// verifier's `lastUsedAt` writes (they move an inactivity deadline, which the verifier
+/// reads back from `effectiveExpiresAt`: waiting for the old deadline's timer would
+/// refuse a key in use until then). Without an inactivity timeout a last use changes
+/// nothing the controller computes, so the verifier's writes cost it nothing. This
+/// controller's own status writes do not trigger: their effects are scheduled by
+/// `nextActionAt`.
+fn apikey_trigger(key: &ApiKey, inactivity: bool) -> Option<u64> {
     use std::hash::{Hash, Hasher};
     let mut h = std::collections::hash_map::DefaultHasher::new();
     key.meta().generation.hash(&mut h);
     key.annotations().get(ROTATE_ANNOTATION).hash(&mut h);
-    for k in key.status.iter().flat_map(|s| &s.keys) {
-        k.last_used_at.map(|t| t.timestamp_micros()).hash(&mut h);
+    if inactivity {
+        for k in key.status.iter().flat_map(|s| &s.keys) {
+            k.last_used_at.map(|t| t.timestamp_micros()).hash(&mut h);
+        }
     }
     Some(h.finish())
+}
+
+/// Whether `key`'s policy may expire keys for inactivity (true when it is not cached:
+/// a missed deadline costs more than a spare reconcile).
+fn inactivity_applies(policies: &Store<KeyPolicy>, key: &ApiKey) -> bool {
+    let found: Vec<_> = policies_of(policies, key).iter().filter_map(|r| policies.get(r)).collect();
+    found.is_empty() || found.iter().any(|p| p.spec.expiry.inactivity_timeout.is_some())
+}
+
+/// Which KeyPolicy events change what ApiKeys do: a new generation, a deletion, and (after
+/// a re-list) every policy that was known before and is missing now, i.e. deleted while
+/// the watch was down. Keeps the last version of each policy (policies are few).
+#[derive(Default)]
+struct PolicyChanges {
+    known: std::collections::HashMap<String, KeyPolicy>,
+    relisted: Option<std::collections::HashSet<String>>,
+}
+
+impl PolicyChanges {
+    fn on(
+        &mut self,
+        ev: std::result::Result<watcher::Event<KeyPolicy>, watcher::Error>,
+    ) -> Vec<std::result::Result<KeyPolicy, watcher::Error>> {
+        match ev {
+            Ok(watcher::Event::Init) => {
+                self.relisted = Some(Default::default());
+                vec![]
+            }
+            Ok(watcher::Event::Apply(p) | watcher::Event::InitApply(p)) => {
+                let name = p.name_any();
+                if let Some(seen) = self.relisted.as_mut() {
+                    seen.insert(name.clone());
+                }
+                let changed =
+                    self.known.get(&name).is_none_or(|old| old.meta().generation != p.meta().generation);
+                self.known.insert(name, p.clone());
+                if changed { vec![Ok(p)] } else { vec![] }
+            }
+            Ok(watcher::Event::Delete(p)) => {
+                self.known.remove(&p.name_any());
+                vec![Ok(p)]
+            }
+            Ok(watcher::Event::InitDone) => {
+                let seen = self.relisted.take().unwrap_or_default();
+                let gone: Vec<String> = self.known.keys().filter(|n| !seen.contains(*n)).cloned().collect();
+                gone.into_iter().filter_map(|n| self.known.remove(&n)).map(Ok).collect()
+            }
+            Err(e) => vec![Err(e)],
+        }
+    }
 }
 
 /// The other ApiKeys of `gone`'s owner in its namespace.
@@ -336,24 +391,28 @@ pub async fn run(client: Client, server: &str, opts: Options) -> Result<()> {
         }
     }
     metrics.leader.set(1);
-    let lost = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let stop = {
-        let (elector, lost) = (elector.clone(), lost.clone());
-        async move {
-            let hold = async {
-                match &elector {
-                    Some(e) => e.hold().await,
-                    None => futures::future::pending().await,
-                }
-            };
-            tokio::select! {
-                _ = shutdown_signal() => {},
-                _ = hold => lost.store(true, std::sync::atomic::Ordering::SeqCst),
-            }
-        }
-        .boxed()
-        .shared()
+    // Everything below writes through a client that refuses writes once the lease's renew
+    // deadline has passed, whatever the renewal task is doing.
+    let client = match &elector {
+        Some(e) => e.gated_client(client),
+        None => client,
     };
+    // Renew in a task of its own. On loss, exit at once: in-flight reconciles are not
+    // drained (they could write beside the next leader).
+    let holding = elector.clone().map(|e| {
+        let (metrics, ready) = (metrics.clone(), ready.clone());
+        tokio::spawn(async move {
+            e.hold().await;
+            metrics.leader.set(0);
+            ready.set(false);
+            tracing::error!("lost the leader lease; exiting at once so a restart can rejoin the election");
+            eprintln!("keyward: lost the leader lease; exiting at once so a restart can rejoin the election");
+            std::process::exit(1);
+        })
+    });
+    // SIGTERM/SIGINT: drain the reconciles (the lease is still renewed meanwhile), then
+    // release the lease.
+    let stop = shutdown_signal().boxed().shared();
 
     let (keys_api, secrets_api) = match &opts.namespace {
         Some(ns) => {
@@ -393,11 +452,14 @@ pub async fn run(client: Client, server: &str, opts: Options) -> Result<()> {
         })?,
     });
 
-    // A policy's spec change reaches the ApiKeys that use it (by name, or as default).
-    let policy_changes = watcher(policies_api.clone(), watcher::Config::default())
-        .default_backoff()
-        .applied_objects()
-        .predicate_filter(predicates::generation, Default::default());
+    // A policy's spec change or deletion reaches the ApiKeys that use it (by name, or as
+    // default), also a deletion that happened while the watch was down (see `PolicyChanges`).
+    let policy_changes = {
+        let mut changes = PolicyChanges::default();
+        watcher(policies_api.clone(), watcher::Config::default())
+            .default_backoff()
+            .flat_map(move |ev| futures::stream::iter(changes.on(ev)))
+    };
     let keys_for_policy = keys_reader.clone();
     let owned = watcher::Config::default().labels(&format!("app.kubernetes.io/managed-by={MANAGED_BY}"));
     // One watch on ApiKeys feeds the cache, the ApiKey controller (see `apikey_trigger`),
@@ -405,6 +467,7 @@ pub async fn run(client: Client, server: &str, opts: Options) -> Result<()> {
     // when ApiKeys are created, deleted or move between policies.
     let key_stream = {
         let (ctx, keys, policies) = (ctx.clone(), keys_reader.clone(), policies.clone());
+        let trigger_policies = policies.clone();
         let mut generations: std::collections::HashMap<ObjectRef<ApiKey>, Option<i64>> = Default::default();
         watcher(keys_api.clone(), watcher::Config::default())
             .default_backoff()
@@ -441,7 +504,10 @@ pub async fn run(client: Client, server: &str, opts: Options) -> Result<()> {
                 };
                 futures::future::ready(out)
             })
-            .predicate_filter(apikey_trigger, Default::default())
+            .predicate_filter(
+                move |k: &ApiKey| apikey_trigger(k, inactivity_applies(&trigger_policies, k)),
+                Default::default(),
+            )
     };
     // The Secrets keyward owns: a deleted or edited one is repaired; the echo of this
     // controller's own write triggers nothing.
@@ -495,21 +561,17 @@ pub async fn run(client: Client, server: &str, opts: Options) -> Result<()> {
     ready.set(true);
     tracing::info!(namespace = ?opts.namespace, "controller started");
     futures::join!(apikeys, keypolicies);
+    if let Some(h) = holding {
+        h.abort();
+        let _ = h.await;
+    }
     metrics.leader.set(0);
     ready.set(false);
-    let lost = lost.load(std::sync::atomic::Ordering::SeqCst);
-    if let Some(e) = &elector
-        && !lost
-    {
+    if let Some(e) = &elector {
         e.release().await;
     }
     let _ = stop_tx.send(true);
     let _ = server.await;
-    if lost {
-        return Err(Error::Config(
-            "lost the leader lease; exiting so a restart can rejoin the election".into(),
-        ));
-    }
     tracing::info!("controller stopped");
     Ok(())
 }
@@ -591,13 +653,49 @@ mod tests {
 
     #[test]
     fn last_use_triggers_a_reconcile_and_own_status_writes_do_not() {
-        let base = apikey_trigger(&key(active(serde_json::json!({}))));
-        let used = apikey_trigger(&key(active(serde_json::json!({"lastUsedAt": "2026-11-23T01:00:00Z"}))));
-        let later = apikey_trigger(&key(active(serde_json::json!({"lastUsedAt": "2026-11-23T01:01:00Z"}))));
-        let own =
-            apikey_trigger(&key(active(serde_json::json!({"effectiveExpiresAt": "2026-11-23T02:00:00Z"}))));
+        let trigger = |extra, inactivity| apikey_trigger(&key(active(extra)), inactivity);
+        let base = trigger(serde_json::json!({}), true);
+        let used = trigger(serde_json::json!({"lastUsedAt": "2026-11-23T01:00:00Z"}), true);
+        let later = trigger(serde_json::json!({"lastUsedAt": "2026-11-23T01:01:00Z"}), true);
+        let own = trigger(serde_json::json!({"effectiveExpiresAt": "2026-11-23T02:00:00Z"}), true);
         assert_ne!(base, used);
         assert_ne!(used, later);
         assert_eq!(base, own, "the controller's own status writes do not trigger");
+    }
+
+    fn policy(name: &str, generation: i64) -> KeyPolicy {
+        let mut p = KeyPolicy::new(name, Default::default());
+        p.metadata.generation = Some(generation);
+        p
+    }
+
+    #[test]
+    fn policy_deletions_are_seen_also_across_a_watch_gap() {
+        let names = |out: Vec<std::result::Result<KeyPolicy, watcher::Error>>| -> Vec<String> {
+            out.into_iter().map(|p| p.unwrap().name_any()).collect()
+        };
+        let mut c = PolicyChanges::default();
+        assert!(names(c.on(Ok(watcher::Event::Init))).is_empty());
+        assert_eq!(names(c.on(Ok(watcher::Event::InitApply(policy("a", 1))))), ["a"]);
+        assert_eq!(names(c.on(Ok(watcher::Event::InitApply(policy("b", 1))))), ["b"]);
+        assert!(names(c.on(Ok(watcher::Event::InitDone))).is_empty());
+        assert!(names(c.on(Ok(watcher::Event::Apply(policy("a", 1))))).is_empty(), "status-only change");
+        assert_eq!(names(c.on(Ok(watcher::Event::Apply(policy("a", 2))))), ["a"], "spec change");
+        assert_eq!(names(c.on(Ok(watcher::Event::Delete(policy("a", 2))))), ["a"], "deletion");
+        // The watch restarts; b was deleted meanwhile and c created.
+        c.on(Ok(watcher::Event::Init));
+        assert_eq!(names(c.on(Ok(watcher::Event::InitApply(policy("c", 1))))), ["c"]);
+        assert_eq!(names(c.on(Ok(watcher::Event::InitDone))), ["b"], "deleted during the gap");
+        assert_eq!(c.known.len(), 1, "pruned");
+    }
+
+    #[test]
+    fn last_use_triggers_nothing_without_an_inactivity_timeout() {
+        let trigger = |extra| apikey_trigger(&key(active(extra)), false);
+        let base = trigger(serde_json::json!({}));
+        assert_eq!(base, trigger(serde_json::json!({"lastUsedAt": "2026-11-23T01:00:00Z"})));
+        let mut rotated = key(active(serde_json::json!({})));
+        rotated.annotations_mut().insert(ROTATE_ANNOTATION.into(), "1".into());
+        assert_ne!(base, apikey_trigger(&rotated, false), "a rotation request still does");
     }
 }

@@ -112,12 +112,24 @@ pub fn owner_verdict(
     None
 }
 
-/// The policy an ApiKey uses and its rules, or why it cannot use one.
-pub async fn resolve(
-    ctx: &Context,
-    key: &ApiKey,
-    now: DateTime<Utc>,
-) -> Result<Result<(KeyPolicy, Rules), Blocked>> {
+/// The policy an ApiKey uses, as far as it could be found and parsed.
+#[derive(Debug, Default)]
+pub struct Resolved {
+    /// The policy, when one was found.
+    pub policy: Option<KeyPolicy>,
+    /// Its rules, when it is valid (also when it does not allow the namespace: its caps
+    /// and expiries still apply to the keys already issued under it).
+    pub rules: Option<Rules>,
+    /// Why no new key may be issued under it.
+    pub blocked: Option<Blocked>,
+}
+
+fn unusable(b: Blocked) -> Resolved {
+    Resolved { blocked: Some(b), ..Default::default() }
+}
+
+/// The policy an ApiKey uses and its rules, and why it cannot issue keys under it.
+pub async fn resolve(ctx: &Context, key: &ApiKey, now: DateTime<Utc>) -> Result<Resolved> {
     // From the watch cache (policy changes re-trigger the ApiKeys that use them); only
     // what the cache lacks is confirmed by reading the API, so a policy created just
     // before its ApiKeys is never reported missing.
@@ -132,7 +144,7 @@ pub async fn resolve(
             {
                 Some(p) => p,
                 None => {
-                    return Ok(Err(blocked(
+                    return Ok(unusable(blocked(
                         c::POLICY_NOT_FOUND,
                         format!("KeyPolicy {name:?} does not exist"),
                     )));
@@ -151,7 +163,7 @@ pub async fn resolve(
             };
             match defaults.len() {
                 0 => {
-                    return Ok(Err(blocked(
+                    return Ok(unusable(blocked(
                         c::POLICY_NOT_FOUND,
                         "spec.policy is not set and no KeyPolicy is marked default",
                     )));
@@ -159,7 +171,7 @@ pub async fn resolve(
                 1 => defaults.remove(0),
                 _ => {
                     let names: Vec<String> = defaults.iter().map(|p| p.name_any()).collect();
-                    return Ok(Err(blocked(
+                    return Ok(unusable(blocked(
                         c::POLICY_NOT_FOUND,
                         format!(
                             "spec.policy is not set and {} KeyPolicies are marked default ({}); name one",
@@ -176,10 +188,8 @@ pub async fn resolve(
     let rules = match Rules::from_policy(&policy, now) {
         Ok(rules) => rules,
         Err(p) => {
-            return Ok(Err(blocked(
-                c::POLICY_INVALID,
-                format!("KeyPolicy {name:?} is not accepted: {}", p.message),
-            )));
+            let b = blocked(c::POLICY_INVALID, format!("KeyPolicy {name:?} is not accepted: {}", p.message));
+            return Ok(Resolved { policy: Some(policy), rules: None, blocked: Some(b) });
         }
     };
     if let Some(selector) = &policy.spec.namespace_selector {
@@ -190,13 +200,14 @@ pub async fn resolve(
             .map_err(Error::kube(format!("reading namespace {ns}")))?;
         let labels = namespace.map(|n| n.labels().clone()).unwrap_or_default();
         if !selector_matches(selector, &labels) {
-            return Ok(Err(blocked(
+            let b = blocked(
                 c::POLICY_NOT_ALLOWED,
                 format!("KeyPolicy {name:?} does not allow namespace {ns:?} (namespaceSelector)"),
-            )));
+            );
+            return Ok(Resolved { policy: Some(policy), rules: Some(rules), blocked: Some(b) });
         }
     }
-    Ok(Ok((policy, rules)))
+    Ok(Resolved { policy: Some(policy), rules: Some(rules), blocked: None })
 }
 
 /// Reconcile a KeyPolicy: validate it, record since when its `maxLifetime` applies,
@@ -211,7 +222,8 @@ pub async fn reconcile(obj: Arc<KeyPolicy>, ctx: Arc<Context>) -> Result<Action>
     let now = now();
     let old = policy.status.clone().unwrap_or_default();
     let mut status = old.clone();
-    if status.observed_max_lifetime.as_deref() != Some(policy.spec.expiry.max_lifetime.as_str()) {
+    let observed = crate::lifecycle::observed_expiry(&policy.spec);
+    if status.observed_max_lifetime.as_deref() != Some(observed.as_str()) {
         // First sight counts from the policy's creation; a later change from now.
         let since = match status.observed_max_lifetime {
             None => policy.meta().creation_timestamp.as_ref().map_or(now, |t| {
@@ -221,7 +233,7 @@ pub async fn reconcile(obj: Arc<KeyPolicy>, ctx: Arc<Context>) -> Result<Action>
             Some(_) => now,
         };
         status.max_lifetime_since = Some(since);
-        status.observed_max_lifetime = Some(policy.spec.expiry.max_lifetime.clone());
+        status.observed_max_lifetime = Some(observed);
     }
     let generation = policy.meta().generation;
     let other_defaults: Vec<String> = if policy.spec.default {

@@ -124,15 +124,27 @@ pub struct Contents<'a> {
     pub client_id: &'a str,
 }
 
-/// Current material per slot in the Secret, overlaid with what was minted.
+/// Current material per slot in the Secret, overlaid with what was minted. A slot
+/// field that lost its key (edited or removed) while `api-key` still holds that slot's
+/// key (its hash is the slot's hash in status) is restored from `api-key`.
 pub fn slot_material(
     existing: Option<&Secret>,
     minted: &BTreeMap<Slot, SecretKey>,
+    status_hash: impl Fn(Slot) -> Option<String>,
 ) -> BTreeMap<Slot, String> {
+    let in_api_key = text(existing, data::API_KEY);
     let mut slots = BTreeMap::new();
     for slot in [Slot::Primary, Slot::Secondary] {
-        let value =
+        let mut value =
             minted.get(&slot).map(|k| k.expose().to_string()).or_else(|| text(existing, slot.data_key()));
+        let want = status_hash(slot);
+        if !minted.contains_key(&slot)
+            && want.is_some()
+            && value.as_deref().map(keys::hash) != want
+            && in_api_key.as_deref().map(keys::hash) == want
+        {
+            value = in_api_key.clone();
+        }
         if let Some(v) = value {
             slots.insert(slot, v);
         }
@@ -227,5 +239,28 @@ mod tests {
         let first = minter.mint(Slot::Primary);
         assert_eq!(first.key_id.len(), keys::KEY_ID_LEN);
         assert!(minter.id_taken(&first.key_id), "a key minted now takes its ID too");
+    }
+
+    #[test]
+    fn a_slot_edited_away_is_restored_from_api_key() {
+        let format = KeyFormat::default();
+        let (active, other) = (format.generate(), format.generate());
+        let mut data = BTreeMap::new();
+        data.insert(data::API_KEY.to_string(), ByteString(active.expose().as_bytes().to_vec()));
+        data.insert(Slot::Primary.data_key().to_string(), ByteString(b"edited".to_vec()));
+        data.insert(Slot::Secondary.data_key().to_string(), ByteString(other.expose().as_bytes().to_vec()));
+        let secret = Secret { data: Some(data), ..Default::default() };
+        let hashes = |slot| {
+            Some(match slot {
+                Slot::Primary => keys::hash(active.expose()),
+                Slot::Secondary => keys::hash(other.expose()),
+            })
+        };
+        let slots = slot_material(Some(&secret), &BTreeMap::new(), hashes);
+        assert_eq!(slots[&Slot::Primary], active.expose(), "restored from api-key");
+        assert_eq!(slots[&Slot::Secondary], other.expose());
+        // A slot whose status hash api-key does not hold is left as it is.
+        let slots = slot_material(Some(&secret), &BTreeMap::new(), |_| Some("sha256:other".into()));
+        assert_eq!(slots[&Slot::Primary], "edited");
     }
 }

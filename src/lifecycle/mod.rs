@@ -8,15 +8,22 @@
 //! 2. expire keys past their effective expiry (an active key that dies of inactivity
 //!    retires the whole ApiKey until a rotation is requested);
 //! 3. a new `keyward.dev/rotate` value: new key in the standby slot, flip at once, the
-//!    old active key stays valid for `flipBefore` (`Rotated`);
+//!    old active key stays valid for `flipBefore` (`Rotated`); it waits while the
+//!    standby slot holds a key consumers may still hold (in `api-key`, or drained by a
+//!    flip less than `flipBefore` ago);
 //! 4. the first key, in the primary slot;
 //! 5. no valid active key: flip to a valid standby, else issue one and flip;
 //! 6. the active key's material is gone from the Secret: move consumers to a key whose
 //!    material is there (issue one if needed), keep the old hash until it expires;
 //! 7. the standby slot: (re)issue it when due (`secondaryAt` into the active key's life,
-//!    and never before its previous key has expired), or at once when it was revoked;
+//!    and never before its previous key has expired), at once when it was revoked, and
+//!    at once when a waiting standby would end with or before the active key (a
+//!    retroactive cap can give both the same end) while a fresh one would outlive it;
 //! 8. flip to the newer standby `flipBefore` before the active key's expiry, capped at
 //!    half of the two keys' overlap.
+//!
+//! While issuance is blocked ([`Input::may_issue`] false) steps 1, 2, 5 (flip to a valid
+//! standby), 6 (flip to a standby whose material is there) and 8 run; nothing is issued.
 
 pub mod notify;
 mod rules;
@@ -25,7 +32,7 @@ use std::fmt;
 
 use chrono::{DateTime, SecondsFormat, Utc};
 
-pub use rules::{PolicyProblem, Rules, SecondaryAt, parse_secondary_at};
+pub use rules::{Lifetime, PolicyProblem, Rules, SecondaryAt, observed_expiry, parse_secondary_at};
 
 use crate::api::{ApiKeyStatus, ExpiryCap, ExpiryReason, KeyState, KeyStatus, Slot};
 use crate::duration::IsoDuration;
@@ -44,6 +51,10 @@ pub struct Input<'a> {
     pub rotate_request: Option<&'a str>,
     /// The current time.
     pub now: DateTime<Utc>,
+    /// Whether new keys may be issued. False while the ApiKey is blocked (policy gone,
+    /// owner limit, foreign Secret, …): the safety steps (revocation, expiry, the
+    /// policy cap, flips to a key already issued) still run; nothing new is issued.
+    pub may_issue: bool,
 }
 
 /// Hashes of the key material the consumer Secret holds per slot (`primary`,
@@ -51,7 +62,8 @@ pub struct Input<'a> {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Material {
     /// Hash of `data.api-key`: a key whose hash this is keeps its place in status
-    /// until `api-key` has moved on (unless revoked).
+    /// until `api-key` has moved on (unless revoked), and counts as having its material
+    /// (the controller restores its slot field from `api-key`).
     pub api_key: Option<String>,
     /// Hash of `data.primary`.
     pub primary: Option<String>,
@@ -134,6 +146,8 @@ pub enum NextAction {
     Regenerate,
     /// A key stops verifying.
     Expire,
+    /// A requested rotation, once consumers have left the key it would replace.
+    Rotate,
 }
 
 impl NextAction {
@@ -144,6 +158,7 @@ impl NextAction {
             NextAction::Flip => "Flip",
             NextAction::Regenerate => "Regenerate",
             NextAction::Expire => "Expire",
+            NextAction::Rotate => "Rotate",
         }
     }
 }
@@ -193,8 +208,10 @@ fn key_mut(status: &mut ApiKeyStatus, slot: Slot) -> Option<&mut KeyStatus> {
     status.keys.iter_mut().find(|k| k.slot == slot)
 }
 
+/// Whether the Secret holds `k`'s material: in its slot field, or in `api-key` (from
+/// where the controller restores a slot field that was edited away).
 fn has_material(material: &Material, k: &KeyStatus) -> bool {
-    material.get(k.slot) == Some(k.hash.as_str())
+    material.get(k.slot) == Some(k.hash.as_str()) || material.api_key.as_deref() == Some(k.hash.as_str())
 }
 
 /// End of a key's life not counting inactivity: `min(expiresAt, cap)`.
@@ -259,6 +276,11 @@ impl Engine<'_, '_> {
     /// Recompute the policy cap and the effective expiry of every valid key.
     fn refresh(&mut self) {
         let rules = self.input.rules;
+        if rules.frozen {
+            // No usable policy: keep every end as last computed.
+            return;
+        }
+        self.keep_rotated_key_while_held();
         for k in self.status.keys.iter_mut().filter(|k| is_valid(k)) {
             if rules.enforced {
                 let base = k.created_at.max(rules.max_lifetime_since);
@@ -288,11 +310,35 @@ impl Engine<'_, '_> {
         }
     }
 
+    /// A key a rotation moved consumers off stays valid `flipBefore` after it left
+    /// `api-key`, not after the rotation: when the write that moves `api-key` failed, its
+    /// `Rotated` cap moves with the retry (never past its own end).
+    fn keep_rotated_key_while_held(&mut self) {
+        let now = self.now();
+        let Some(in_api_key) = self.material.api_key.clone() else { return };
+        let active = self.status.active_slot;
+        let Ok(until) = self.rules().flip_before.add_to(now) else { return };
+        let Some(k) = self.status.keys.iter_mut().find(|k| {
+            k.hash == in_api_key
+                && Some(k.slot) != active
+                && is_valid(k)
+                && k.effective_expires_at.is_some_and(|t| t > now)
+        }) else {
+            return;
+        };
+        let Some(cap) = k.cap.filter(|c| c.reason == ExpiryReason::Rotated && c.at < until) else { return };
+        // The policy cap, if lower, is applied again right after (see `refresh`).
+        let limit = k.expires_at.map_or(until, |e| e.min(until));
+        if limit > cap.at {
+            k.cap = Some(ExpiryCap { at: limit, reason: ExpiryReason::Rotated });
+        }
+    }
+
     /// Apply the first due step; false when nothing is due.
     fn step(&mut self) -> bool {
         self.revoke()
             || self.expire()
-            || self.rotate_on_request()
+            || (self.input.may_issue && self.rotate_on_request())
             || (!self.retired()
                 && (self.first_key()
                     || self.replace_invalid_active()
@@ -357,7 +403,7 @@ impl Engine<'_, '_> {
 
     fn rotate_on_request(&mut self) -> bool {
         let Some(request) = self.input.rotate_request.filter(|r| !r.trim().is_empty()) else { return false };
-        if self.status.rotation_request.as_deref() == Some(request) {
+        if self.status.rotation_request.as_deref() == Some(request) || self.rotation_waits().is_some() {
             return false;
         }
         self.status.rotation_request = Some(request.to_string());
@@ -376,7 +422,31 @@ impl Engine<'_, '_> {
         true
     }
 
+    /// A requested rotation not run yet.
+    fn rotation_pending(&self) -> Option<&str> {
+        let request = self.input.rotate_request.filter(|r| !r.trim().is_empty())?;
+        (self.status.rotation_request.as_deref() != Some(request)).then_some(request)
+    }
+
+    /// Until when a rotation must wait: the standby slot holds a valid key that consumers
+    /// may still hold (it is in `api-key`, or the flip away from it was less than
+    /// `flipBefore` ago), which a rotation would replace. None: it may run now.
+    fn rotation_waits(&self) -> Option<(DateTime<Utc>, KeyStatus)> {
+        let active = self.active()?;
+        let other = key(self.status, active.slot.other()).filter(|k| is_valid(k))?;
+        if self.material.api_key.as_deref() == Some(other.hash.as_str()) {
+            return Some((self.now(), other.clone()));
+        }
+        other.activated_at?;
+        let drained = self.rules().flip_before.add_to(active.activated_at?).ok()?;
+        let until = other.effective_expires_at.map_or(drained, |end| drained.min(end));
+        (until > self.now()).then(|| (until, other.clone()))
+    }
+
     fn first_key(&mut self) -> bool {
+        if !self.input.may_issue {
+            return false;
+        }
         if !self.status.keys.is_empty() {
             return false;
         }
@@ -398,9 +468,16 @@ impl Engine<'_, '_> {
             return true;
         }
         let active_revoked = self.active().is_some_and(|k| k.state == KeyState::Revoked);
-        if self.rules().automatic || !self.rules().enforced || active_revoked {
-            self.issue(other);
-            self.activate(other);
+        if self.input.may_issue && (self.rules().automatic || !self.rules().enforced || active_revoked) {
+            // The other slot may hold a draining key consumers still use (its material
+            // gone, so it cannot be flipped to): a revoked active key's slot takes the
+            // new key instead.
+            let target = match (self.status.active_slot, key(self.status, other)) {
+                (Some(slot), Some(k)) if active_revoked && is_valid(k) => slot,
+                _ => other,
+            };
+            self.issue(target);
+            self.activate(target);
             return true;
         }
         false
@@ -412,53 +489,127 @@ impl Engine<'_, '_> {
             return false;
         }
         let other = slot.other();
-        self.happenings.push(Happening::Repaired { slot });
         if !key(self.status, other).is_some_and(|k| is_valid(k) && has_material(self.material, k)) {
+            if !self.input.may_issue {
+                return false;
+            }
+            self.happenings.push(Happening::Repaired { slot });
             self.issue(other);
+        } else {
+            self.happenings.push(Happening::Repaired { slot });
         }
         self.activate(other);
         true
     }
 
-    fn standby(&mut self) -> bool {
-        let (Some(slot), Some(active)) = (self.status.active_slot, self.active().cloned()) else {
-            return false;
+    /// The end a key issued at `at` would have (None: never).
+    fn fresh_ceiling(&self, at: DateTime<Utc>) -> Option<DateTime<Utc>> {
+        let rules = self.rules();
+        if !rules.enforced {
+            return None;
+        }
+        let lifetime = self.input.lifetime.add_to(at).ok();
+        let cap = rules.max_lifetime.add_to(at.max(rules.max_lifetime_since)).ok();
+        match (lifetime, cap) {
+            (Some(l), Some(c)) => Some(l.min(c)),
+            (l, c) => l.or(c),
+        }
+    }
+
+    /// The lead a standby needs over the active key: a standby must outlive the active
+    /// key by twice the flip lead, so that after consumers move to it (a lead before the
+    /// active key ends) its own successor can be issued once the old key has drained and
+    /// still be flipped to a whole lead before the standby ends. The lead is `flipBefore`,
+    /// at most a quarter of the shortest lifetime a new key gets.
+    fn standby_margin(&self) -> Option<chrono::TimeDelta> {
+        let rules = self.rules();
+        let base = self.now();
+        let span = |d: IsoDuration| d.add_to(base).ok().map(|t| t - base);
+        let shortest = span(self.input.lifetime)?.min(span(rules.max_lifetime)?);
+        Some(span(rules.flip_before)?.min(shortest / 4) * 2)
+    }
+
+    /// When a waiting standby that would not outlive the active key by the margin (one
+    /// policy change capped both, or both were issued at one instant) is replaced: as
+    /// soon as a fresh key would; None when no key issued before the active key ends would
+    /// outlive it at all.
+    fn replacement_at(&self, active_end: DateTime<Utc>) -> Option<DateTime<Utc>> {
+        let rules = self.rules();
+        let target = active_end + self.standby_margin()?;
+        let earliest = [self.input.lifetime.sub_from(target).ok(), rules.max_lifetime.sub_from(target).ok()];
+        let at = earliest.into_iter().flatten().max()?.max(self.now());
+        let at = if self.fresh_ceiling(at).is_some_and(|fresh| fresh < target) {
+            // Capped from maxLifetimeSince: a key issued later gets no later end before then.
+            at.max(rules.max_lifetime_since) + chrono::TimeDelta::seconds(1)
+        } else {
+            at
         };
-        let other = slot.other();
+        (at < active_end && self.fresh_ceiling(at).is_none_or(|fresh| fresh > active_end)).then_some(at)
+    }
+
+    /// When the standby slot is (re)issued next, and as what step; None: it is not on
+    /// any schedule. The one schedule both [`Self::standby`] and the summary read.
+    fn standby_due(&self) -> Option<(DateTime<Utc>, NextAction)> {
+        let active = self.active().filter(|k| is_valid(k))?;
         let now = self.now();
-        match key(self.status, other) {
-            Some(s) if is_valid(s) => {
-                // A waiting standby (never active) must have its material, or it could never
-                // be flipped to. A draining one (active before) needs none.
-                if s.activated_at.is_none() && !has_material(self.material, s) {
-                    self.happenings.push(Happening::Repaired { slot: other });
-                    self.issue(other);
-                    return true;
+        let scheduled = if self.rules().automatic && !self.rules().frozen && ceiling(active).is_some() {
+            self.rules().secondary_due(active.created_at, ceiling(active))
+        } else {
+            None
+        };
+        match key(self.status, active.slot.other()) {
+            Some(s) if is_valid(s) && s.activated_at.is_none() => {
+                // A waiting standby must have its material (or it could never be flipped
+                // to) and must outlive the active key, or consumers would flip to a key
+                // that dies with the one they leave (both capped by one policy change).
+                if !has_material(self.material, s) {
+                    return Some((now, NextAction::Regenerate));
                 }
-                false
+                match (ceiling(s), ceiling(active), self.standby_margin()) {
+                    (Some(s_end), Some(a_end), Some(margin)) if s_end < a_end + margin => {
+                        self.replacement_at(a_end).map(|at| (at, NextAction::Regenerate))
+                    }
+                    _ => None,
+                }
+            }
+            // Draining: its slot is regenerated on schedule once it has ended.
+            Some(s) if is_valid(s) => {
+                let end = s.effective_expires_at?;
+                scheduled.map(|due| (due.max(end), NextAction::Regenerate))
             }
             previous => {
                 let revoked = previous.is_some_and(|k| k.state == KeyState::Revoked);
-                if !revoked
-                    && previous.is_some_and(|k| self.material.api_key.as_deref() == Some(k.hash.as_str()))
-                {
-                    // Still in api-key: replace it once consumers have moved on (next reconcile).
-                    return false;
-                }
-                let due = if revoked {
-                    Some(now)
-                } else if self.rules().enforced && self.rules().automatic {
-                    self.rules().secondary_due(active.created_at, ceiling(&active))
-                } else {
-                    None
-                };
-                if due.is_some_and(|t| t <= now) {
-                    self.issue(other);
-                    return true;
-                }
-                false
+                let due = if revoked { Some(now) } else { scheduled }?;
+                let action =
+                    if previous.is_some() { NextAction::Regenerate } else { NextAction::CreateStandby };
+                Some((due, action))
             }
         }
+    }
+
+    fn standby(&mut self) -> bool {
+        if !self.input.may_issue || self.standby_due().is_none_or(|(at, _)| at > self.now()) {
+            return false;
+        }
+        let Some(slot) = self.status.active_slot else { return false };
+        let other = slot.other();
+        match key(self.status, other) {
+            Some(s) if is_valid(s) && s.activated_at.is_some() => return false,
+            Some(s)
+                if !is_valid(s)
+                    && s.state != KeyState::Revoked
+                    && self.material.api_key.as_deref() == Some(s.hash.as_str()) =>
+            {
+                // Still in api-key: replace it once consumers have moved on (next reconcile).
+                return false;
+            }
+            Some(s) if is_valid(s) && !has_material(self.material, s) => {
+                self.happenings.push(Happening::Repaired { slot: other });
+            }
+            _ => {}
+        }
+        self.issue(other);
+        true
     }
 
     /// When consumers move from `active` to the newer `standby`.
@@ -544,6 +695,17 @@ impl Engine<'_, '_> {
                 ),
             );
         }
+        if !is_valid(active) && !self.input.may_issue {
+            let when = active.effective_expires_at.map(ts).unwrap_or_default();
+            return (
+                Health::Expired,
+                None,
+                format!(
+                    "no valid key: the active key {} ended at {when} and no new key can be issued",
+                    active.key_id
+                ),
+            );
+        }
         if !is_valid(active) {
             let when = active.effective_expires_at.map(ts).unwrap_or_default();
             return (
@@ -574,55 +736,65 @@ impl Engine<'_, '_> {
                 ),
             ));
         }
-        let automatic = self.rules().enforced && self.rules().automatic;
-        match other {
-            Some(s) if is_valid(s) && s.activated_at.is_some() => {
-                if let Some(end) = s.effective_expires_at {
-                    let due = self
-                        .rules()
-                        .secondary_due(active.created_at, ceiling(active))
-                        .map_or(end, |d| d.max(end));
-                    if automatic {
-                        candidates.push((
-                            due,
-                            NextAction::Regenerate,
-                            format!(
-                                "regenerates the {} key at {} (key {} stops verifying at {})",
-                                s.slot,
-                                ts(due),
-                                s.key_id,
-                                ts(end)
-                            ),
-                        ));
-                    } else {
-                        candidates.push((
-                            end,
-                            NextAction::Expire,
-                            format!("the {} key {} stops verifying at {}", s.slot, s.key_id, ts(end)),
-                        ));
-                    }
-                }
-            }
-            Some(s) if is_valid(s) => {}
-            previous => {
-                if automatic && let Some(due) = self.rules().secondary_due(active.created_at, ceiling(active))
-                {
-                    let (action, verb) = if previous.is_some() {
-                        (NextAction::Regenerate, "regenerates")
-                    } else {
-                        (NextAction::CreateStandby, "creates")
+        if let Some((at, action)) = self.standby_due().filter(|_| self.input.may_issue) {
+            let slot = active.slot.other();
+            let text = match (action, other.filter(|s| is_valid(s))) {
+                (NextAction::Regenerate, Some(s)) if s.activated_at.is_some() => format!(
+                    "regenerates the {} key at {} (key {} stops verifying at {})",
+                    s.slot,
+                    ts(at),
+                    s.key_id,
+                    s.effective_expires_at.map(ts).unwrap_or_default()
+                ),
+                (_, Some(s)) => format!(
+                    "replaces the waiting {} key {} at {}: it would not outlive the active key {} (ends {})",
+                    s.slot,
+                    s.key_id,
+                    ts(at),
+                    active.key_id,
+                    ceiling(active).map(ts).unwrap_or_default()
+                ),
+                (action, None) => {
+                    let verb = if action == NextAction::CreateStandby { "creates" } else { "regenerates" };
+                    let why = match (other.map(|k| k.state), self.rules().secondary_at) {
+                        (Some(KeyState::Revoked), _) => format!(
+                            "its key {} was revoked",
+                            other.map(|k| k.key_id.as_str()).unwrap_or_default()
+                        ),
+                        (_, SecondaryAt::Percent(p)) => format!("{p}% into the {} key's life", active.slot),
+                        (_, SecondaryAt::After(d)) => {
+                            format!("{d} after the {} key was created", active.slot)
+                        }
                     };
-                    let why = match self.rules().secondary_at {
-                        SecondaryAt::Percent(p) => format!("{p}% into the {} key's life", active.slot),
-                        SecondaryAt::After(d) => format!("{d} after the {} key was created", active.slot),
-                    };
-                    candidates.push((
-                        due,
-                        action,
-                        format!("{verb} the {} key at {} ({why})", active.slot.other(), ts(due)),
-                    ));
+                    format!("{verb} the {slot} key at {} ({why})", ts(at))
                 }
-            }
+            };
+            candidates.push((at, action, text));
+        }
+        if self.input.may_issue
+            && let Some(request) = self.rotation_pending()
+            && let Some((until, held)) = self.rotation_waits()
+        {
+            candidates.push((
+                until,
+                NextAction::Rotate,
+                format!(
+                    "rotates at {} as requested ({request:?}): consumers may still hold the {} key {} until then",
+                    ts(until),
+                    held.slot,
+                    held.key_id
+                ),
+            ));
+        }
+        // A draining key stops verifying at its end (whether or not its slot is regenerated then).
+        if let Some(s) = other.filter(|s| is_valid(s) && s.activated_at.is_some())
+            && let Some(end) = s.effective_expires_at
+        {
+            candidates.push((
+                end,
+                NextAction::Expire,
+                format!("the {} key {} stops verifying at {}", s.slot, s.key_id, ts(end)),
+            ));
         }
         if let Some(end) = active.effective_expires_at {
             let text = if active.expiry_reason == Some(ExpiryReason::Inactivity) {

@@ -2,7 +2,10 @@
 //! threshold of the active key's effective expiry has passed, whether it already
 //! fired (`status.notified`, so each fires once across restarts), and when the next
 //! one is due. A key created after some thresholds already passed gets one warning
-//! (the nearest), not one per past threshold.
+//! (the nearest), not one per past threshold, and only when it means something: while
+//! its successor is on schedule (automatic rotation, nothing blocked) a threshold the
+//! key was born inside is not news (a 30-day key under a 30-day threshold), so it waits
+//! for the next threshold; if the successor goes off schedule, it fires then.
 
 use chrono::{DateTime, Utc};
 
@@ -44,7 +47,14 @@ fn reference() -> DateTime<Utc> {
 
 /// Decide the warnings for the active key at `now`, recording fired ones in
 /// `status.notified` (and forgetting entries of keys no longer in status).
-pub fn evaluate(rules: &Rules, status: &mut ApiKeyStatus, now: DateTime<Utc>) -> Warnings {
+/// `successor_on_schedule`: a new key will be issued and flipped to before this one ends
+/// without anyone acting (automatic rotation under an enforced policy, not blocked).
+pub fn evaluate(
+    rules: &Rules,
+    status: &mut ApiKeyStatus,
+    now: DateTime<Utc>,
+    successor_on_schedule: bool,
+) -> Warnings {
     let mut out = Warnings::default();
     let ids: Vec<String> = status.keys.iter().map(|k| k.key_id.clone()).collect();
     status.notified.retain(|n| ids.contains(&n.key_id));
@@ -84,7 +94,8 @@ pub fn evaluate(rules: &Rules, status: &mut ApiKeyStatus, now: DateTime<Utc>) ->
             n.threshold == *text
                 || rules.notify_before.iter().any(|(t, rd)| *t == n.threshold && length(rd) <= length(d))
         });
-        if !already {
+        let born_inside = at(d).is_some_and(|t| t <= active.activated_at.unwrap_or(active.created_at));
+        if !already && (!born_inside || !successor_on_schedule) {
             out.fire.push(notice(text));
         }
     }
@@ -139,13 +150,13 @@ mod tests {
     fn each_threshold_fires_once_in_order() {
         let rules = rules();
         let mut status = status_expiring_in(60, 30);
-        let w = evaluate(&rules, &mut status, t0());
+        let w = evaluate(&rules, &mut status, t0(), true);
         assert!(w.fire.is_empty() && w.expiring.is_none());
         assert_eq!(w.next, Some(t0() + TimeDelta::days(30)));
         let fired: Vec<(i64, Vec<String>)> = [30, 31, 53, 59, 59]
             .into_iter()
             .map(|d| {
-                let w = evaluate(&rules, &mut status, t0() + TimeDelta::days(d));
+                let w = evaluate(&rules, &mut status, t0() + TimeDelta::days(d), true);
                 (d, w.fire.into_iter().map(|n| n.threshold).collect())
             })
             .collect();
@@ -164,32 +175,52 @@ mod tests {
 
     #[test]
     fn a_short_lived_key_gets_one_warning_for_past_thresholds() {
+        // Its successor is not on schedule (rotation blocked or manual): the nearest
+        // past threshold fires at once.
         let rules = rules();
         let mut status = status_expiring_in(5, 0);
-        let w = evaluate(&rules, &mut status, t0());
+        let w = evaluate(&rules, &mut status, t0(), false);
         assert_eq!(w.fire.iter().map(|n| n.threshold.as_str()).collect::<Vec<_>>(), ["P7D"]);
         assert_eq!(w.expiring.as_ref().unwrap().0, "P7D");
         assert_eq!(w.next, Some(t0() + TimeDelta::days(4)));
-        assert!(evaluate(&rules, &mut status, t0() + TimeDelta::hours(1)).fire.is_empty());
+        assert!(evaluate(&rules, &mut status, t0() + TimeDelta::hours(1), false).fire.is_empty());
+    }
+
+    #[test]
+    fn a_threshold_a_key_is_born_inside_is_not_news_while_its_successor_is_on_schedule() {
+        // The demo's case: a 30-day key under a 30-day threshold.
+        let rules = rules();
+        let mut status = status_expiring_in(30, 0);
+        let w = evaluate(&rules, &mut status, t0(), true);
+        assert!(w.fire.is_empty(), "no warning at birth: {:?}", w.fire);
+        assert_eq!(w.expiring.as_ref().unwrap().0, "P30D", "the condition still says where the key stands");
+        // The next threshold, which the key was not born inside, fires as usual.
+        let w = evaluate(&rules, &mut status, t0() + TimeDelta::days(23), true);
+        assert_eq!(w.fire.iter().map(|n| n.threshold.as_str()).collect::<Vec<_>>(), ["P7D"]);
+        // Born inside, and then the successor goes off schedule (blocked): it fires then.
+        let mut status = status_expiring_in(30, 0);
+        assert!(evaluate(&rules, &mut status, t0(), true).fire.is_empty());
+        let w = evaluate(&rules, &mut status, t0() + TimeDelta::days(2), false);
+        assert_eq!(w.fire.iter().map(|n| n.threshold.as_str()).collect::<Vec<_>>(), ["P30D"]);
     }
 
     #[test]
     fn a_larger_threshold_never_fires_after_a_smaller_one() {
         let rules = rules();
         let mut status = status_expiring_in(5, 0);
-        evaluate(&rules, &mut status, t0());
+        evaluate(&rules, &mut status, t0(), false);
         // Used heavily: the inactivity deadline moved the expiry out to 20 days.
         status.keys[0].effective_expires_at = Some(t0() + TimeDelta::days(20));
-        assert!(evaluate(&rules, &mut status, t0() + TimeDelta::days(1)).fire.is_empty());
+        assert!(evaluate(&rules, &mut status, t0() + TimeDelta::days(1), false).fire.is_empty());
     }
 
     #[test]
     fn forgotten_with_the_key_and_once_for_non_expiring() {
         let rules = rules();
         let mut status = status_expiring_in(5, 0);
-        evaluate(&rules, &mut status, t0());
+        evaluate(&rules, &mut status, t0(), false);
         status.keys[0].key_id = "k2".into();
-        evaluate(&rules, &mut status, t0());
+        evaluate(&rules, &mut status, t0(), false);
         assert!(status.notified.iter().all(|n| n.key_id == "k2"), "{:?}", status.notified);
 
         let mut spec = KeyPolicySpec::default();
@@ -198,7 +229,7 @@ mod tests {
         let disabled = Rules::from_spec(&spec, t0()).unwrap();
         let mut status = status_expiring_in(5, 0);
         status.keys[0].effective_expires_at = None;
-        assert_eq!(evaluate(&disabled, &mut status, t0()).fire[0].threshold, NON_EXPIRING);
-        assert!(evaluate(&disabled, &mut status, t0()).fire.is_empty());
+        assert_eq!(evaluate(&disabled, &mut status, t0(), false).fire[0].threshold, NON_EXPIRING);
+        assert!(evaluate(&disabled, &mut status, t0(), false).fire.is_empty());
     }
 }

@@ -38,6 +38,20 @@ pub struct Rules {
     pub notify_before: Vec<(String, IsoDuration)>,
     /// `keyFormat`.
     pub format: KeyFormat,
+    /// No usable policy (deleted or invalid): keep every key's end as last computed,
+    /// schedule nothing new; flips use the default `flipBefore`.
+    pub frozen: bool,
+}
+
+/// What `status.observedMaxLifetime` records, so `maxLifetimeSince` moves on every
+/// change that can shorten keys: the `maxLifetime` while expiry is enforced, and
+/// `Disabled` while it is not (switching expiry on caps keys from that moment, not
+/// from when the policy was made).
+pub fn observed_expiry(spec: &KeyPolicySpec) -> String {
+    match spec.expiry.mode {
+        ExpiryMode::Enforced => spec.expiry.max_lifetime.clone(),
+        ExpiryMode::Disabled => "Disabled".into(),
+    }
 }
 
 /// Why a policy cannot be used: a reason constant and a message naming the field.
@@ -89,7 +103,7 @@ impl Rules {
         let since = policy
             .status
             .as_ref()
-            .filter(|s| s.observed_max_lifetime.as_deref() == Some(spec.expiry.max_lifetime.as_str()))
+            .filter(|s| s.observed_max_lifetime.as_deref() == Some(observed_expiry(spec).as_str()))
             .and_then(|s| s.max_lifetime_since)
             .unwrap_or(now);
         Rules::from_spec(spec, since)
@@ -186,7 +200,21 @@ impl Rules {
             max_lifetime_since,
             notify_before,
             format: KeyFormat::from(&spec.key_format),
+            frozen: false,
         })
+    }
+
+    /// Rules for an ApiKey whose policy cannot be used: the keys it has run out as last
+    /// computed (expiry, revocation and flips to an issued key still happen), with the
+    /// default `flipBefore` and no warnings; nothing is scheduled or issued anew.
+    pub fn frozen(format: KeyFormat) -> Rules {
+        let mut rules = Rules::from_spec(&KeyPolicySpec::default(), DateTime::<Utc>::MIN_UTC)
+            .expect("the default policy is valid");
+        rules.frozen = true;
+        rules.automatic = false;
+        rules.notify_before.clear();
+        rules.format = format;
+        rules
     }
 
     /// When the standby of a primary created at `created` and expiring at `expires` is due.
@@ -205,31 +233,50 @@ impl Rules {
         }
     }
 
-    /// Check an ApiKey's `lifetime` (or the policy's maximum when absent) against the
-    /// policy's bounds, as of `now`. Err: (reason, message).
+    /// The lifetime of a key issued at `now`: the ApiKey's `lifetime` (or the policy's
+    /// maximum when absent), clamped to the policy's bounds as of `now` (calendar months
+    /// make the same text longer or shorter by the month). The bounds are checked when
+    /// a key is issued, never against keys already issued. Err: (reason, message) for
+    /// a lifetime that does not parse.
     pub fn lifetime(
         &self,
         requested: Option<&str>,
         now: DateTime<Utc>,
-    ) -> Result<IsoDuration, (&'static str, String)> {
+    ) -> Result<Lifetime, (&'static str, String)> {
         use crate::api::conditions as c;
-        let Some(text) = requested else { return Ok(self.max_lifetime) };
+        let Some(text) = requested else {
+            return Ok(Lifetime { duration: self.max_lifetime, clamped: None });
+        };
         let d = IsoDuration::parse(text).map_err(|e| (c::INVALID_SPEC, format!("spec.lifetime: {e}")))?;
         if !self.enforced {
-            return Ok(d);
+            return Ok(Lifetime { duration: d, clamped: None });
         }
         let (lo, hi, want) = (self.min_lifetime.add_to(now), self.max_lifetime.add_to(now), d.add_to(now));
-        match (lo, hi, want) {
-            (Ok(lo), Ok(hi), Ok(want)) if want >= lo && want <= hi => Ok(d),
-            _ => Err((
-                c::LIFETIME_OUT_OF_BOUNDS,
-                format!(
-                    "spec.lifetime {text} is outside the policy's bounds {} to {}",
-                    self.min_lifetime, self.max_lifetime
-                ),
+        let bound = match (lo, hi, want) {
+            (Ok(lo), _, Ok(want)) if want < lo => self.min_lifetime,
+            (_, Ok(hi), Ok(want)) if want > hi => self.max_lifetime,
+            (_, _, Ok(_)) => return Ok(Lifetime { duration: d, clamped: None }),
+            _ => self.max_lifetime,
+        };
+        Ok(Lifetime {
+            duration: bound,
+            clamped: Some(format!(
+                "spec.lifetime {text} is outside the policy's bounds {} to {} for a key issued at {}: keys are issued for {bound}",
+                self.min_lifetime,
+                self.max_lifetime,
+                now.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
             )),
-        }
+        })
     }
+}
+
+/// The lifetime new keys get, and why it differs from `spec.lifetime` when it does.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Lifetime {
+    /// The lifetime of a key issued now.
+    pub duration: IsoDuration,
+    /// Set when `spec.lifetime` was outside the policy's bounds (the message says so).
+    pub clamped: Option<String>,
 }
 
 #[cfg(test)]
@@ -357,14 +404,19 @@ mod tests {
         use crate::api::conditions as c;
         let r = Rules::from_spec(&spec(), reference()).unwrap();
         let now = reference();
-        assert_eq!(r.lifetime(None, now).unwrap(), r.max_lifetime);
-        assert!(r.lifetime(Some("P30D"), now).is_ok());
-        // Calendar months: p3m is 90 days from January 1st, 92 days from July 1st.
-        assert!(r.lifetime(Some("p3m"), now).is_ok());
+        let ok = |text: &str, at| r.lifetime(Some(text), at).unwrap();
+        assert_eq!(r.lifetime(None, now).unwrap(), Lifetime { duration: r.max_lifetime, clamped: None });
+        assert_eq!(ok("P30D", now).clamped, None);
+        // Calendar months: p3m is 90 days from January 1st, 92 days from July 1st, where
+        // a key issued gets the policy's 90 days instead (and never an error that would
+        // stop a Ready key from being rotated depending on the month).
+        assert_eq!(ok("p3m", now), Lifetime { duration: IsoDuration::parse("p3m").unwrap(), clamped: None });
         let july = chrono::TimeZone::with_ymd_and_hms(&Utc, 2026, 7, 1, 0, 0, 0).unwrap();
-        assert_eq!(r.lifetime(Some("p3m"), july).unwrap_err().0, c::LIFETIME_OUT_OF_BOUNDS);
-        assert_eq!(r.lifetime(Some("PT30S"), now).unwrap_err().0, c::LIFETIME_OUT_OF_BOUNDS);
-        assert_eq!(r.lifetime(Some("P1Y"), now).unwrap_err().0, c::LIFETIME_OUT_OF_BOUNDS);
+        let clamped = ok("p3m", july);
+        assert_eq!(clamped.duration, r.max_lifetime);
+        assert!(clamped.clamped.unwrap().contains("keys are issued for P90D"));
+        assert_eq!(ok("PT30S", now).duration, r.min_lifetime);
+        assert_eq!(ok("P1Y", now).duration, r.max_lifetime);
         assert_eq!(r.lifetime(Some("banana"), now).unwrap_err().0, c::INVALID_SPEC);
     }
 }

@@ -28,7 +28,14 @@ fn t0() -> DateTime<Utc> {
 }
 
 fn secs(s: f64) -> DateTime<Utc> {
-    t0() + TimeDelta::milliseconds((s * 1000.0) as i64)
+    t0() + TimeDelta::milliseconds((s * 1000.0).round() as i64)
+}
+
+/// Seconds since t0 of `t`, rounded up to the millisecond (the Sim's resolution), so
+/// that a step due at `t` is due at the returned time.
+fn secs_of(t: DateTime<Utc>) -> f64 {
+    let us = (t - t0()).num_microseconds().unwrap_or(i64::MAX);
+    (us + 999).div_euclid(1000) as f64 / 1000.0
 }
 
 fn rules_with(edit: impl FnOnce(&mut KeyPolicySpec)) -> Rules {
@@ -45,6 +52,7 @@ struct Sim {
     lifetime: IsoDuration,
     revoked: Vec<String>,
     rotate: Option<String>,
+    may_issue: bool,
     status: ApiKeyStatus,
     material: Material,
     mint: FakeMint,
@@ -59,6 +67,7 @@ impl Sim {
             lifetime,
             revoked: vec![],
             rotate: None,
+            may_issue: true,
             status: ApiKeyStatus::default(),
             material: Material::default(),
             mint: FakeMint::default(),
@@ -76,6 +85,7 @@ impl Sim {
             revoked: &self.revoked,
             rotate_request: self.rotate.as_deref(),
             now: secs(s),
+            may_issue: self.may_issue,
         };
         let before = self.status.clone();
         let out = advance(&input, &mut self.status, &mut self.material, &mut self.mint);
@@ -85,7 +95,23 @@ impl Sim {
                 .iter()
                 .find(|k| &k.hash == in_api_key && !self.status.keys.iter().any(|n| n.hash == k.hash));
             if let Some(k) = gone {
-                assert!(self.revoked.contains(&k.key_id), "hash {} left status while in api-key", k.hash);
+                assert!(
+                    self.revoked.contains(&k.key_id),
+                    "hash {} left status while in api-key at {s} s: {:?}\nbefore: {:#?}\nafter: {:#?}",
+                    k.hash,
+                    out.happenings,
+                    before.keys,
+                    self.status.keys
+                );
+            }
+        }
+        // The controller's Secret write: a slot field edited away is restored from
+        // api-key when api-key holds that slot's key; then api-key moves to the active key.
+        for k in &self.status.keys {
+            if self.material.get(k.slot) != Some(k.hash.as_str())
+                && self.material.api_key.as_deref() == Some(k.hash.as_str())
+            {
+                self.material.set(k.slot, k.hash.clone());
             }
         }
         if let Some(a) = self.status.active_slot.and_then(|slot| key(&self.status, slot)) {
@@ -470,4 +496,416 @@ proptest! {
                 "sparse {} > dense {}", sparse.mint.minted, dense.mint.minted);
         }
     }
+}
+
+#[test]
+fn both_keys_capped_by_one_change_get_a_successor_that_outlives_them() {
+    // 1-hour keys; the standby exists (made at 1800 s). At 1900 s the policy shrinks to
+    // 10 minutes: both keys are capped at 2500 s. The waiting standby would die with
+    // the active key, so it is replaced by one that outlives it, in time to flip.
+    let mut sim = Sim::new(rules_with(|s| {
+        s.expiry.max_lifetime = "PT1H".into();
+        s.rotation.flip_before = "PT1M".into();
+    }));
+    sim.at(0.0);
+    sim.at(1800.0);
+    assert_eq!(sim.slot(Slot::Secondary).key_id, "k2");
+    let mut short = rules_with(|s| {
+        s.expiry.max_lifetime = "PT10M".into();
+        s.rotation.flip_before = "PT1M".into();
+    });
+    short.max_lifetime_since = secs(1900.0);
+    sim.rules = short;
+    sim.lifetime = sim.rules.max_lifetime;
+    let out = sim.at(1900.0);
+    assert_eq!(sim.active().effective_expires_at, Some(secs(2500.0)));
+    assert_eq!(sim.slot(Slot::Secondary).effective_expires_at, Some(secs(2500.0)), "both capped alike");
+    // A key issued now would end at 2500 s too. The replacement must outlive the active
+    // key by twice the flip lead (2 × 60 s), so it is issued at 2500 + 120 - 600 = 2020 s.
+    assert_eq!(
+        out.next.unwrap(),
+        Next { action: NextAction::Regenerate, at: secs(2020.0) },
+        "{}",
+        out.details
+    );
+    assert!(out.details.contains("would not outlive the active key"), "{}", out.details);
+    let out = sim.at(2020.0);
+    let standby = sim.slot(Slot::Secondary).clone();
+    assert_eq!(standby.key_id, "k3", "the capped waiting standby was replaced: {}", out.details);
+    assert_eq!(standby.effective_expires_at, Some(secs(2620.0)), "a fresh key: 10 minutes from 2020 s");
+    let next = out.next.unwrap();
+    assert_eq!(next.action, NextAction::Flip);
+    // And so the flip happens flipBefore before the active key ends.
+    assert_eq!(next.at, secs(2440.0), "{next:?}");
+    sim.at((next.at - t0()).num_milliseconds() as f64 / 1000.0);
+    assert_eq!(sim.active().key_id, "k3");
+    assert_eq!(sim.mint.minted, 3);
+}
+
+#[test]
+fn a_standby_capped_with_the_active_key_is_replaced_even_when_both_predate_the_change() {
+    // Keys made at 0 s and 100 s under PT1H; the policy shrinks at 50 s (recorded
+    // since then): a cap at 50 + 600 s for the first and 100 + 600 s for the second is
+    // fine (the standby outlives); but a change recorded at 200 s caps both at 800 s.
+    let mut sim = Sim::new(rules_with(|s| {
+        s.expiry.max_lifetime = "PT1H".into();
+        s.rotation.secondary_at = "PT100S".into();
+        s.rotation.flip_before = "PT30S".into();
+    }));
+    sim.at(0.0);
+    sim.at(100.0);
+    let mut short = rules_with(|s| {
+        s.expiry.max_lifetime = "PT10M".into();
+        s.rotation.secondary_at = "PT100S".into();
+        s.rotation.flip_before = "PT30S".into();
+    });
+    short.max_lifetime_since = secs(200.0);
+    sim.rules = short;
+    let out = sim.at(200.0);
+    // Replaced once a fresh key outlives the active key (ending at 800 s) by twice the
+    // flip lead (30 s): 800 + 60 - 600 = 260 s.
+    assert_eq!(
+        out.next.unwrap(),
+        Next { action: NextAction::Regenerate, at: secs(260.0) },
+        "{}",
+        out.details
+    );
+    let out = sim.at(260.0);
+    let (a, s) = (sim.active().clone(), sim.slot(Slot::Secondary).clone());
+    assert_eq!(a.effective_expires_at, Some(secs(800.0)));
+    assert!(ceiling(&s).unwrap() > ceiling(&a).unwrap(), "{}: {s:?}", out.details);
+}
+
+#[test]
+fn switching_expiry_on_caps_keys_from_the_switch() {
+    use crate::api::ExpiryMode;
+    let mut spec = KeyPolicySpec::default();
+    spec.expiry.mode = ExpiryMode::Disabled;
+    let disabled = observed_expiry(&spec);
+    spec.expiry.mode = ExpiryMode::Enforced;
+    assert_ne!(disabled, observed_expiry(&spec), "the switch moves maxLifetimeSince");
+    assert_eq!(observed_expiry(&spec), spec.expiry.max_lifetime, "unchanged for enforced policies");
+    // Keys made while expiry was off get their cap from the switch, not from their birth.
+    let mut sim = Sim::new(rules_with(|s| {
+        s.expiry.mode = ExpiryMode::Disabled;
+        s.expiry.acknowledge_risk = true;
+    }));
+    sim.at(0.0);
+    let mut on = rules_with(|_| {});
+    on.max_lifetime_since = secs(1000.0);
+    sim.rules = on;
+    let out = sim.at(1000.0);
+    assert_eq!(out.health, Health::Ready);
+    assert_eq!(sim.active().key_id, "k1", "not expired by a cap in the past");
+    assert_eq!(sim.active().effective_expires_at, Some(secs(1030.0)));
+    assert_eq!(sim.active().expiry_reason, Some(ExpiryReason::PolicyChange));
+}
+
+#[test]
+fn a_rotation_never_replaces_a_key_consumers_may_still_hold() {
+    // flipBefore 5 s: after a flip, consumers may hold the previous key for 5 s.
+    let mut sim = Sim::new(rules_with(|s| s.rotation.flip_before = "PT5S".into()));
+    sim.at(0.0);
+    sim.at(15.0);
+    sim.rotate = Some("a".into());
+    sim.at(16.0);
+    assert_eq!(sim.active().key_id, "k3");
+    let drained = sim.slot(Slot::Primary).clone();
+    assert_eq!((drained.key_id.as_str(), drained.effective_expires_at), ("k1", Some(secs(21.0))));
+    // A second rotation 2 s later must not replace k1, which consumers may still hold.
+    sim.rotate = Some("b".into());
+    let out = sim.at(18.0);
+    assert!(!out.happenings.contains(&Happening::Rotated), "{:?}", out.happenings);
+    assert_eq!(sim.slot(Slot::Primary).key_id, "k1");
+    assert_eq!(sim.slot(Slot::Primary).state, KeyState::Standby, "k1 stays valid through its drain");
+    let next = out.next.unwrap();
+    assert_eq!((next.action, next.at), (NextAction::Rotate, secs(21.0)), "{}", out.details);
+    assert!(out.details.contains("consumers may still hold the Primary key k1"), "{}", out.details);
+    // At 21 s the rotation runs: k1 has drained (and expires), a new key replaces it.
+    let out = sim.at(21.0);
+    assert!(out.happenings.contains(&Happening::Rotated));
+    assert_eq!(sim.active().key_id, "k4");
+    assert_eq!(sim.slot(Slot::Secondary).effective_expires_at, Some(secs(26.0)), "k3 drains 5 s");
+}
+
+#[test]
+fn a_rotation_waits_while_api_key_still_holds_the_key_it_would_replace() {
+    let mut sim = Sim::new(rules_with(|s| s.rotation.flip_before = "PT5S".into()));
+    sim.at(0.0);
+    sim.at(15.0);
+    sim.at(25.0);
+    assert_eq!(sim.active().key_id, "k2");
+    // The flip to k2 happened at 25 s, but its api-key write failed: api-key holds k1.
+    sim.material.api_key = Some(sim.slot(Slot::Primary).hash.clone());
+    let input = Input {
+        rules: &sim.rules,
+        lifetime: sim.lifetime,
+        revoked: &[],
+        rotate_request: Some("now"),
+        now: secs(26.0),
+        may_issue: true,
+    };
+    let out = advance(&input, &mut sim.status, &mut sim.material, &mut sim.mint);
+    assert!(!out.happenings.contains(&Happening::Rotated), "{:?}", out.happenings);
+    assert_eq!(sim.slot(Slot::Primary).key_id, "k1", "k1's hash stays while it is in api-key");
+    assert_eq!(out.next.unwrap(), Next { action: NextAction::Rotate, at: secs(26.0) });
+}
+
+#[test]
+fn a_rotated_key_stays_valid_flip_before_after_it_left_api_key() {
+    let mut sim = Sim::new(rules_with(|s| s.rotation.flip_before = "PT5S".into()));
+    sim.at(0.0);
+    sim.rotate = Some("r".into());
+    sim.at(2.0);
+    assert_eq!(sim.slot(Slot::Primary).effective_expires_at, Some(secs(7.0)));
+    // The api-key write of that rotation failed; the retry 3 s later moves it.
+    sim.material.api_key = Some(sim.slot(Slot::Primary).hash.clone());
+    sim.at(5.0);
+    let k1 = sim.slot(Slot::Primary);
+    assert_eq!(
+        (k1.key_id.as_str(), k1.effective_expires_at),
+        ("k1", Some(secs(10.0))),
+        "valid 5 s after it left"
+    );
+    assert_eq!(k1.expiry_reason, Some(ExpiryReason::Rotated));
+}
+
+#[test]
+fn a_blocked_apikey_still_revokes_caps_expires_and_flips_but_issues_nothing() {
+    let mut sim = Sim::new(rules_with(|s| s.rotation.flip_before = "PT5S".into()));
+    sim.at(0.0);
+    sim.at(15.0);
+    sim.may_issue = false;
+    // The flip to the issued standby still happens on schedule (25 s).
+    let out = sim.at(20.0);
+    assert_eq!(out.next.as_ref().map(|n| n.action), Some(NextAction::Flip));
+    sim.at(25.0);
+    assert_eq!(sim.active().key_id, "k2");
+    // Expiry still runs; regeneration does not.
+    let out = sim.at(30.0);
+    assert_eq!(sim.slot(Slot::Primary).state, KeyState::Expired);
+    assert_eq!(sim.mint.minted, 2, "nothing issued while blocked");
+    assert_eq!(out.next.unwrap(), Next { action: NextAction::Expire, at: secs(45.0) });
+    assert_eq!(out.details, "the active key k2 expires at 2026-11-23T00:00:45Z");
+    // Revocation still runs; with nothing to flip to, consumers have no valid key.
+    sim.revoked.push("k2".into());
+    let out = sim.at(31.0);
+    assert_eq!(sim.active().state, KeyState::Revoked);
+    assert_eq!(out.health, Health::Expired);
+    assert_eq!(sim.mint.minted, 2);
+    // A rotation request waits for the block to end, then runs.
+    sim.rotate = Some("r".into());
+    assert!(sim.at(32.0).happenings.is_empty());
+    sim.may_issue = true;
+    let out = sim.at(33.0);
+    assert_eq!(out.health, Health::Ready);
+    assert!(out.happenings.contains(&Happening::Rotated), "{:?}", out.happenings);
+}
+
+#[test]
+fn without_a_policy_keys_run_out_as_last_computed() {
+    let mut sim = Sim::new(rules_with(|s| s.rotation.flip_before = "PT5S".into()));
+    sim.at(0.0);
+    sim.at(15.0);
+    sim.rules = Rules::frozen(crate::keys::KeyFormat::default());
+    sim.may_issue = false;
+    let out = sim.at(16.0);
+    // The flip to the issued standby happens before the active key's recorded end
+    // (default flipBefore, capped at half the overlap), and nothing else is scheduled.
+    assert_eq!(out.next.as_ref().map(|n| (n.action, n.at)), Some((NextAction::Flip, secs(22.5))));
+    sim.at(22.5);
+    assert_eq!(sim.active().key_id, "k2");
+    let out = sim.at(30.0);
+    assert_eq!(sim.slot(Slot::Primary).state, KeyState::Expired, "expiry still runs");
+    assert_eq!(out.next.unwrap(), Next { action: NextAction::Expire, at: secs(45.0) });
+    assert_eq!(sim.at(45.0).health, Health::Expired);
+    assert_eq!(sim.mint.minted, 2);
+}
+
+/// Ops of the edge property test.
+#[derive(Clone, Debug)]
+enum EdgeOp {
+    /// Let this many ms pass, running every scheduled step on time.
+    Wait(u32),
+    /// Set `maxLifetime` to this many seconds (recorded as changed now when different),
+    /// or switch expiry off (None).
+    Policy(Option<u32>),
+    Revoke(bool),
+    Rotate,
+    /// The Secret lost a slot's material (edited or deleted).
+    LoseSlot(bool),
+    /// The next reconcile's `api-key` write fails (retried 1 s later).
+    FailApiKeyWrite,
+    Use,
+}
+
+fn edge_op() -> impl Strategy<Value = EdgeOp> {
+    prop_oneof![
+        8 => (0u32..20_000).prop_map(EdgeOp::Wait),
+        2 => proptest::option::weighted(0.8, 20u32..120).prop_map(EdgeOp::Policy),
+        1 => any::<bool>().prop_map(EdgeOp::Revoke),
+        2 => Just(EdgeOp::Rotate),
+        1 => any::<bool>().prop_map(EdgeOp::LoseSlot),
+        1 => Just(EdgeOp::FailApiKeyWrite),
+        2 => Just(EdgeOp::Use),
+    ]
+}
+
+/// A Sim whose consumers are modelled: they may use any key that was in `api-key`
+/// within the last `flipBefore` (the propagation allowance), or until the end that key
+/// had when it left `api-key` if that came sooner (a flip is at most half-way through
+/// the two keys' overlap, so a late standby gives a shorter lead).
+struct Consumers {
+    /// (hash, key ID, last moment it was in api-key, its end at that moment).
+    held: Vec<(String, String, f64, Option<DateTime<Utc>>)>,
+}
+
+impl Consumers {
+    fn saw(&mut self, sim: &Sim, at: f64) {
+        if let Some(h) = &sim.material.api_key {
+            let k = sim.status.keys.iter().find(|k| &k.hash == h);
+            let id = k.map(|k| k.key_id.clone()).unwrap_or_default();
+            let end = k.and_then(|k| k.effective_expires_at);
+            self.held.retain(|(x, _, _, _)| x != h);
+            self.held.push((h.clone(), id, at, end));
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(300))]
+
+    /// Policy edits (shrink, lengthen, expiry on/off), rotations (also seconds apart),
+    /// revocations, lost Secret material and failed `api-key` writes, with the
+    /// controller running every scheduled step on time: every key a consumer may still
+    /// hold (in `api-key` within the last `flipBefore`) verifies, unless it was revoked
+    /// or its ApiKey was retired; a hash leaves status only after its key left
+    /// `api-key` (checked in `Sim::once`); at most one key per slot per advance.
+    #[test]
+    fn a_key_a_consumer_may_hold_always_verifies(ops in proptest::collection::vec(edge_op(), 1..50)) {
+        run_edge_ops(ops)?;
+    }
+}
+
+/// The edge property's run (see `a_key_a_consumer_may_hold_always_verifies`).
+fn run_edge_ops(ops: Vec<EdgeOp>) -> Result<(), TestCaseError> {
+    let flip = 5.0;
+    let rules_for = |max: Option<u32>, since: DateTime<Utc>| {
+        let mut r = rules_with(|s| {
+            s.rotation.flip_before = "PT5S".into();
+            match max {
+                Some(m) => s.expiry.max_lifetime = format!("PT{m}S"),
+                None => {
+                    s.expiry.mode = crate::api::ExpiryMode::Disabled;
+                    s.expiry.acknowledge_risk = true;
+                }
+            }
+        });
+        r.max_lifetime_since = since;
+        r
+    };
+    let mut policy = Some(30u32);
+    let mut sim = Sim::new(rules_for(policy, t0() - TimeDelta::days(1)));
+    let mut consumers = Consumers { held: vec![] };
+    let mut now = 0.0f64;
+    let mut rotations = 0;
+    sim.at(0.0);
+    consumers.saw(&sim, 0.0);
+    for op in ops {
+        let op_name = format!("{op:?}");
+        let mut fail_write = false;
+        match op {
+            EdgeOp::Wait(ms) => {
+                let end = now + f64::from(ms) / 1000.0;
+                loop {
+                    let next = sim.at(now).next.map(|n| secs_of(n.at));
+                    consumers.saw(&sim, now);
+                    check(&sim, &consumers, now, flip)?;
+                    match next {
+                        Some(t) if t <= now => prop_assert!(
+                            false,
+                            "a step due at {t} s did not run at {now} s: {:#?}",
+                            sim.status
+                        ),
+                        Some(t) if t <= end => now = t,
+                        _ => break,
+                    }
+                }
+                now = end;
+            }
+            EdgeOp::Policy(max) => {
+                if max != policy {
+                    policy = max;
+                    sim.rules = rules_for(max, secs(now));
+                    sim.lifetime = sim.rules.max_lifetime;
+                }
+            }
+            EdgeOp::Revoke(active) => {
+                if let Some(slot) = sim.status.active_slot {
+                    let slot = if active { slot } else { slot.other() };
+                    if let Some(k) = key(&sim.status, slot) {
+                        sim.revoked.push(k.key_id.clone());
+                    }
+                }
+            }
+            EdgeOp::Rotate => {
+                rotations += 1;
+                sim.rotate = Some(format!("r{rotations}"));
+            }
+            EdgeOp::LoseSlot(primary) => {
+                if primary {
+                    sim.material.primary = None
+                } else {
+                    sim.material.secondary = None
+                }
+            }
+            EdgeOp::FailApiKeyWrite => fail_write = true,
+            EdgeOp::Use => {
+                for k in sim.status.keys.iter_mut().filter(|k| k.state == KeyState::Active) {
+                    k.last_used_at = Some(secs(now));
+                }
+            }
+        }
+        let minted_before = sim.mint.minted;
+        eprintln!("op {op_name} at {now}: log so far {:?}", sim.log.iter().rev().take(6).collect::<Vec<_>>());
+        if fail_write {
+            // The reconcile writes the Secret's slots and status, not api-key; the
+            // controller retries 1 s later.
+            let api_key = sim.material.api_key.clone();
+            sim.at(now);
+            sim.material.api_key = api_key;
+            check(&sim, &consumers, now, flip)?;
+            now += 1.0;
+        }
+        sim.at(now);
+        consumers.saw(&sim, now);
+        prop_assert!(sim.mint.minted - minted_before <= 3, "at most one key per slot and step");
+        check(&sim, &consumers, now, flip)?;
+    }
+    Ok(())
+}
+
+/// Every key consumers may hold at `now` verifies (unless revoked or retired).
+fn check(sim: &Sim, consumers: &Consumers, now: f64, flip: f64) -> Result<(), TestCaseError> {
+    let in_api_key = sim.material.api_key.as_deref();
+    for (hash, id, last, end) in &consumers.held {
+        let current = Some(hash.as_str()) == in_api_key;
+        let until_end = end.is_some_and(|e| secs(now) >= e);
+        if (!current && (now - last >= flip - 1e-6 || until_end)) || sim.revoked.contains(id) {
+            continue;
+        }
+        let k = sim.status.keys.iter().find(|k| &k.hash == hash);
+        let retired = sim.status.active_slot.and_then(|s| key(&sim.status, s)).is_some_and(|a| {
+            a.state == KeyState::Expired && a.expiry_reason == Some(ExpiryReason::Inactivity)
+        });
+        if retired || k.is_some_and(|k| k.expiry_reason == Some(ExpiryReason::Inactivity)) {
+            continue;
+        }
+        prop_assert!(
+            k.is_some_and(|k| is_valid(k) && k.effective_expires_at.is_none_or(|t| t > secs(now))),
+            "at {now} s consumers may hold key {id} (in api-key until {last} s, ending then at {end:?}), which does not verify: {:#?}",
+            sim.status
+        );
+    }
+    Ok(())
 }

@@ -89,9 +89,13 @@ impl AppState {
 }
 
 /// Before the index has synced the verifier cannot tell a valid key from an unknown
-/// one: it says so (503) instead of refusing keys it has not seen yet.
+/// one, and while a watch has been failing for longer than `--max-staleness` it may miss
+/// revocations: it says so (503) instead of answering from an index it cannot trust.
 fn not_synced() -> Response {
-    let mut resp = error(StatusCode::SERVICE_UNAVAILABLE, "the verifier's index has not synced yet");
+    let mut resp = error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "the verifier's index is not current (not synced yet, or its watch is failing)",
+    );
     resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
     resp
 }

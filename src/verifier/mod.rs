@@ -8,12 +8,12 @@ mod http;
 pub mod index;
 pub mod request;
 mod usage;
+mod watch;
 
-use std::sync::{Arc, RwLock};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
-use futures::StreamExt;
-use kube::runtime::{WatchStreamExt, watcher};
+use kube::runtime::watcher;
 use kube::{Api, Client, ResourceExt};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -21,6 +21,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 
 pub use index::{Code, Entry, Holder, Index, Verdict};
+pub use watch::WatchHealth;
 
 use crate::api::{ApiKey, KeyPolicy};
 use crate::error::Result;
@@ -42,6 +43,10 @@ pub struct Options {
     pub namespace: Option<String>,
     /// Least time between two `lastUsedAt` writes for one ApiKey.
     pub usage_interval: Duration,
+    /// How long a watch may fail (with no successful list or event since) before the
+    /// verifier stops answering from its possibly stale index: `/readyz` and the
+    /// verification endpoints then answer 503 until the watch lists again.
+    pub max_staleness: Duration,
 }
 
 /// Labels of the request counter.
@@ -51,6 +56,13 @@ pub struct RequestLabels {
     pub endpoint: &'static str,
     /// The result code.
     pub code: &'static str,
+}
+
+/// Labels of the watch metrics.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+pub struct WatchLabels {
+    /// `apikeys` or `keypolicies`.
+    pub resource: &'static str,
 }
 
 /// The verifier's metrics (registered into the process registry).
@@ -65,6 +77,10 @@ pub struct VerifierMetrics {
     pub usage_writes: Counter,
     /// `lastUsedAt` writes that failed (other than a concurrent change).
     pub usage_write_failures: Counter,
+    /// 1 while a watch has listed and has not been failing for longer than the bound.
+    pub watch_healthy: Family<WatchLabels, Gauge>,
+    /// Failed list or watch attempts.
+    pub watch_errors: Family<WatchLabels, Counter>,
 }
 
 impl VerifierMetrics {
@@ -75,6 +91,8 @@ impl VerifierMetrics {
             index_keys: Gauge::default(),
             usage_writes: Counter::default(),
             usage_write_failures: Counter::default(),
+            watch_healthy: Family::default(),
+            watch_errors: Family::default(),
         };
         registry.register(
             "verify_requests",
@@ -89,9 +107,28 @@ impl VerifierMetrics {
             "lastUsedAt status writes that failed (retried with backoff)",
             m.usage_write_failures.clone(),
         );
+        registry.register(
+            "verifier_watch_healthy",
+            "1 while the watch has listed and has not been failing for longer than --max-staleness",
+            m.watch_healthy.clone(),
+        );
+        registry.register(
+            "verifier_watch_errors",
+            "Failed list or watch attempts (each followed by a backoff and a fresh list)",
+            m.watch_errors.clone(),
+        );
+        for resource in [APIKEYS, KEYPOLICIES] {
+            m.watch_healthy.get_or_create(&WatchLabels { resource }).set(0);
+            let _ = m.watch_errors.get_or_create(&WatchLabels { resource });
+        }
         Arc::new(m)
     }
 }
+
+/// `resource` label of the ApiKey watch.
+const APIKEYS: &str = "apikeys";
+/// `resource` label of the KeyPolicy watch.
+const KEYPOLICIES: &str = "keypolicies";
 
 /// Run the verifier until SIGTERM/SIGINT; pending last-use writes are flushed on the way out.
 pub async fn run(client: Client, server: &str, opts: Options) -> Result<()> {
@@ -108,19 +145,16 @@ pub async fn run(client: Client, server: &str, opts: Options) -> Result<()> {
         None => Api::all(client.clone()),
     };
     let policies: Api<KeyPolicy> = Api::all(client.clone());
-    let keys_synced = Readiness::default();
-    let policies_synced = Readiness::default();
-    let key_feed = feed_keys(keys, index.clone(), vm.clone(), keys_synced.clone());
-    let policy_feed = feed_policies(policies, index.clone(), policies_synced.clone());
-    let (ks, ps, r) = (keys_synced.clone(), policies_synced.clone(), ready.clone());
-    let readiness = async move {
-        while !(ks.get() && ps.get()) {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        r.set(true);
-        tracing::info!("verifier index synced");
-        futures::future::pending::<()>().await;
-    };
+    let keys_health = Arc::new(Mutex::new(WatchHealth::default()));
+    let policies_health = Arc::new(Mutex::new(WatchHealth::default()));
+    let key_feed = feed_keys(keys, index.clone(), vm.clone(), keys_health.clone());
+    let policy_feed = feed_policies(policies, index.clone(), vm.clone(), policies_health.clone());
+    let readiness = keep_readiness(
+        [(APIKEYS, keys_health), (KEYPOLICIES, policies_health)],
+        opts.max_staleness,
+        ready.clone(),
+        vm.clone(),
+    );
     let flusher = usage.clone().run();
     let app = http::router(index.clone(), usage.clone(), vm.clone(), metrics.clone(), ready.clone());
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -144,11 +178,58 @@ pub async fn run(client: Client, server: &str, opts: Options) -> Result<()> {
     Ok(())
 }
 
-async fn feed_keys(api: Api<ApiKey>, index: Arc<RwLock<Index>>, vm: Arc<VerifierMetrics>, synced: Readiness) {
+/// Ready while both watches have listed and neither has been failing for
+/// `max_staleness` or longer (checked every 100 ms); `watch_healthy` follows each.
+async fn keep_readiness(
+    watches: [(&'static str, Arc<Mutex<WatchHealth>>); 2],
+    max_staleness: Duration,
+    ready: Readiness,
+    vm: Arc<VerifierMetrics>,
+) {
+    let (mut was_ready, mut ever_ready) = (false, false);
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let now = Instant::now();
+        let mut all_current = true;
+        for (resource, health) in &watches {
+            let h = health.lock().unwrap_or_else(|p| p.into_inner()).clone();
+            let current = h.current(now, max_staleness);
+            vm.watch_healthy.get_or_create(&WatchLabels { resource }).set(i64::from(current));
+            if !current && was_ready {
+                tracing::warn!(
+                    resource,
+                    failing_for_seconds = h.failing_for(now).unwrap_or_default().as_secs(),
+                    last_success_seconds_ago =
+                        h.last_success().map(|t| now.saturating_duration_since(t).as_secs()),
+                    max_staleness_seconds = max_staleness.as_secs(),
+                    "watch failing for longer than --max-staleness: not ready, answering 503 until it lists again"
+                );
+            }
+            all_current &= current;
+        }
+        if all_current != was_ready {
+            ready.set(all_current);
+            if all_current && !ever_ready {
+                tracing::info!("verifier index synced");
+            } else if all_current {
+                tracing::info!("verifier watches listed again: ready");
+            }
+            (was_ready, ever_ready) = (all_current, ever_ready || all_current);
+        }
+    }
+}
+
+async fn feed_keys(
+    api: Api<ApiKey>,
+    index: Arc<RwLock<Index>>,
+    vm: Arc<VerifierMetrics>,
+    health: Arc<Mutex<WatchHealth>>,
+) {
+    let errors = vm.watch_errors.get_or_create(&WatchLabels { resource: APIKEYS }).clone();
     let mut fresh: Option<Index> = None;
-    let mut events = watcher(api, watcher::Config::default()).default_backoff().boxed();
-    while let Some(event) = events.next().await {
-        let Ok(event) = event else { continue };
+    watch::follow(api, APIKEYS, health, errors, |event| {
         match event {
             watcher::Event::Init => fresh = Some(Index::default()),
             watcher::Event::InitApply(k) => {
@@ -162,7 +243,6 @@ async fn feed_keys(api: Api<ApiKey>, index: Arc<RwLock<Index>>, vm: Arc<Verifier
                     f.set_formats(idx.formats().to_vec());
                     *idx = f;
                 }
-                synced.set(true);
             }
             watcher::Event::Apply(k) => index.write().unwrap_or_else(|p| p.into_inner()).upsert(&k),
             watcher::Event::Delete(k) => index
@@ -172,19 +252,27 @@ async fn feed_keys(api: Api<ApiKey>, index: Arc<RwLock<Index>>, vm: Arc<Verifier
         }
         let len = index.read().unwrap_or_else(|p| p.into_inner()).len();
         vm.index_keys.set(len as i64);
-    }
+    })
+    .await;
 }
 
-async fn feed_policies(api: Api<KeyPolicy>, index: Arc<RwLock<Index>>, synced: Readiness) {
-    let (reader, writer) = kube::runtime::reflector::store();
-    let mut events = watcher(api, watcher::Config::default()).default_backoff().reflect(writer).boxed();
-    while let Some(event) = events.next().await {
-        let Ok(event) = event else { continue };
+async fn feed_policies(
+    api: Api<KeyPolicy>,
+    index: Arc<RwLock<Index>>,
+    vm: Arc<VerifierMetrics>,
+    health: Arc<Mutex<WatchHealth>>,
+) {
+    let errors = vm.watch_errors.get_or_create(&WatchLabels { resource: KEYPOLICIES }).clone();
+    let (reader, mut writer) = kube::runtime::reflector::store();
+    watch::follow(api, KEYPOLICIES, health, errors, |event| {
+        // The store keeps serving the last complete list while a re-list is under way.
+        writer.apply_watcher_event(&event);
+        if matches!(event, watcher::Event::Init | watcher::Event::InitApply(_)) {
+            return;
+        }
         let formats: Vec<KeyFormat> =
             reader.state().iter().map(|p| KeyFormat::from(&p.spec.key_format)).collect();
         index.write().unwrap_or_else(|p| p.into_inner()).set_formats(formats);
-        if matches!(event, watcher::Event::InitDone) {
-            synced.set(true);
-        }
-    }
+    })
+    .await;
 }

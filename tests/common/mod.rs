@@ -254,6 +254,25 @@ impl KeywardProcess {
         self.child.as_ref().map(|c| c.id())
     }
 
+    /// Send `signal` (`STOP`, `CONT`, …) with `kill(1)`: SIGSTOP freezes the process, so
+    /// every API call it has in flight hangs, until SIGCONT.
+    pub fn signal(&self, signal: &str) {
+        let pid = self.pid().expect("running").to_string();
+        let status = std::process::Command::new("kill").args([format!("-{signal}"), pid.clone()]).status();
+        assert!(status.is_ok_and(|s| s.success()), "kill -{signal} {pid}");
+    }
+
+    /// Wait until the process exits by itself: its exit status (panics after `timeout`).
+    pub async fn wait_exit(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        let child = self.child.as_mut().expect("started");
+        let what = format!("keyward (log: {}) to exit", self.log.display());
+        eventually(&what, timeout, || {
+            let status = child.try_wait().unwrap();
+            async move { status }
+        })
+        .await
+    }
+
     /// Whether the process has exited (e.g. a controller that lost its lease).
     pub fn exited(&mut self) -> bool {
         self.child.as_mut().is_none_or(|c| c.try_wait().ok().flatten().is_some())
