@@ -95,7 +95,7 @@ fn in_alphabet(encoding: KeyEncoding, c: char) -> bool {
 fn facts_fit(format: &KeyFormat, key: &SecretKey) {
     let facts = format.facts(key);
     let material = key.expose();
-    assert_eq!(facts.key_id.len(), 10);
+    assert_eq!(facts.key_id.len(), keyward::keys::KEY_ID_LEN);
     assert!(facts.key_id.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()));
     assert_eq!(facts.hash, keyward::keys::hash(material));
     assert!(facts.hash.starts_with(&format!("sha256:{}", facts.key_id)));

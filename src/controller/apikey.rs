@@ -367,6 +367,10 @@ async fn run(
         may_issue: p.blocked.is_none(),
     };
     let outcome = lifecycle::advance(&input, &mut status, &mut material, &mut minter);
+    if status.keys.is_empty() && old.client_id.is_none() {
+        // Blocked before its first key: no client ID either (it comes with the first key).
+        status.client_id = None;
+    }
     // A blocked ApiKey says what is blocked (new keys) and what still happens.
     let details = match &p.blocked {
         Some(b) if old.keys.is_empty() && status.keys.is_empty() => b.message.clone(),
