@@ -378,8 +378,22 @@ async fn run(
         None => outcome.details.clone(),
     };
 
-    // Ready: whether consumers hold a valid key.
+    // Ready: whether consumers hold a valid key. While the Secret cannot be written
+    // (invalid spec, foreign or missing Secret), they hold the key already in api-key.
+    let invalid_spec = p.blocked.as_ref().is_some_and(|b| b.reason == c::INVALID_SPEC);
+    let may_write_secret = !p.foreign_secret && !invalid_spec && (p.blocked.is_none() || p.secret.is_some());
+    let active_hash =
+        status.active_slot.and_then(|s| status.keys.iter().find(|k| k.slot == s)).map(|k| k.hash.clone());
+    let stuck = !may_write_secret && !old.keys.is_empty() && material.api_key != active_hash;
     let ready = match (outcome.health, &p.blocked) {
+        (Health::Ready, Some(b)) if stuck => Condition::new(
+            c::READY,
+            FALSE,
+            b.reason,
+            format!("{details}; the Secret cannot be written, so api-key does not hold the active key"),
+            generation,
+            now,
+        ),
         (Health::Ready, _) => Condition::new(c::READY, TRUE, c::KEY_ACTIVE, details.clone(), generation, now),
         (Health::ExpiredInactive, _) => {
             Condition::new(c::READY, FALSE, c::KEY_EXPIRED_INACTIVE, details.clone(), generation, now)
@@ -428,8 +442,6 @@ async fn run(
 
     // The Secret is written only when this ApiKey owns it (or may create it), and not
     // while a spec field it is built from is invalid.
-    let invalid_spec = p.blocked.as_ref().is_some_and(|b| b.reason == c::INVALID_SPEC);
-    let may_write_secret = !p.foreign_secret && !invalid_spec && (p.blocked.is_none() || p.secret.is_some());
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &key.namespace().unwrap_or_default());
     let slots = secret::slot_material(existing, &minter.minted, |slot| {
         status.keys.iter().find(|k| k.slot == slot).map(|k| k.hash.clone())

@@ -321,10 +321,16 @@ impl PolicyChanges {
                 if let Some(seen) = self.relisted.as_mut() {
                     seen.insert(name.clone());
                 }
-                let changed =
-                    self.known.get(&name).is_none_or(|old| old.meta().generation != p.meta().generation);
-                self.known.insert(name, p.clone());
-                if changed { vec![Ok(p)] } else { vec![] }
+                let old = self.known.insert(name, p.clone());
+                let same = |o: &KeyPolicy| {
+                    o.meta().generation == p.meta().generation && o.meta().uid == p.meta().uid
+                };
+                match old {
+                    Some(o) if same(&o) => vec![],
+                    // No longer default: the ApiKeys that used it as their default hear it too.
+                    Some(o) if o.spec.default && !p.spec.default => vec![Ok(o), Ok(p)],
+                    _ => vec![Ok(p)],
+                }
             }
             Ok(watcher::Event::Delete(p)) => {
                 self.known.remove(&p.name_any());

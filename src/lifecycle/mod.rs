@@ -277,7 +277,19 @@ impl Engine<'_, '_> {
     fn refresh(&mut self) {
         let rules = self.input.rules;
         if rules.frozen {
-            // No usable policy: keep every end as last computed.
+            // No usable policy: keep every end as last computed, except an inactivity
+            // deadline, which cannot be moved by use without the policy's timeout: a
+            // key in use must not die of a stale one (its ceiling still applies).
+            for k in self.status.keys.iter_mut().filter(|k| is_valid(k)) {
+                if k.expiry_reason == Some(ExpiryReason::Inactivity) {
+                    k.effective_expires_at = ceiling(k);
+                    k.expiry_reason = k
+                        .cap
+                        .map(|c| c.reason)
+                        .filter(|_| ceiling(k) == k.cap.map(|c| c.at))
+                        .or(k.expires_at.map(|_| ExpiryReason::MaxLifetime));
+                }
+            }
             return;
         }
         self.keep_rotated_key_while_held();
@@ -460,9 +472,16 @@ impl Engine<'_, '_> {
             return false;
         }
         let other = self.status.active_slot.map_or(Slot::Primary, Slot::other);
+        let ends_soon = |k: &KeyStatus| {
+            let lead = self.standby_margin().unwrap_or_default();
+            ceiling(k).is_some_and(|end| end < self.now() + lead)
+        };
         if let Some(k) = key(self.status, other)
             && is_valid(k)
             && has_material(self.material, k)
+            && !(self.input.may_issue
+                && self.active().is_some_and(|a| a.state == KeyState::Revoked)
+                && ends_soon(k))
         {
             self.activate(other);
             return true;
@@ -537,13 +556,12 @@ impl Engine<'_, '_> {
         let rules = self.rules();
         let target = active_end + self.standby_margin()?;
         let earliest = [self.input.lifetime.sub_from(target).ok(), rules.max_lifetime.sub_from(target).ok()];
-        let at = earliest.into_iter().flatten().max()?.max(self.now());
-        let at = if self.fresh_ceiling(at).is_some_and(|fresh| fresh < target) {
-            // Capped from maxLifetimeSince: a key issued later gets no later end before then.
-            at.max(rules.max_lifetime_since) + chrono::TimeDelta::seconds(1)
-        } else {
-            at
-        };
+        let mut at = earliest.into_iter().flatten().max()?.max(self.now());
+        let after_since = rules.max_lifetime_since + chrono::TimeDelta::seconds(1);
+        if self.fresh_ceiling(at).is_some_and(|fresh| fresh < target) && after_since > at {
+            // Capped from maxLifetimeSince: a key issued before then gets no later end.
+            at = after_since;
+        }
         (at < active_end && self.fresh_ceiling(at).is_none_or(|fresh| fresh > active_end)).then_some(at)
     }
 
@@ -565,8 +583,16 @@ impl Engine<'_, '_> {
                 if !has_material(self.material, s) {
                     return Some((now, NextAction::Regenerate));
                 }
+                // Only a standby that a policy cap shortened, or that was issued together
+                // with the active key, is judged by the margin; one issued on schedule is
+                // never replaced unless it would die with the active key (an external
+                // system may have been loaded with it).
+                let capped = s.cap.is_some_and(|c| c.reason == ExpiryReason::PolicyChange);
+                let together = s.created_at <= active.created_at;
                 match (ceiling(s), ceiling(active), self.standby_margin()) {
-                    (Some(s_end), Some(a_end), Some(margin)) if s_end < a_end + margin => {
+                    (Some(s_end), Some(a_end), Some(margin))
+                        if s_end <= a_end || ((capped || together) && s_end < a_end + margin) =>
+                    {
                         self.replacement_at(a_end).map(|at| (at, NextAction::Regenerate))
                     }
                     _ => None,

@@ -206,13 +206,12 @@ impl Rules {
 
     /// Rules for an ApiKey whose policy cannot be used: the keys it has run out as last
     /// computed (expiry, revocation and flips to an issued key still happen), with the
-    /// default `flipBefore` and no warnings; nothing is scheduled or issued anew.
+    /// default `flipBefore` and warning thresholds; nothing is scheduled or issued anew.
     pub fn frozen(format: KeyFormat) -> Rules {
         let mut rules = Rules::from_spec(&KeyPolicySpec::default(), DateTime::<Utc>::MIN_UTC)
             .expect("the default policy is valid");
         rules.frozen = true;
         rules.automatic = false;
-        rules.notify_before.clear();
         rules.format = format;
         rules
     }

@@ -909,3 +909,40 @@ fn check(sim: &Sim, consumers: &Consumers, now: f64, flip: f64) -> Result<(), Te
     }
     Ok(())
 }
+
+#[test]
+fn without_a_policy_a_key_in_use_never_dies_of_a_stale_inactivity_deadline() {
+    let mut sim = Sim::new(rules_with(|s| {
+        s.expiry.max_lifetime = "PT1H".into();
+        s.expiry.inactivity_timeout = Some("PT10S".into());
+    }));
+    sim.at(0.0);
+    sim.status.keys[0].last_used_at = Some(secs(8.0));
+    sim.at(9.0);
+    assert_eq!(sim.active().expiry_reason, Some(ExpiryReason::Inactivity));
+    // The policy goes away: the inactivity deadline cannot follow use any more, so it no
+    // longer applies; the key runs to its ceiling and the ApiKey is not retired.
+    sim.rules = Rules::frozen(crate::keys::KeyFormat::default());
+    sim.may_issue = false;
+    let out = sim.at(30.0);
+    assert_eq!(out.health, Health::Ready, "{}", out.details);
+    assert_eq!(sim.active().effective_expires_at, Some(secs(3600.0)));
+}
+
+#[test]
+fn a_standby_issued_on_schedule_is_never_replaced_for_being_short() {
+    // secondaryAt 10% with flipBefore a quarter of the life: the standby outlives the
+    // active key by only 3 s, less than twice the lead (15 s). An external system may
+    // have been loaded with it, so it stays.
+    let mut sim = Sim::new(rules_with(|s| {
+        s.rotation.secondary_at = "10%".into();
+        s.rotation.flip_before = "PT7.5S".into();
+    }));
+    sim.at(0.0);
+    let out = sim.at(3.0);
+    let standby = sim.slot(Slot::Secondary).key_id.clone();
+    assert_eq!(out.next.as_ref().map(|n| n.action), Some(NextAction::Flip), "{}", out.details);
+    sim.at(16.0);
+    assert_eq!(sim.slot(Slot::Secondary).key_id, standby);
+    assert_eq!(sim.mint.minted, 2);
+}

@@ -2,8 +2,9 @@
 //! once per interval per key across all verifier replicas.
 //!
 //! Every replica sees the stored `lastUsedAt` through its index (the ApiKey watch) and
-//! writes a key's last use only when it is at least one interval later than the stored
-//! one, so a second replica never repeats what the first one wrote. Each write is one
+//! writes a key's latest use only once the stored one is at least an interval old, so a
+//! second replica never repeats what the first one wrote, and a use newer than the
+//! stored one is kept until it can be written (never lost). Each write is one
 //! JSON patch per ApiKey (both slots at once) with a `test` on the `resourceVersion` its
 //! decision was made from: when another replica (or the controller) wrote meanwhile,
 //! the patch fails, and the decision is made again from the newer state. Errors back
@@ -28,20 +29,30 @@ const TICK: Duration = Duration::from_millis(200);
 /// First delay after a failed write; doubles up to the interval.
 const FIRST_BACKOFF: Duration = Duration::from_secs(1);
 
-/// A key's use that may need writing, and whether to write it now.
+/// A key's use that may need writing, and what to do with it now.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Decision {
-    /// Write this use (the stored value is absent or at least an interval older).
+    /// Write this use: never written, or the stored value is an interval old.
     Write,
-    /// The stored value is recent enough (or newer): forget this use.
+    /// Keep it: newer than the stored value, which is less than an interval old (another
+    /// replica wrote it, or this one); written once the interval has passed.
+    Later,
+    /// The stored value is as new or newer: forget this use.
     Drop,
 }
 
-/// Whether a use at `used` should be written over the stored `stored`, given `interval`.
-pub fn decide(used: DateTime<Utc>, stored: Option<DateTime<Utc>>, interval: Duration) -> Decision {
+/// Whether a use at `used` should be written at `now` over the stored `stored`: at most
+/// once per `interval` (counted from the stored value), and never losing the latest use.
+pub fn decide(
+    used: DateTime<Utc>,
+    stored: Option<DateTime<Utc>>,
+    now: DateTime<Utc>,
+    interval: Duration,
+) -> Decision {
     let interval = TimeDelta::from_std(interval).unwrap_or(TimeDelta::MAX);
     match stored {
-        Some(t) if used - t < interval => Decision::Drop,
+        Some(t) if used <= t => Decision::Drop,
+        Some(t) if now - t < interval => Decision::Later,
         _ => Decision::Write,
     }
 }
@@ -89,7 +100,7 @@ impl Usage {
 
     /// Remember that `entry`'s key was used at `now` (memory only).
     pub fn record(&self, entry: &Entry, now: DateTime<Utc>) {
-        if entry.last_used_at.is_some_and(|t| decide(now, Some(t), self.interval) == Decision::Drop) {
+        if entry.last_used_at.is_some_and(|t| now <= t) {
             return;
         }
         let id = (entry.apikey.namespace.clone(), entry.apikey.name.clone());
@@ -117,6 +128,7 @@ impl Usage {
         let index = self.index.read().unwrap_or_else(|p| p.into_inner());
         let mut state = self.state();
         let now = Instant::now();
+        let wall = Utc::now();
         let interval = self.interval;
         state.written.retain(|_, t| t.elapsed() < interval);
         state.retry.retain(|id, _| index.contains(&id.0, &id.1));
@@ -133,10 +145,16 @@ impl Usage {
             let mut ops = vec![
                 serde_json::json!({"op": "test", "path": "/metadata/resourceVersion", "value": version}),
             ];
+            let mut later = HashMap::new();
             uses.retain(|key_id, used| {
                 let Some(e) = keys.iter().find(|e| e.key_id == *key_id) else { return false };
-                if decide(*used, e.last_used_at, interval) == Decision::Drop {
-                    return false;
+                match decide(*used, e.last_used_at, wall, interval) {
+                    Decision::Drop => return false,
+                    Decision::Later => {
+                        later.insert(key_id.clone(), *used);
+                        return false;
+                    }
+                    Decision::Write => {}
                 }
                 ops.push(serde_json::json!({
                     "op": "add", "path": format!("/status/keys/{}/lastUsedAt", e.position),
@@ -147,7 +165,9 @@ impl Usage {
             if ops.len() > 1 {
                 planned.push(Planned { id: id.clone(), ops, uses: std::mem::take(uses) });
             }
-            false
+            // Uses that must wait for the interval stay pending.
+            *uses = later;
+            !uses.is_empty()
         });
         planned
     }
@@ -207,16 +227,18 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_use_is_written_only_an_interval_after_the_stored_one() {
+    fn a_use_is_written_at_most_once_an_interval_and_never_lost() {
         let t = Utc::now();
         let minute = Duration::from_secs(60);
-        assert_eq!(decide(t, None, minute), Decision::Write, "never written");
+        let ago = |s| t - TimeDelta::seconds(s);
+        assert_eq!(decide(t, None, t, minute), Decision::Write, "never written");
+        assert_eq!(decide(t, Some(ago(59)), t, minute), Decision::Later, "another replica wrote 59 s ago");
         assert_eq!(
-            decide(t, Some(t - TimeDelta::seconds(59)), minute),
-            Decision::Drop,
-            "another replica wrote"
+            decide(ago(30), Some(ago(61)), t, minute),
+            Decision::Write,
+            "the stored value is a minute old"
         );
-        assert_eq!(decide(t, Some(t - TimeDelta::seconds(60)), minute), Decision::Write);
-        assert_eq!(decide(t, Some(t + TimeDelta::seconds(1)), minute), Decision::Drop, "stored is newer");
+        assert_eq!(decide(t, Some(t + TimeDelta::seconds(1)), t, minute), Decision::Drop, "stored is newer");
+        assert_eq!(decide(t, Some(t), t, minute), Decision::Drop);
     }
 }
