@@ -10,7 +10,7 @@ use std::time::Duration;
 use chrono::{DateTime, TimeDelta, Utc};
 use common::{TestNamespace, client, get_key, ready, secret_data, wait_key};
 use keyward::api::{ApiKey, ExpiryReason, KeyPolicy, KeyState, find_condition};
-use kube::api::{Api, Patch, PatchParams};
+use kube::api::Api;
 use serde_json::json;
 
 /// Is the key with this material valid at `at`, by the ApiKey's status?
@@ -39,24 +39,8 @@ async fn policy_shrink_below_explicit_lifetime_still_caps_and_rotates() {
     ns.apikey(&client, "svc", json!({"policy": policy, "owner": "a", "lifetime": "PT50M"})).await;
     let first = wait_key(&client, &ns.name, "svc", Duration::from_secs(30), common::active).await;
     // The policy shrinks to 16 s, below the ApiKey's explicit 50 minutes.
-    let changed = Utc::now();
-    Api::<KeyPolicy>::all(client.clone())
-        .patch(
-            &policy,
-            &PatchParams::default(),
-            &Patch::Merge(json!({"spec": {"expiry": {"maxLifetime": "PT16S"}}})),
-        )
-        .await
-        .unwrap();
-    let capped = wait_key(&client, &ns.name, "svc", Duration::from_secs(20), |k| {
-        k.status
-            .as_ref()?
-            .keys
-            .iter()
-            .find(|x| x.key_id == first.key_id && x.expiry_reason == Some(ExpiryReason::PolicyChange))
-            .cloned()
-    })
-    .await;
+    let (changed, capped) =
+        common::shrink_policy(&client, &policy, "PT16S", &ns.name, "svc", &first.key_id).await;
     let end = capped.effective_expires_at.unwrap();
     assert!(end <= changed + TimeDelta::seconds(22), "capped retroactively at the change + 16 s: {end}");
     // Sample the Secret for 60 s (several 16 s rotations): it never holds a dead key.

@@ -109,25 +109,9 @@ async fn a_shortened_policy_caps_live_keys_and_a_longer_one_never_extends() {
     let _keyward = common::controller_for(&ns.name, &[], "info");
     ns.apikey(&client, "svc", json!({"policy": policy, "owner": "a"})).await;
     let first = wait_key(&client, &ns.name, "svc", Duration::from_secs(30), active).await;
+    let (changed, capped) =
+        common::shrink_policy(&client, &policy, "PT20S", &ns.name, "svc", &first.key_id).await;
     let policies: Api<KeyPolicy> = Api::all(client.clone());
-    let changed = Utc::now();
-    policies
-        .patch(
-            &policy,
-            &PatchParams::default(),
-            &Patch::Merge(json!({"spec": {"expiry": {"maxLifetime": "PT20S"}}})),
-        )
-        .await
-        .unwrap();
-    let capped = wait_key(&client, &ns.name, "svc", Duration::from_secs(20), |k| {
-        k.status
-            .as_ref()?
-            .keys
-            .iter()
-            .find(|x| x.key_id == first.key_id && x.expiry_reason == Some(ExpiryReason::PolicyChange))
-            .cloned()
-    })
-    .await;
     assert_eq!(capped.expires_at, first.expires_at, "expiresAt is never rewritten");
     let end = capped.effective_expires_at.unwrap();
     assert!(

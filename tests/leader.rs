@@ -28,6 +28,14 @@ fn leads(k: &KeywardProcess) -> bool {
     k.get("/metrics").is_some_and(|(_, m)| metric_sum(&m, "keyward_leader") == 1.0)
 }
 
+/// Two candidates for one lease, both ready.
+async fn two_candidates(ns: &TestNamespace) -> (KeywardProcess, KeywardProcess) {
+    let (a, b) = (candidate(ns), candidate(ns));
+    a.wait_ready().await;
+    b.wait_ready().await;
+    (a, b)
+}
+
 fn reconciles(k: &KeywardProcess) -> f64 {
     k.get("/metrics").map_or(0.0, |(_, m)| metric_sum(&m, "keyward_reconciles_total"))
 }
@@ -38,10 +46,7 @@ async fn one_leader_reconciles_and_a_killed_leader_is_replaced_in_time() {
     let ns = TestNamespace::new(&client, "leader").await;
     let policy =
         ns.policy(&client, "p", json!({"expiry": {"maxLifetime": "PT8S", "minLifetime": "PT1S"}})).await;
-    let a = candidate(&ns);
-    let b = candidate(&ns);
-    a.wait_ready().await;
-    b.wait_ready().await;
+    let (a, b) = two_candidates(&ns).await;
     let (first, _) = common::eventually("one leader", Duration::from_secs(30), || async {
         match (leads(&a), leads(&b)) {
             (true, false) => Some((a.addr.clone(), b.addr.clone())),
@@ -194,10 +199,7 @@ async fn a_leader_whose_api_calls_hang_is_replaced_and_never_writes_beside_its_s
     // A key every 4 s (lifetime 8 s, the secondary at half-life).
     let policy =
         ns.policy(&client, "p", json!({"expiry": {"maxLifetime": "PT8S", "minLifetime": "PT1S"}})).await;
-    let a = candidate(&ns);
-    let b = candidate(&ns);
-    a.wait_ready().await;
-    b.wait_ready().await;
+    let (a, b) = two_candidates(&ns).await;
     let first = common::eventually("one leader", Duration::from_secs(30), || async {
         match (leads(&a), leads(&b)) {
             (true, false) => Some(a.addr.clone()),

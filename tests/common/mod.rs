@@ -457,3 +457,34 @@ pub async fn policy_accepted(
 pub async fn wait_ready(client: &Client, ns: &str, name: &str, timeout: Duration) {
     wait_key(client, ns, name, timeout, |k| ready(k).filter(|(s, _)| s == "True").map(|_| ())).await;
 }
+
+/// Set KeyPolicy `policy`'s `maxLifetime` to `max` and wait until the key `key_id` of
+/// ApiKey `ns/name` is capped by it (`PolicyChange`): (when the change was made, the key).
+pub async fn shrink_policy(
+    client: &Client,
+    policy: &str,
+    max: &str,
+    ns: &str,
+    name: &str,
+    key_id: &str,
+) -> (chrono::DateTime<chrono::Utc>, keyward::api::KeyStatus) {
+    let changed = chrono::Utc::now();
+    Api::<keyward::api::KeyPolicy>::all(client.clone())
+        .patch(
+            policy,
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(serde_json::json!({"spec": {"expiry": {"maxLifetime": max}}})),
+        )
+        .await
+        .expect("patch KeyPolicy");
+    let capped = wait_key(client, ns, name, Duration::from_secs(20), |k| {
+        k.status
+            .as_ref()?
+            .keys
+            .iter()
+            .find(|x| x.key_id == key_id && x.expiry_reason == Some(keyward::api::ExpiryReason::PolicyChange))
+            .cloned()
+    })
+    .await;
+    (changed, capped)
+}
