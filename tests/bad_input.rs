@@ -398,7 +398,9 @@ fn rows() -> Vec<Row> {
             row(
                 "patch: secretName to foreign",
                 patch(json!({"spec": {"secretName": "foreign"}})),
-                stalled("SecretConflict", "\"foreign\""),
+                // The ApiKey's Secret is now one it may not write: it cannot say that
+                // consumers of that Secret hold its key.
+                blocked("SecretConflict", "\"foreign\""),
             ),
         ),
         row(
