@@ -16,6 +16,13 @@ if [ -z "${KUBECONFIG:-}" ]; then
   hack/cluster.sh status >/dev/null 2>&1 || hack/cluster.sh down --purge >/dev/null 2>&1 || true
   hack/cluster.sh up
   eval "$(hack/cluster.sh env)"
+  # The demo controller of hack/run.sh reconciles every namespace, the tests' too: the
+  # tests run their own controllers, so stop it first (hack/run.sh starts it again).
+  pid="${KEYWARD_CLUSTER_DIR:-${KEYWARD_CACHE:-$HOME/.cache/keyward}/cluster}/keyward-controller.pid"
+  if [ -f "$pid" ] && kill -0 "$(cat "$pid")" 2>/dev/null; then
+    echo "== stopping the demo controller started by hack/run.sh (the tests run their own)"
+    hack/run.sh stop
+  fi
 else
   export PATH="$(hack/cluster.sh tools):$PATH"
 fi

@@ -201,11 +201,7 @@ async fn json_api_answers_codes_and_refuses_bad_requests() {
     let post = |body: &[u8]| {
         http(&verifier.addr, "POST", "/v1/verify", &[("Content-Type", "application/json")], body)
     };
-    let answer = |k: &str| {
-        let (code, _, body) = post(json!({"key": k}).to_string().as_bytes()).unwrap();
-        assert_eq!(code, 200);
-        serde_json::from_str::<serde_json::Value>(&body).unwrap()
-    };
+    let answer = |k: &str| verify_json(&verifier.addr, k);
     let ok = common::eventually("the verifier to know the key", Duration::from_secs(10), || async {
         let v = answer(&key);
         (v["code"] == "VALID").then_some(v)
@@ -460,14 +456,11 @@ async fn two_verifier_replicas_write_last_use_once_per_interval_in_total() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let elapsed = started.elapsed().as_secs_f64();
-    let writes: f64 = replicas
-        .iter()
-        .map(|r| metric_sum(&r.get("/metrics").unwrap().1, "keyward_verifier_usage_writes_total"))
-        .sum();
     let per_replica: Vec<f64> = replicas
         .iter()
         .map(|r| metric_sum(&r.get("/metrics").unwrap().1, "keyward_verifier_usage_writes_total"))
         .collect();
+    let writes: f64 = per_replica.iter().sum();
     eprintln!(
         "{sent} requests in {elapsed:.0} s: {writes} lastUsedAt writes ({per_replica:?}), {} values seen",
         values.len()

@@ -95,12 +95,7 @@ async fn prepare(ctx: &Context, key: &ApiKey, now: DateTime<Utc>) -> Result<Prep
     {
         block = owner_limits(ctx, key, found);
     }
-    let format = resolved
-        .policy
-        .as_ref()
-        .map(|p| crate::keys::KeyFormat::from(&p.spec.key_format))
-        .unwrap_or_default();
-    let rules = resolved.rules.unwrap_or_else(|| lifecycle::Rules::frozen(format));
+    let rules = resolved.rules.unwrap_or_else(lifecycle::Rules::frozen);
     let lifetime = match rules.lifetime(key.spec.lifetime.as_deref(), now) {
         Ok(l) => l,
         Err((reason, message)) => {
@@ -382,9 +377,11 @@ async fn run(
     // (invalid spec, foreign or missing Secret), they hold the key already in api-key.
     let invalid_spec = p.blocked.as_ref().is_some_and(|b| b.reason == c::INVALID_SPEC);
     let may_write_secret = !p.foreign_secret && !invalid_spec && (p.blocked.is_none() || p.secret.is_some());
-    let active_hash =
-        status.active_slot.and_then(|s| status.keys.iter().find(|k| k.slot == s)).map(|k| k.hash.clone());
-    let stuck = !may_write_secret && !old.keys.is_empty() && material.api_key != active_hash;
+    // The active key after this reconcile's steps (nothing below changes the keys).
+    let active = status.active_slot.and_then(|s| status.keys.iter().find(|k| k.slot == s)).cloned();
+    let stuck = !may_write_secret
+        && !old.keys.is_empty()
+        && material.api_key != active.as_ref().map(|k| k.hash.clone());
     let ready = match (outcome.health, &p.blocked) {
         (Health::Ready, Some(b)) if stuck => Condition::new(
             c::READY,
@@ -464,7 +461,7 @@ async fn run(
     // 3. api-key to the active key, now that its hash is in status.
     if may_write_secret
         && outcome.health == Health::Ready
-        && let Some(active) = status.active_slot.and_then(|s| status.keys.iter().find(|k| k.slot == s))
+        && let Some(active) = &active
         && let Some(material) = slots.get(&active.slot)
     {
         let expires = lifecycle::ceiling(active);
@@ -485,7 +482,7 @@ async fn run(
     // Env-var consumers roll out once per change of the active key.
     if !invalid_spec
         && outcome.health == Health::Ready
-        && let Some(active) = status.active_slot.and_then(|s| status.keys.iter().find(|k| k.slot == s))
+        && let Some(active) = &active
     {
         let changed = outcome
             .happenings

@@ -207,12 +207,11 @@ impl Rules {
     /// Rules for an ApiKey whose policy cannot be used: the keys it has run out as last
     /// computed (expiry, revocation and flips to an issued key still happen), with the
     /// default `flipBefore` and warning thresholds; nothing is scheduled or issued anew.
-    pub fn frozen(format: KeyFormat) -> Rules {
+    pub fn frozen() -> Rules {
         let mut rules = Rules::from_spec(&KeyPolicySpec::default(), DateTime::<Utc>::MIN_UTC)
             .expect("the default policy is valid");
         rules.frozen = true;
         rules.automatic = false;
-        rules.format = format;
         rules
     }
 

@@ -707,7 +707,7 @@ fn without_a_policy_keys_run_out_as_last_computed() {
     let mut sim = Sim::new(rules_with(|s| s.rotation.flip_before = "PT5S".into()));
     sim.at(0.0);
     sim.at(15.0);
-    sim.rules = Rules::frozen(crate::keys::KeyFormat::default());
+    sim.rules = Rules::frozen();
     sim.may_issue = false;
     let out = sim.at(16.0);
     // The flip to the issued standby happens before the active key's recorded end
@@ -922,7 +922,7 @@ fn without_a_policy_a_key_in_use_never_dies_of_a_stale_inactivity_deadline() {
     assert_eq!(sim.active().expiry_reason, Some(ExpiryReason::Inactivity));
     // The policy goes away: the inactivity deadline cannot follow use any more, so it no
     // longer applies; the key runs to its ceiling and the ApiKey is not retired.
-    sim.rules = Rules::frozen(crate::keys::KeyFormat::default());
+    sim.rules = Rules::frozen();
     sim.may_issue = false;
     let out = sim.at(30.0);
     assert_eq!(out.health, Health::Ready, "{}", out.details);

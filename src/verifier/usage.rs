@@ -67,7 +67,8 @@ struct State {
     retry: HashMap<Id, (Instant, Duration)>,
 }
 
-/// One ApiKey's write: JSON patch operations and the version they were computed from.
+/// One ApiKey's write: its JSON patch operations (the first tests the resourceVersion
+/// they were computed from) and the uses they write.
 struct Planned {
     id: Id,
     ops: Vec<serde_json::Value>,
