@@ -429,7 +429,10 @@ pub async fn run(client: Client, server: &str, opts: Options) -> Result<()> {
     let policies_api = Api::<KeyPolicy>::all(client.clone());
     let (keys_reader, keys_writer) = reflector::store();
     let mut policy_ctl = Controller::new(policies_api.clone(), watcher::Config::default());
-    let policies = policy_ctl.store();
+    // The KeyPolicies reconciles read: fed by the same watch that triggers ApiKeys on a
+    // policy change, and updated before the trigger is sent, so a triggered reconcile
+    // never reads the policy as it was before the change.
+    let (policies, policies_writer) = reflector::store();
     // Fed by the one ApiKey watch below: the ApiKeys of a deleted ApiKey's owner (a place
     // is free), and (cluster-wide) the policies whose keyCount an ApiKey changed.
     let (owner_tx, owner_rx) = futures::channel::mpsc::unbounded::<ObjectRef<ApiKey>>();
@@ -464,6 +467,7 @@ pub async fn run(client: Client, server: &str, opts: Options) -> Result<()> {
         let mut changes = PolicyChanges::default();
         watcher(policies_api.clone(), watcher::Config::default())
             .default_backoff()
+            .reflect(policies_writer)
             .flat_map(move |ev| futures::stream::iter(changes.on(ev)))
     };
     let keys_for_policy = keys_reader.clone();
