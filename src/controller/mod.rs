@@ -105,11 +105,6 @@ impl OwnWrites {
         self.lock().insert(object_id(obj), None);
     }
 
-    /// `obj` is gone.
-    pub fn forget<K: Resource<DynamicType = ()>>(&self, obj: &K) {
-        self.lock().remove(&object_id(obj));
-    }
-
     fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, Option<String>>> {
         self.0.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -130,6 +125,12 @@ impl Context {
 
     fn succeeded(&self, id: &str) {
         self.failures.lock().unwrap_or_else(|p| p.into_inner()).remove(id);
+    }
+
+    /// The object `id` (see [`object_id`]) is gone: drop what is kept about it.
+    fn forget(&self, id: &str) {
+        self.succeeded(id);
+        self.own_writes.lock().remove(id);
     }
 }
 
@@ -346,18 +347,94 @@ impl PolicyChanges {
     }
 }
 
-/// The other ApiKeys of `gone`'s owner in its namespace.
-fn same_owner(keys: &Store<ApiKey>, gone: &ApiKey) -> Vec<ObjectRef<ApiKey>> {
+/// The ApiKeys of `owner` in `namespace`.
+fn same_owner(keys: &Store<ApiKey>, namespace: &Option<String>, owner: &str) -> Vec<ObjectRef<ApiKey>> {
     keys.state()
         .iter()
-        .filter(|k| k.namespace() == gone.namespace() && k.spec.owner.trim() == gone.spec.owner.trim())
+        .filter(|k| k.namespace() == *namespace && k.spec.owner.trim() == owner)
         .map(|k| ObjectRef::from_obj(k.as_ref()))
         .collect()
 }
 
+/// What is remembered of each ApiKey seen, to act on its deletion (also one that happened
+/// while the watch was down, when the cache no longer has it) and on a move between
+/// policies.
+struct SeenKey {
+    namespace: Option<String>,
+    owner: String,
+    policy: Option<String>,
+    generation: Option<i64>,
+}
+
+impl SeenKey {
+    fn of(k: &ApiKey) -> Self {
+        SeenKey {
+            namespace: k.namespace(),
+            owner: k.spec.owner.trim().to_string(),
+            policy: k.spec.policy.clone(),
+            generation: k.meta().generation,
+        }
+    }
+}
+
+/// The objects of one watch, by [`object_id`], with what is remembered of each, so that a
+/// deletion is never missed: after a re-list (Init … InitDone) every object known before
+/// and not listed again was deleted while the watch was down.
+struct Known<V> {
+    known: std::collections::HashMap<String, V>,
+    listed: Option<std::collections::HashSet<String>>,
+}
+
+impl<V> Default for Known<V> {
+    fn default() -> Self {
+        Known { known: Default::default(), listed: None }
+    }
+}
+
+impl<V> Known<V> {
+    /// Follow one event; `remember` says what to keep of an object. Returns what was kept
+    /// of an applied object before this event, and the objects gone (the deleted one, or
+    /// after a re-list every one not listed again) with what was kept of them.
+    fn on<K: Resource<DynamicType = ()>>(
+        &mut self,
+        ev: &watcher::Event<K>,
+        remember: impl Fn(&K) -> V,
+    ) -> (Option<V>, Vec<(String, V)>) {
+        match ev {
+            watcher::Event::Init => {
+                self.listed = Some(Default::default());
+                (None, vec![])
+            }
+            watcher::Event::Apply(o) | watcher::Event::InitApply(o) => {
+                let id = object_id(o);
+                if let Some(listed) = self.listed.as_mut() {
+                    listed.insert(id.clone());
+                }
+                (self.known.insert(id, remember(o)), vec![])
+            }
+            watcher::Event::Delete(o) => {
+                let id = object_id(o);
+                let gone = self.known.remove(&id).unwrap_or_else(|| remember(o));
+                (None, vec![(id, gone)])
+            }
+            watcher::Event::InitDone => {
+                let listed = self.listed.take().unwrap_or_default();
+                let gone: Vec<String> =
+                    self.known.keys().filter(|id| !listed.contains(*id)).cloned().collect();
+                (None, gone.into_iter().filter_map(|id| self.known.remove(&id).map(|v| (id, v))).collect())
+            }
+        }
+    }
+}
+
 /// The policy `key` uses: the one it names, else the cached defaults.
 fn policies_of(policies: &Store<KeyPolicy>, key: &ApiKey) -> Vec<ObjectRef<KeyPolicy>> {
-    match &key.spec.policy {
+    policies_named(policies, key.spec.policy.as_deref())
+}
+
+/// The policy an ApiKey naming `policy` uses: that one, else the cached defaults.
+fn policies_named(policies: &Store<KeyPolicy>, policy: Option<&str>) -> Vec<ObjectRef<KeyPolicy>> {
+    match policy {
         Some(name) => vec![ObjectRef::new(name)],
         None => policies
             .state()
@@ -478,7 +555,7 @@ pub async fn run(client: Client, server: &str, opts: Options) -> Result<()> {
     let key_stream = {
         let (ctx, keys, policies) = (ctx.clone(), keys_reader.clone(), policies.clone());
         let trigger_policies = policies.clone();
-        let mut generations: std::collections::HashMap<ObjectRef<ApiKey>, Option<i64>> = Default::default();
+        let mut known = Known::<SeenKey>::default();
         watcher(keys_api.clone(), watcher::Config::default())
             .default_backoff()
             // managedFields are half of a cached ApiKey and never read; omitted (not
@@ -486,32 +563,41 @@ pub async fn run(client: Client, server: &str, opts: Options) -> Result<()> {
             .modify(|k| k.metadata.managed_fields = None)
             .reflect(keys_writer)
             .filter_map(move |ev| {
+                let ev = match ev {
+                    Ok(ev) => ev,
+                    Err(e) => return futures::future::ready(Some(Err(e))),
+                };
+                let (before, gone) = known.on(&ev, SeenKey::of);
+                let count = |policy: Option<&str>| {
+                    if count_keys {
+                        policies_named(&policies, policy)
+                            .into_iter()
+                            .for_each(|p| drop(count_tx.unbounded_send(p)));
+                    }
+                };
                 let out = match ev {
-                    Ok(watcher::Event::Apply(k) | watcher::Event::InitApply(k)) => {
-                        let generation = k.meta().generation;
-                        if count_keys
-                            && generations.insert(ObjectRef::from_obj(&k), generation) != Some(generation)
-                        {
-                            policies_of(&policies, &k)
-                                .into_iter()
-                                .for_each(|p| drop(count_tx.unbounded_send(p)));
+                    watcher::Event::Apply(k) | watcher::Event::InitApply(k) => {
+                        // keyCount: a new ApiKey, or one that may have moved between policies.
+                        let now = SeenKey::of(&k);
+                        if before.as_ref().is_none_or(|b| b.generation != now.generation) {
+                            count(now.policy.as_deref());
+                            if let Some(b) = before.filter(|b| b.policy != now.policy) {
+                                count(b.policy.as_deref());
+                            }
                         }
                         Some(Ok(k))
                     }
-                    Ok(watcher::Event::Delete(k)) => {
-                        ctx.own_writes.forget(&k);
-                        generations.remove(&ObjectRef::from_obj(&k));
-                        same_owner(&keys, &k).into_iter().for_each(|r| drop(owner_tx.unbounded_send(r)));
-                        if count_keys {
-                            policies_of(&policies, &k)
-                                .into_iter()
-                                .for_each(|p| drop(count_tx.unbounded_send(p)));
-                        }
-                        None
-                    }
-                    Ok(watcher::Event::Init | watcher::Event::InitDone) => None,
-                    Err(e) => Some(Err(e)),
+                    _ => None,
                 };
+                // Deleted (also while the watch was down): a place under the owner's limit
+                // is free, keyCount drops, and the per-object state is forgotten.
+                for (id, g) in gone {
+                    ctx.forget(&id);
+                    same_owner(&keys, &g.namespace, &g.owner)
+                        .into_iter()
+                        .for_each(|r| drop(owner_tx.unbounded_send(r)));
+                    count(g.policy.as_deref());
+                }
                 futures::future::ready(out)
             })
             .predicate_filter(
@@ -522,15 +608,16 @@ pub async fn run(client: Client, server: &str, opts: Options) -> Result<()> {
     // The Secrets keyward owns: a deleted or edited one is repaired; the echo of this
     // controller's own write triggers nothing.
     let echoes = ctx.clone();
+    let mut known_secrets = Known::<()>::default();
     let owned_secrets = watcher(secrets_api, owned).default_backoff().filter_map(move |ev| {
+        if let Ok(ev) = &ev {
+            known_secrets.on(ev, |_| ()).1.iter().for_each(|(id, ())| echoes.forget(id));
+        }
         futures::future::ready(match ev {
             Ok(watcher::Event::Apply(s) | watcher::Event::InitApply(s)) => {
                 (!echoes.own_writes.is_echo(&s)).then_some(Ok(s))
             }
-            Ok(watcher::Event::Delete(s)) => {
-                echoes.own_writes.forget(&s);
-                Some(Ok(s))
-            }
+            Ok(watcher::Event::Delete(s)) => Some(Ok(s)),
             Ok(watcher::Event::Init | watcher::Event::InitDone) => None,
             Err(e) => Some(Err(e)),
         })
@@ -697,6 +784,43 @@ mod tests {
         assert_eq!(names(c.on(Ok(watcher::Event::InitApply(policy("c", 1))))), ["c"]);
         assert_eq!(names(c.on(Ok(watcher::Event::InitDone))), ["b"], "deleted during the gap");
         assert_eq!(c.known.len(), 1, "pruned");
+    }
+
+    fn named(ns: &str, name: &str, owner: &str) -> ApiKey {
+        let mut k = key(serde_json::json!({}));
+        k.metadata.name = Some(name.into());
+        k.metadata.namespace = Some(ns.into());
+        k.spec.owner = owner.into();
+        k
+    }
+
+    #[test]
+    fn apikey_deletions_during_a_watch_gap_are_seen_and_their_state_pruned() {
+        let mut known = Known::<SeenKey>::default();
+        let gone = |out: (Option<SeenKey>, Vec<(String, SeenKey)>)| -> Vec<(String, String)> {
+            out.1.into_iter().map(|(id, s)| (id, s.owner)).collect()
+        };
+        known.on(&watcher::Event::Init, SeenKey::of);
+        for (ns, name) in [("a", "k1"), ("a", "k2"), ("b", "k1")] {
+            known.on(&watcher::Event::InitApply(named(ns, name, "team")), SeenKey::of);
+        }
+        assert!(gone(known.on(&watcher::Event::<ApiKey>::InitDone, SeenKey::of)).is_empty());
+        let before = known.on(&watcher::Event::Apply(named("a", "k1", "team")), SeenKey::of).0;
+        assert_eq!(before.map(|b| b.owner).as_deref(), Some("team"), "what was kept before the update");
+        assert_eq!(
+            gone(known.on(&watcher::Event::Delete(named("a", "k2", "team")), SeenKey::of)),
+            [("ApiKey/a/k2".to_string(), "team".to_string())]
+        );
+        // The watch restarts: b/k1 was deleted meanwhile, a/k3 created.
+        known.on(&watcher::Event::Init, SeenKey::of);
+        known.on(&watcher::Event::InitApply(named("a", "k1", "team")), SeenKey::of);
+        known.on(&watcher::Event::InitApply(named("a", "k3", "other")), SeenKey::of);
+        assert_eq!(
+            gone(known.on(&watcher::Event::<ApiKey>::InitDone, SeenKey::of)),
+            [("ApiKey/b/k1".to_string(), "team".to_string())],
+            "deleted during the gap, with its owner for the limit re-check"
+        );
+        assert_eq!(known.known.len(), 2);
     }
 
     #[test]
