@@ -43,7 +43,7 @@ pub fn table(keys: &[ApiKey], with_namespace: bool) -> String {
         rows.push(vec![
             k.namespace().unwrap_or_default(),
             k.name_any(),
-            k.spec.owner.clone(),
+            k.owner().to_string(),
             ready,
             active.map_or("-".into(), |a| format!("{:?} {} {}…", a.slot, a.key_id, a.preview)),
             active.map_or("-".into(), |a| short(a.effective_expires_at)),

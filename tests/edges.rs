@@ -1,7 +1,9 @@
 //! The promise at the edges, on the real API server: a policy shrunk below an ApiKey's
 //! explicit lifetime still caps and rotates its keys, two rotations seconds apart never
 //! end a key consumers may still hold, and an ApiKey whose policy is deleted stops
-//! issuing but keeps revoking and expiring (and says so).
+//! issuing but keeps revoking and expiring (and says so). Owner limits are a security
+//! control: an ApiKey that loses its place has its keys ended; an owner edit is refused
+//! by the controller where the API server has no CEL rules.
 
 mod common;
 
@@ -192,4 +194,143 @@ async fn a_deleted_policy_stops_issuing_but_revocation_and_expiry_still_run() {
                 || key.status.as_ref().unwrap().keys.iter().any(|k| &k.key_id == id)),
         "nothing issued: {ids:?}"
     );
+}
+
+/// The keys of `key` that would verify now, by its status.
+fn valid_ids(key: &ApiKey) -> Vec<String> {
+    let now = Utc::now();
+    key.status
+        .iter()
+        .flat_map(|s| &s.keys)
+        .filter(|k| {
+            matches!(k.state, KeyState::Active | KeyState::Standby)
+                && k.effective_expires_at.is_none_or(|t| t > now)
+        })
+        .map(|k| k.key_id.clone())
+        .collect()
+}
+
+/// `Ready` is False with `reason` and every key ended for the owner limit.
+async fn retired(client: &kube::Client, ns: &str, name: &str, reason: &str) -> ApiKey {
+    wait_key(client, ns, name, Duration::from_secs(30), |k| {
+        let keys = &k.status.as_ref()?.keys;
+        let ended = !keys.is_empty()
+            && keys
+                .iter()
+                .all(|x| x.state == KeyState::Expired && x.expiry_reason == Some(ExpiryReason::OwnerLimit));
+        (ended && ready(k).is_some_and(|(s, r)| s == "False" && r == reason)).then(|| k.clone())
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lowered_owner_limit_ends_the_keys_of_the_apikey_that_lost_its_place() {
+    let client = client().await;
+    let ns = TestNamespace::new(&client, "limitdown").await;
+    let policy = ns
+        .policy(&client, "p", json!({"expiry": {"maxLifetime": "P1D"}, "notifications": {"before": []}}))
+        .await;
+    let _keyward = common::controller_for(&ns.name, &[], "info");
+    ns.apikey(&client, "older", json!({"policy": policy, "owner": "team"})).await;
+    // Distinct creation seconds, so "oldest" is unambiguous.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    ns.apikey(&client, "newer", json!({"policy": policy, "owner": "team"})).await;
+    let older = wait_key(&client, &ns.name, "older", Duration::from_secs(30), common::active).await;
+    wait_key(&client, &ns.name, "newer", Duration::from_secs(30), common::active).await;
+    let older_material = secret_data(&client, &ns.name, "older").await.unwrap()["api-key"].clone();
+
+    Api::<KeyPolicy>::all(client.clone())
+        .patch(
+            &policy,
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(json!({"spec": {"limits": {"maxKeysPerOwner": 1}}})),
+        )
+        .await
+        .unwrap();
+    let newer = retired(&client, &ns.name, "newer", "OwnerKeyLimitExceeded").await;
+    assert!(valid_ids(&newer).is_empty(), "no key of the refused ApiKey verifies");
+    // The one that keeps its place is untouched.
+    let kept = get_key(&client, &ns.name, "older").await;
+    assert_eq!(ready(&kept).unwrap(), ("True".to_string(), "KeyActive".to_string()));
+    assert_eq!(common::active(&kept).map(|k| k.key_id), Some(older.key_id.clone()));
+    assert!(verifies(&kept, &older_material, Utc::now()));
+    let events: Vec<String> =
+        kube::Api::<k8s_openapi::api::events::v1::Event>::namespaced(client.clone(), &ns.name)
+            .list(&Default::default())
+            .await
+            .unwrap()
+            .items
+            .into_iter()
+            .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("newer"))
+            .filter_map(|e| e.note)
+            .collect();
+    assert!(events.iter().any(|n| n.contains("expired (OwnerLimit)")), "{events:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_same_second_apikey_that_sorts_first_takes_the_place_and_the_other_ends() {
+    let client = client().await;
+    let ns = TestNamespace::new(&client, "samesec").await;
+    let policy = ns
+        .policy(
+            &client,
+            "p",
+            json!({"expiry": {"maxLifetime": "P1D"}, "limits": {"maxKeysPerOwner": 1}, "notifications": {"before": []}}),
+        )
+        .await;
+    let _keyward = common::controller_for(&ns.name, &[], "info");
+    // "b" gets its key before "a" exists; "a" is then created in the same second, so it
+    // sorts first by (creationTimestamp, name) and takes the only place.
+    for attempt in 0..10 {
+        let (a, b) = (format!("a{attempt}"), format!("b{attempt}"));
+        let millis = Utc::now().timestamp_subsec_millis();
+        tokio::time::sleep(Duration::from_millis(u64::from(1000 - millis) + 5)).await;
+        let created = ns.apikey(&client, &b, json!({"policy": policy, "owner": format!("o{attempt}")})).await;
+        let second = created.metadata.creation_timestamp.clone().unwrap();
+        wait_key(&client, &ns.name, &b, Duration::from_secs(30), common::active).await;
+        let a_key = ns.apikey(&client, &a, json!({"policy": policy, "owner": format!("o{attempt}")})).await;
+        if a_key.metadata.creation_timestamp != Some(second) {
+            continue; // not the same second on this loaded machine: try again
+        }
+        wait_key(&client, &ns.name, &a, Duration::from_secs(30), common::active).await;
+        retired(&client, &ns.name, &b, "OwnerKeyLimitExceeded").await;
+        let a_now = get_key(&client, &ns.name, &a).await;
+        assert_eq!(ready(&a_now).unwrap().0, "True");
+        return;
+    }
+    panic!("could not create two ApiKeys in the same second in 10 tries");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_owner_edit_is_refused_by_the_controller_where_cel_is_not_run() {
+    let client = client().await;
+    if common::server_minor(&client).await >= 25 {
+        return; // the API server refuses the edit itself (tests/crds.rs checks the rule)
+    }
+    let ns = TestNamespace::new(&client, "ownerfix").await;
+    let policy = ns
+        .policy(&client, "p", json!({"expiry": {"maxLifetime": "P1D"}, "notifications": {"before": []}}))
+        .await;
+    let _keyward = common::controller_for(&ns.name, &[], "info");
+    ns.apikey(&client, "svc", json!({"policy": policy, "owner": "payments"})).await;
+    let first = wait_key(&client, &ns.name, "svc", Duration::from_secs(30), common::active).await;
+    common::patch_key(&client, &ns.name, "svc", json!({"spec": {"owner": "intruder"}})).await;
+    let refused = wait_key(&client, &ns.name, "svc", Duration::from_secs(30), |k| {
+        let c = find_condition(&k.status.as_ref()?.conditions, "Synced")?;
+        (c.status == "False" && c.reason == "OwnerImmutable").then(|| (k.clone(), c.message.clone()))
+    })
+    .await;
+    let (key, message) = refused;
+    assert!(message.starts_with(keyward::api::OWNER_IMMUTABLE_MESSAGE), "{message}");
+    assert_eq!(key.status.as_ref().unwrap().owner.as_deref(), Some("payments"));
+    assert_eq!(key.owner(), "payments", "the verifier and the limits keep the recorded owner");
+    assert_eq!(common::active(&key).map(|k| k.key_id), Some(first.key_id), "the keys are untouched");
+    assert_eq!(ready(&key).unwrap().0, "True");
+    // Setting it back clears the condition.
+    common::patch_key(&client, &ns.name, "svc", json!({"spec": {"owner": "payments"}})).await;
+    wait_key(&client, &ns.name, "svc", Duration::from_secs(30), |k| {
+        let c = find_condition(&k.status.as_ref()?.conditions, "Synced")?;
+        (c.status == "True").then_some(())
+    })
+    .await;
 }

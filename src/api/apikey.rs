@@ -173,6 +173,9 @@ pub enum ExpiryReason {
     PolicyChange,
     /// Replaced by a requested rotation; valid for `flipBefore` more.
     Rotated,
+    /// The ApiKey lost its place under its owner's limits (`maxKeysPerOwner` lowered, or
+    /// an older ApiKey of the same owner seen late): its keys end at once.
+    OwnerLimit,
 }
 
 /// Public facts about one key. Never the key itself.
@@ -264,6 +267,11 @@ pub struct ApiKeyStatus {
     /// The last `keyward.dev/rotate` annotation value acted upon.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rotation_request: Option<String>,
+    /// The owner the keys are issued to: recorded with the first key and kept. `owner` is
+    /// immutable; on clusters without CEL rules an edit of `spec.owner` is ignored
+    /// (`Synced=False OwnerImmutable`), and the verifier and the owner limits use this.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
     /// `Ready` and `Expiring`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(schema_with = "super::condition::conditions_schema")]
@@ -271,6 +279,14 @@ pub struct ApiKeyStatus {
     /// The `metadata.generation` last processed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
+}
+
+impl ApiKey {
+    /// The owner this ApiKey's keys belong to: the one recorded with its first key
+    /// (`status.owner`), else `spec.owner`; without surrounding whitespace.
+    pub fn owner(&self) -> &str {
+        self.status.as_ref().and_then(|s| s.owner.as_deref()).unwrap_or(&self.spec.owner).trim()
+    }
 }
 
 /// Message of the CEL transition rule that keeps `spec.owner` fixed (reason
@@ -341,6 +357,9 @@ pub mod conditions {
     pub const KEY_EXPIRED: &str = "KeyExpired";
     /// Synced reason: the API server refused or failed a write.
     pub const APPLY_FAILED: &str = "ApplyFailed";
+    /// Synced reason: `spec.owner` was edited; the change is ignored (`owner` is
+    /// immutable) and the keys stay with `status.owner`.
+    pub const OWNER_IMMUTABLE: &str = "OwnerImmutable";
     /// Synced reason: everything was written.
     pub const APPLIED: &str = "Applied";
     /// Stalled reason: nothing blocks issuing keys.

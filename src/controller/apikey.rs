@@ -80,6 +80,8 @@ struct Prepared {
     foreign_secret: bool,
     /// Why no new key may be issued.
     blocked: Option<Blocked>,
+    /// The ApiKey lost its place under its owner's limits: its keys end now.
+    retire: bool,
 }
 
 /// Dereference and validate. Whatever the user has to fix becomes `blocked` (the first
@@ -90,10 +92,11 @@ async fn prepare(ctx: &Context, key: &ApiKey, now: DateTime<Utc>) -> Result<Prep
     let policy_name_ok = key.spec.policy.as_deref().is_none_or(dns_subdomain);
     let resolved = if policy_name_ok { policy::resolve(ctx, key, now).await? } else { Default::default() };
     block = block.or(resolved.blocked);
+    let mut retire = false;
     if let Some(found) = &resolved.policy
         && block.is_none()
     {
-        block = owner_limits(ctx, key, found);
+        (block, retire) = owner_limits(ctx, key, found).await?;
     }
     let rules = resolved.rules.unwrap_or_else(lifecycle::Rules::frozen);
     let lifetime = match rules.lifetime(key.spec.lifetime.as_deref(), now) {
@@ -131,6 +134,7 @@ async fn prepare(ctx: &Context, key: &ApiKey, now: DateTime<Utc>) -> Result<Prep
         secret,
         foreign_secret,
         blocked: block,
+        retire,
     })
 }
 
@@ -219,9 +223,38 @@ fn spec_problem(spec: &crate::api::ApiKeySpec) -> Option<Blocked> {
 }
 
 /// The per-owner limits of the policy, over the ApiKeys of this owner in the namespace
-/// (from the watch cache, plus this ApiKey itself).
-fn owner_limits(ctx: &Context, key: &ApiKey, policy: &crate::api::KeyPolicy) -> Option<Blocked> {
-    let owner = key.spec.owner.trim();
+/// (from the watch cache, plus this ApiKey itself), oldest first by (creationTimestamp,
+/// name). Also whether the ApiKey lost a place it had: refused while it holds valid
+/// keys, which then end. That verdict is never taken from the cache alone (an ApiKey
+/// deleted a moment ago may still be in it): it is confirmed on a fresh list.
+async fn owner_limits(
+    ctx: &Context,
+    key: &ApiKey,
+    policy: &crate::api::KeyPolicy,
+) -> Result<(Option<Blocked>, bool)> {
+    let cached = owner_verdict(ctx.apikeys.state().iter().map(|k| k.as_ref()), key, policy);
+    let holds_keys = key.status.iter().flat_map(|s| &s.keys).any(lifecycle::is_valid);
+    if cached.is_none() || !holds_keys {
+        return Ok((cached, false));
+    }
+    let ns = key.namespace().unwrap_or_default();
+    let listed = Api::<ApiKey>::namespaced(ctx.client.clone(), &ns)
+        .list(&Default::default())
+        .await
+        .map_err(Error::kube(format!("listing the ApiKeys of namespace {ns}")))?;
+    let verdict = owner_verdict(listed.items.iter(), key, policy);
+    let retire = verdict.is_some();
+    Ok((verdict, retire))
+}
+
+/// [`policy::owner_verdict`] for `key` among `keys` (any that is `key` itself is
+/// replaced by `key`).
+fn owner_verdict<'a>(
+    keys: impl Iterator<Item = &'a ApiKey>,
+    key: &ApiKey,
+    policy: &crate::api::KeyPolicy,
+) -> Option<Blocked> {
+    let owner = key.owner();
     let ns = key.namespace();
     let owned = |k: &ApiKey| policy::OwnedKey {
         created: k
@@ -232,20 +265,15 @@ fn owner_limits(ctx: &Context, key: &ApiKey, policy: &crate::api::KeyPolicy) -> 
         name: k.name_any(),
         description: k.spec.description.as_deref().unwrap_or_default().trim().to_string(),
     };
-    let mut keys: Vec<policy::OwnedKey> = ctx
-        .apikeys
-        .state()
-        .iter()
-        .filter(|k| {
-            k.namespace() == ns && k.spec.owner.trim() == owner && k.meta().deletion_timestamp.is_none()
-        })
+    let mut owned_keys: Vec<policy::OwnedKey> = keys
+        .filter(|k| k.namespace() == ns && k.owner() == owner && k.meta().deletion_timestamp.is_none())
         .filter(|k| k.name_any() != key.name_any())
-        .map(|k| owned(k))
+        .map(owned)
         .collect();
-    keys.push(owned(key));
+    owned_keys.push(owned(key));
     let limits = &policy.spec.limits;
     policy::owner_verdict(
-        keys,
+        owned_keys,
         &key.name_any(),
         owner,
         limits.max_keys_per_owner as usize,
@@ -360,6 +388,7 @@ async fn run(
         rotate_request: key.annotations().get(ROTATE_ANNOTATION).map(String::as_str),
         now,
         may_issue: p.blocked.is_none(),
+        retire: p.retire,
     };
     let outcome = lifecycle::advance(&input, &mut status, &mut material, &mut minter);
     if status.keys.is_empty() && old.client_id.is_none() {
@@ -403,11 +432,28 @@ async fn run(
         }
     };
     set_condition(&mut status.conditions, ready);
-    let news = issuance_conditions(&mut status, &p, generation, now);
-    set_condition(
-        &mut status.conditions,
-        Condition::new(c::SYNCED, TRUE, c::APPLIED, "everything was written", generation, now),
-    );
+    let mut news = issuance_conditions(&mut status, &p, generation, now);
+    // The owner is recorded with the first key and kept: an edit is refused here as the
+    // CEL rule refuses it on clusters that run CEL.
+    if status.owner.is_none() && !status.keys.is_empty() {
+        status.owner = Some(key.spec.owner.trim().to_string());
+    }
+    let synced = match status.owner.as_deref().filter(|o| *o != key.spec.owner.trim()) {
+        Some(owner) => {
+            let message = format!(
+                "{}: the keys stay issued to {owner:?}; set spec.owner back to {owner:?}, or create a new ApiKey for {:?}",
+                crate::api::OWNER_IMMUTABLE_MESSAGE,
+                shown(key.spec.owner.trim())
+            );
+            let before = find_condition(&old.conditions, c::SYNCED);
+            if before.is_none_or(|b| b.reason != c::OWNER_IMMUTABLE || b.message != message) {
+                news.push((c::OWNER_IMMUTABLE, message.clone()));
+            }
+            Condition::new(c::SYNCED, FALSE, c::OWNER_IMMUTABLE, message, generation, now)
+        }
+        None => Condition::new(c::SYNCED, TRUE, c::APPLIED, "everything was written", generation, now),
+    };
+    set_condition(&mut status.conditions, synced);
     let on_schedule = p.blocked.is_none() && p.rules.automatic && p.rules.enforced && !p.rules.frozen;
     let warnings = notify::evaluate(&p.rules, &mut status, now, on_schedule);
     let expiring = match &warnings.expiring {
@@ -628,7 +674,7 @@ async fn warn_owner(
                 namespace: key.namespace().unwrap_or_default(),
                 name: key.name_any(),
             },
-            owner: key.spec.owner.clone(),
+            owner: key.owner().to_string(),
             key_id: n.key_id.clone(),
             slot: n.slot.to_string(),
             expires_at: n.expires_at,

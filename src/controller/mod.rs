@@ -351,7 +351,7 @@ impl PolicyChanges {
 fn same_owner(keys: &Store<ApiKey>, namespace: &Option<String>, owner: &str) -> Vec<ObjectRef<ApiKey>> {
     keys.state()
         .iter()
-        .filter(|k| k.namespace() == *namespace && k.spec.owner.trim() == owner)
+        .filter(|k| k.namespace() == *namespace && k.owner() == owner)
         .map(|k| ObjectRef::from_obj(k.as_ref()))
         .collect()
 }
@@ -360,6 +360,7 @@ fn same_owner(keys: &Store<ApiKey>, namespace: &Option<String>, owner: &str) -> 
 /// while the watch was down, when the cache no longer has it) and on a move between
 /// policies.
 struct SeenKey {
+    name: String,
     namespace: Option<String>,
     owner: String,
     policy: Option<String>,
@@ -369,8 +370,9 @@ struct SeenKey {
 impl SeenKey {
     fn of(k: &ApiKey) -> Self {
         SeenKey {
+            name: k.name_any(),
             namespace: k.namespace(),
-            owner: k.spec.owner.trim().to_string(),
+            owner: k.owner().to_string(),
             policy: k.spec.policy.clone(),
             generation: k.meta().generation,
         }
@@ -568,6 +570,7 @@ pub async fn run(client: Client, server: &str, opts: Options) -> Result<()> {
                     Err(e) => return futures::future::ready(Some(Err(e))),
                 };
                 let (before, gone) = known.on(&ev, SeenKey::of);
+                let live = matches!(ev, watcher::Event::Apply(_));
                 let count = |policy: Option<&str>| {
                     if count_keys {
                         policies_named(&policies, policy)
@@ -577,9 +580,20 @@ pub async fn run(client: Client, server: &str, opts: Options) -> Result<()> {
                 };
                 let out = match ev {
                     watcher::Event::Apply(k) | watcher::Event::InitApply(k) => {
-                        // keyCount: a new ApiKey, or one that may have moved between policies.
                         let now = SeenKey::of(&k);
-                        if before.as_ref().is_none_or(|b| b.generation != now.generation) {
+                        let created_or_edited =
+                            before.as_ref().is_none_or(|b| b.generation != now.generation);
+                        // A new or edited ApiKey can take another's place under the owner's
+                        // limits (older, or same second and name first): re-check the others.
+                        // (After a re-list every ApiKey is reconciled anyway.)
+                        if created_or_edited && live {
+                            same_owner(&keys, &now.namespace, &now.owner)
+                                .into_iter()
+                                .filter(|r| r.name != now.name)
+                                .for_each(|r| drop(owner_tx.unbounded_send(r)));
+                        }
+                        // keyCount: a new ApiKey, or one that may have moved between policies.
+                        if created_or_edited {
                             count(now.policy.as_deref());
                             if let Some(b) = before.filter(|b| b.policy != now.policy) {
                                 count(b.policy.as_deref());

@@ -24,6 +24,8 @@
 //!
 //! While issuance is blocked ([`Input::may_issue`] false) steps 1, 2, 5 (flip to a valid
 //! standby), 6 (flip to a standby whose material is there) and 8 run; nothing is issued.
+//! An ApiKey that lost its place under its owner's limits ([`Input::retire`]) has every
+//! valid key capped at `now` (`OwnerLimit`), so step 2 ends them.
 
 pub mod notify;
 mod rules;
@@ -55,6 +57,9 @@ pub struct Input<'a> {
     /// owner limit, foreign Secret, …): the safety steps (revocation, expiry, the
     /// policy cap, flips to a key already issued) still run; nothing new is issued.
     pub may_issue: bool,
+    /// The ApiKey lost its place under its owner's limits: every valid key ends now
+    /// (`OwnerLimit`). Implies `may_issue` false.
+    pub retire: bool,
 }
 
 /// Hashes of the key material the consumer Secret holds per slot (`primary`,
@@ -196,7 +201,8 @@ pub struct Outcome {
     pub details: String,
 }
 
-fn is_valid(k: &KeyStatus) -> bool {
+/// Whether `k` is neither expired nor revoked.
+pub fn is_valid(k: &KeyStatus) -> bool {
     matches!(k.state, KeyState::Active | KeyState::Standby)
 }
 
@@ -276,6 +282,16 @@ impl Engine<'_, '_> {
     /// Recompute the policy cap and the effective expiry of every valid key.
     fn refresh(&mut self) {
         let rules = self.input.rules;
+        if self.input.retire {
+            let now = self.now();
+            for k in self.status.keys.iter_mut().filter(|k| is_valid(k)) {
+                if ceiling(k).is_none_or(|c| c > now) {
+                    k.cap = Some(ExpiryCap { at: now, reason: ExpiryReason::OwnerLimit });
+                    k.effective_expires_at = Some(now);
+                    k.expiry_reason = Some(ExpiryReason::OwnerLimit);
+                }
+            }
+        }
         if rules.frozen {
             // No usable policy: keep every end as last computed, except an inactivity
             // deadline, which cannot be moved by use without the policy's timeout: a

@@ -53,6 +53,7 @@ struct Sim {
     revoked: Vec<String>,
     rotate: Option<String>,
     may_issue: bool,
+    retire: bool,
     status: ApiKeyStatus,
     material: Material,
     mint: FakeMint,
@@ -68,6 +69,7 @@ impl Sim {
             revoked: vec![],
             rotate: None,
             may_issue: true,
+            retire: false,
             status: ApiKeyStatus::default(),
             material: Material::default(),
             mint: FakeMint::default(),
@@ -85,7 +87,8 @@ impl Sim {
             revoked: &self.revoked,
             rotate_request: self.rotate.as_deref(),
             now: secs(s),
-            may_issue: self.may_issue,
+            may_issue: self.may_issue && !self.retire,
+            retire: self.retire,
         };
         let before = self.status.clone();
         let out = advance(&input, &mut self.status, &mut self.material, &mut self.mint);
@@ -644,6 +647,7 @@ fn a_rotation_waits_while_api_key_still_holds_the_key_it_would_replace() {
         rotate_request: Some("now"),
         now: secs(26.0),
         may_issue: true,
+        retire: false,
     };
     let out = advance(&input, &mut sim.status, &mut sim.material, &mut sim.mint);
     assert!(!out.happenings.contains(&Happening::Rotated), "{:?}", out.happenings);
@@ -700,6 +704,29 @@ fn a_blocked_apikey_still_revokes_caps_expires_and_flips_but_issues_nothing() {
     let out = sim.at(33.0);
     assert_eq!(out.health, Health::Ready);
     assert!(out.happenings.contains(&Happening::Rotated), "{:?}", out.happenings);
+}
+
+#[test]
+fn an_apikey_that_loses_its_place_under_an_owner_limit_has_its_keys_expired_at_once() {
+    let mut sim = Sim::new(rules_with(|s| s.rotation.flip_before = "PT5S".into()));
+    sim.at(0.0);
+    sim.at(15.0);
+    assert_eq!(sim.status.keys.len(), 2, "an active key and a standby");
+    sim.retire = true;
+    let out = sim.at(16.0);
+    assert_eq!(out.health, Health::Expired);
+    for k in &sim.status.keys {
+        assert_eq!(k.state, KeyState::Expired, "{}", k.key_id);
+        assert_eq!(k.expiry_reason, Some(ExpiryReason::OwnerLimit), "{}", k.key_id);
+        assert_eq!(k.effective_expires_at, Some(secs(16.0)), "{}", k.key_id);
+    }
+    assert_eq!(sim.mint.minted, 2, "nothing issued for an ApiKey without a place");
+    // A rotation does not bring it back while it has no place; regaining it does.
+    sim.rotate = Some("r".into());
+    assert_eq!(sim.at(20.0).health, Health::Expired);
+    sim.retire = false;
+    assert_eq!(sim.at(21.0).health, Health::Ready);
+    assert_eq!(sim.mint.minted, 3);
 }
 
 #[test]

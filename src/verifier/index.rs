@@ -194,7 +194,7 @@ impl Index {
         let holder = Arc::new(Holder {
             namespace,
             name,
-            owner: key.spec.owner.clone(),
+            owner: key.owner().to_string(),
             client_id: status.client_id.clone().unwrap_or_default(),
             revoked,
             resource_version: key.metadata.resource_version.clone(),
