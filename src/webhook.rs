@@ -1,7 +1,7 @@
 //! Expiry-warning webhooks: a JSON POST per receiver, signed with HMAC-SHA256
-//! (`X-Keyward-Signature: sha256=<hex>`) when the policy names a signing key, retried
-//! with exponential backoff a bounded number of times. Delivery runs in its own task
-//! and never delays a rotation.
+//! (`X-Keyward-Signature: sha256=<hex>`) when the policy names a signing key. One
+//! attempt per call: the controller keeps what is still to be delivered in status and
+//! retries across reconciles (see `controller::apikey::deliver_warnings`).
 
 use std::time::Duration;
 
@@ -15,12 +15,8 @@ use hyper_util::rt::TokioExecutor;
 use serde::Serialize;
 use sha2::Sha256;
 
-/// Attempts per receiver before giving up.
-pub const ATTEMPTS: u32 = 5;
 /// Time allowed for one attempt.
 pub const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(5);
-/// Backoff before the second attempt; doubles after each failure.
-pub const FIRST_BACKOFF: Duration = Duration::from_millis(250);
 
 /// The ApiKey a notification is about.
 #[derive(Serialize, Clone, Debug, PartialEq, Eq)]
@@ -35,6 +31,9 @@ pub struct ApiKeyRef {
 #[derive(Serialize, Clone, Debug, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
 pub struct Payload {
+    /// The same for every delivery of one warning (`<namespace>/<apikey>/<keyId>/<threshold>`):
+    /// delivery is at least once, so a receiver may see a warning twice and drop repeats.
+    pub id: String,
     /// `KeyExpiringSoon` or `NonExpiringKey`.
     #[serde(rename = "type")]
     pub type_: String,
@@ -79,39 +78,21 @@ impl Sender {
         Ok(Sender { client: Client::builder(TokioExecutor::new()).build(https) })
     }
 
-    async fn attempt(&self, url: &str, body: &Bytes, signature: Option<&str>) -> Result<(), String> {
+    /// POST `body` to `url` once (signed with `signing_key`, when given).
+    pub async fn post(&self, url: &str, body: Bytes, signing_key: Option<&[u8]>) -> Result<(), String> {
         let mut req = hyper::Request::post(url)
             .header("content-type", "application/json")
             .header("user-agent", concat!("keyward/", env!("CARGO_PKG_VERSION")));
-        if let Some(sig) = signature {
-            req = req.header("x-keyward-signature", sig);
+        if let Some(key) = signing_key {
+            req = req.header("x-keyward-signature", sign(key, &body));
         }
-        let req = req.body(Full::new(body.clone())).map_err(|e| format!("bad request: {e}"))?;
+        let req = req.body(Full::new(body)).map_err(|e| format!("bad request: {e}"))?;
         match tokio::time::timeout(ATTEMPT_TIMEOUT, self.client.request(req)).await {
             Err(_) => Err(format!("no answer within {ATTEMPT_TIMEOUT:?}")),
             Ok(Err(e)) => Err(format!("cannot reach receiver: {e}")),
             Ok(Ok(resp)) if resp.status().is_success() => Ok(()),
             Ok(Ok(resp)) => Err(format!("receiver answered {}", resp.status())),
         }
-    }
-
-    /// POST `body` to `url`, retrying with exponential backoff; the last error if every
-    /// attempt failed. Returns the number of attempts made on success.
-    pub async fn deliver(&self, url: &str, body: Bytes, signing_key: Option<&[u8]>) -> Result<u32, String> {
-        let signature = signing_key.map(|k| sign(k, &body));
-        let mut backoff = FIRST_BACKOFF;
-        let mut last = String::new();
-        for attempt in 1..=ATTEMPTS {
-            match self.attempt(url, &body, signature.as_deref()).await {
-                Ok(()) => return Ok(attempt),
-                Err(e) => last = e,
-            }
-            if attempt < ATTEMPTS {
-                tokio::time::sleep(backoff).await;
-                backoff *= 2;
-            }
-        }
-        Err(format!("{ATTEMPTS} attempts failed; last: {last}"))
     }
 }
 
@@ -131,6 +112,7 @@ mod tests {
     #[test]
     fn payload_shape() {
         let p = Payload {
+            id: "ns/svc/abc/P7D".into(),
             type_: "KeyExpiringSoon".into(),
             api_key: ApiKeyRef { namespace: "ns".into(), name: "svc".into() },
             owner: "team".into(),
@@ -142,6 +124,7 @@ mod tests {
         };
         let v = serde_json::to_value(&p).unwrap();
         assert_eq!(v["type"], "KeyExpiringSoon");
+        assert_eq!(v["id"], "ns/svc/abc/P7D");
         assert_eq!(v["apiKey"]["name"], "svc");
         assert_eq!(v["standbyReady"], true);
         assert!(v.get("expiresAt").is_none());

@@ -281,15 +281,24 @@ async fn warnings_fire_once_per_threshold_with_signed_retried_webhooks() {
         assert_eq!(body["type"], "KeyExpiringSoon");
         assert_eq!(body["apiKey"]["name"], "svc");
         assert_eq!(body["owner"], "payments");
+        assert_eq!(
+            body["id"],
+            format!(
+                "{}/svc/{}/{}",
+                ns.name,
+                body["keyId"].as_str().unwrap(),
+                body["threshold"].as_str().unwrap()
+            )
+        );
         assert!(body["expiresAt"].is_string() && body["standbyReady"].is_boolean());
     }
     assert!(!events_with_reason(&client, &ns.name, "KeyExpiringSoon").await.is_empty());
-    // The dead receiver raised a failure, and never delayed the flip (scheduled half-way
+    // The dead receiver's deliveries stay pending in status (retried, until a day after
+    // the warning), the others left; and it never delayed the flip (scheduled half-way
     // through the keys' overlap: S1 created at +15 s, P1 ending at +30 s → flip at +22.5 s).
-    common::eventually("a NotificationFailed Event", Duration::from_secs(30), || async {
-        (!events_with_reason(&client, &ns.name, "NotificationFailed").await.is_empty()).then_some(())
-    })
-    .await;
+    let pending = get_key(&client, &ns.name, "svc").await.status.unwrap().notified;
+    assert!(pending.iter().any(|n| n.pending == [dead_url.clone()]), "{pending:?}");
+    assert!(pending.iter().all(|n| n.pending.iter().all(|t| *t == dead_url)), "{pending:?}");
     let key = get_key(&client, &ns.name, "svc").await;
     let flipped: Vec<KeyStatus> = key
         .status
@@ -305,6 +314,76 @@ async fn warnings_fire_once_per_threshold_with_signed_retried_webhooks() {
         let lateness = (k.activated_at.unwrap() - scheduled).num_milliseconds();
         assert!(lateness.abs() < 3000, "flip on time despite a dead receiver: {lateness} ms late");
     }
+}
+
+/// A receiver on `port` (which may have been down until now).
+async fn receiver_on(port: u16) -> Arc<Mutex<Received>> {
+    let state = Arc::new(Mutex::new(Received::default()));
+    let app = axum::Router::new().route("/hook", axum::routing::post(receive)).with_state(state.clone());
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await.unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    state
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_webhook_receiver_down_for_two_minutes_still_gets_each_warning_once_it_is_back() {
+    let client = client().await;
+    let ns = TestNamespace::new(&client, "outage").await;
+    let port = common::free_port();
+    let url = format!("http://127.0.0.1:{port}/hook");
+    let policy = ns
+        .policy(
+            &client,
+            "p",
+            json!({"expiry": {"maxLifetime": "PT10M", "minLifetime": "PT1S"},
+                   "notifications": {"before": ["PT9M50S"], "webhooks": [{"url": url}]}}),
+        )
+        .await;
+    let mut keyward = common::controller_for(&ns.name, &[], "info");
+    ns.apikey(&client, "svc", json!({"policy": policy, "owner": "payments"})).await;
+    // The warning fires 10 s in, while nobody listens on the receiver's port.
+    let (fired_at, key_id) = wait_key(&client, &ns.name, "svc", Duration::from_secs(60), |k| {
+        let n = k.status.as_ref()?.notified.first()?;
+        n.pending.contains(&url).then(|| (tokio::time::Instant::now(), n.key_id.clone()))
+    })
+    .await;
+    common::eventually("failed attempts to be retried", Duration::from_secs(30), || async {
+        let (_, metrics) = keyward.get("/metrics")?;
+        (common::metric_sum(
+            &metrics,
+            "keyward_notifications_total{kind=\"KeyExpiringSoon\",result=\"retried\"}",
+        ) >= 2.0)
+            .then_some(())
+    })
+    .await;
+    // A restart in the middle of the outage forgets nothing: what is pending is in status.
+    keyward.terminate().await;
+    keyward = common::controller_for(&ns.name, &[], "info");
+    // The receiver stays down for two minutes in all: this wait is the outage itself.
+    tokio::time::sleep(
+        (fired_at + Duration::from_secs(120)).saturating_duration_since(tokio::time::Instant::now()),
+    )
+    .await;
+    let pending = get_key(&client, &ns.name, "svc").await.status.unwrap().notified;
+    assert!(pending.iter().any(|n| n.pending.contains(&url)), "still pending after the outage: {pending:?}");
+    let received = receiver_on(port).await;
+    // Backoff is at most 30 s.
+    common::eventually(
+        "the warning to reach the receiver that came back",
+        Duration::from_secs(60),
+        || async { (!received.lock().unwrap().accepted.is_empty()).then_some(()) },
+    )
+    .await;
+    wait_key(&client, &ns.name, "svc", Duration::from_secs(30), |k| {
+        k.status.as_ref()?.notified.iter().all(|n| n.pending.is_empty()).then_some(())
+    })
+    .await;
+    let accepted = received.lock().unwrap().accepted.clone();
+    assert_eq!(accepted.len(), 1, "one delivery: {accepted:?}");
+    assert_eq!(accepted[0].0["keyId"], key_id.as_str());
+    assert_eq!(accepted[0].0["threshold"], "PT9M50S");
+    assert!(!events_with_reason(&client, &ns.name, "NotificationDelivered").await.is_empty());
+    drop(keyward);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

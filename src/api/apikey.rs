@@ -236,7 +236,16 @@ pub struct Notified {
     pub threshold: String,
     /// When it fired.
     pub at: DateTime<Utc>,
+    /// Where it still has to be delivered: [`WARNING_EVENT`] and the policy's webhook URLs
+    /// when it fired. Each leaves once delivered, or when given up on (a day after the
+    /// warning fired). Delivery is at least once: one whose success was not recorded
+    /// (a crash in between) is made again.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pending: Vec<String>,
 }
+
+/// The delivery target of a warning's Warning Event in [`Notified::pending`].
+pub const WARNING_EVENT: &str = "Event";
 
 /// Observed state of an ApiKey.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default, JsonSchema)]

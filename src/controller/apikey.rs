@@ -37,7 +37,6 @@ use crate::api::{
 use crate::error::{Error, Result};
 use crate::keys;
 use crate::lifecycle::{self, Happening, Health, Input, notify};
-use crate::webhook;
 
 /// Blocked objects are looked at again this often (e.g. a foreign Secret may go away).
 const BLOCKED_RETRY: Duration = Duration::from_secs(300);
@@ -456,6 +455,10 @@ async fn run(
     set_condition(&mut status.conditions, synced);
     let on_schedule = p.blocked.is_none() && p.rules.automatic && p.rules.enforced && !p.rules.frozen;
     let warnings = notify::evaluate(&p.rules, &mut status, now, on_schedule);
+    super::warnings::address(&mut status, &warnings.fire, p.policy.as_ref());
+    for n in &warnings.fire {
+        ctx.metrics.count_notification(super::warnings::kind(&n.threshold), "raised");
+    }
     let expiring = match &warnings.expiring {
         Some((threshold, end)) => Condition::new(
             c::EXPIRING,
@@ -502,8 +505,8 @@ async fn run(
         );
         current = Some(apply_secret(ctx, &secrets, current.as_ref(), want).await?);
     }
-    // 2. Status with the new hashes.
-    write_status(ctx, api, key, &old, status.clone()).await?;
+    // 2. Status with the new hashes (and the warnings that fired, with where they go).
+    let stored = write_status(ctx, api, key, &old, status.clone()).await?;
     // 3. api-key to the active key, now that its hash is in status.
     if may_write_secret
         && outcome.health == Health::Ready
@@ -547,8 +550,12 @@ async fn run(
     if let Some(b) = &p.blocked {
         ctx.metrics.count_blocked(b.reason);
     }
-    warn_owner(ctx, key, p.policy.as_ref(), &warnings.fire).await;
-    let next = [outcome.next.as_ref().map(|n| n.at), warnings.next].into_iter().flatten().min();
+    // Last, the warnings still to be delivered (recorded in the status just written).
+    let step_at = outcome.next.as_ref().map(|n| n.at);
+    let retry =
+        super::warnings::deliver(ctx, api, stored.as_ref().unwrap_or(key), p.policy.as_ref(), now, step_at)
+            .await?;
+    let next = [outcome.next.as_ref().map(|n| n.at), warnings.next, retry].into_iter().flatten().min();
     Ok(match (next, &p.blocked) {
         (Some(at), Some(_)) => Action::requeue(until(at, now).min(BLOCKED_RETRY)),
         (Some(at), None) => Action::requeue(until(at, now)),
@@ -613,15 +620,16 @@ async fn apply_secret(
 
 /// Replace the status when it differs (resourceVersion precondition: a concurrent
 /// writer, such as the verifier's `lastUsedAt`, makes this a conflict and a retry).
-async fn write_status(
+/// Returns the ApiKey as stored, when it was written.
+pub(super) async fn write_status(
     ctx: &Context,
     api: &Api<ApiKey>,
     key: &ApiKey,
     old: &ApiKeyStatus,
     status: ApiKeyStatus,
-) -> Result<()> {
+) -> Result<Option<ApiKey>> {
     if *old == status {
-        return Ok(());
+        return Ok(None);
     }
     let mut updated = key.clone();
     updated.status = Some(status);
@@ -634,90 +642,7 @@ async fn write_status(
     })?;
     ctx.own_writes.wrote(&stored);
     ctx.metrics.count_write("apikeys/status");
-    Ok(())
-}
-
-/// Expiry warnings: a Warning Event and a metric each, and a webhook POST per
-/// receiver in its own task (retried, bounded; a failure is an Event and a metric and
-/// never delays the lifecycle).
-async fn warn_owner(
-    ctx: &Arc<Context>,
-    key: &ApiKey,
-    policy: Option<&crate::api::KeyPolicy>,
-    notices: &[notify::Notice],
-) {
-    for n in notices {
-        let (kind, note) = if n.threshold == notify::NON_EXPIRING {
-            (
-                "NonExpiringKey",
-                format!(
-                    "{} key {} never expires: KeyPolicy {} has expiry disabled",
-                    n.slot,
-                    n.key_id,
-                    policy.map(|p| p.name_any()).unwrap_or_default()
-                ),
-            )
-        } else {
-            let when = n.expires_at.map(|t| t.to_rfc3339_opts(SecondsFormat::Secs, true)).unwrap_or_default();
-            let standby =
-                if n.standby_ready { "a standby key is ready" } else { "no standby key is ready yet" };
-            (
-                "KeyExpiringSoon",
-                format!("{} key {} expires at {when} (within {}); {standby}", n.slot, n.key_id, n.threshold),
-            )
-        };
-        ctx.warn(key, kind, &note).await;
-        ctx.metrics.count_notification(kind, "raised");
-        let payload = webhook::Payload {
-            type_: kind.to_string(),
-            api_key: webhook::ApiKeyRef {
-                namespace: key.namespace().unwrap_or_default(),
-                name: key.name_any(),
-            },
-            owner: key.owner().to_string(),
-            key_id: n.key_id.clone(),
-            slot: n.slot.to_string(),
-            expires_at: n.expires_at,
-            threshold: n.threshold.clone(),
-            standby_ready: n.standby_ready,
-        };
-        let Ok(body) = serde_json::to_vec(&payload) else { continue };
-        for hook in policy.iter().flat_map(|p| &p.spec.notifications.webhooks) {
-            let (ctx, key, hook, body) =
-                (ctx.clone(), key.clone(), hook.clone(), bytes::Bytes::from(body.clone()));
-            tokio::spawn(async move {
-                let result = match signing_key(&ctx, hook.secret_ref.as_ref()).await {
-                    Ok(signing) => ctx.webhooks.deliver(&hook.url, body, signing.as_deref()).await,
-                    Err(e) => Err(e),
-                };
-                match result {
-                    Ok(_) => ctx.metrics.count_notification(kind, "delivered"),
-                    Err(e) => {
-                        ctx.metrics.count_notification(kind, "failed");
-                        ctx.warn(&key, "NotificationFailed", &format!("webhook {}: {e}", hook.url)).await;
-                    }
-                }
-            });
-        }
-    }
-}
-
-/// The HMAC signing key named by a webhook's `secretRef`.
-async fn signing_key(
-    ctx: &Context,
-    r: Option<&crate::api::SecretKeyRef>,
-) -> std::result::Result<Option<Vec<u8>>, String> {
-    let Some(r) = r else { return Ok(None) };
-    let secret = Api::<Secret>::namespaced(ctx.client.clone(), &r.namespace)
-        .get_opt(&r.name)
-        .await
-        .map_err(|e| format!("cannot read signing key Secret {}/{}: {e}", r.namespace, r.name))?
-        .ok_or_else(|| format!("signing key Secret {}/{} does not exist", r.namespace, r.name))?;
-    secret
-        .data
-        .and_then(|d| d.get(&r.key).map(|b| b.0.clone()))
-        .map(Some)
-        .ok_or_else(|| format!("signing key Secret {}/{} has no key {:?}", r.namespace, r.name, r.key))
+    Ok(Some(stored))
 }
 
 /// Events and metrics for what happened. Only key IDs, never material.

@@ -5,6 +5,7 @@ mod apikey;
 mod consumers;
 pub mod policy;
 pub mod secret;
+mod warnings;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -68,6 +69,8 @@ pub struct Context {
     pub manage_policies: bool,
     /// Webhook sender for expiry warnings.
     pub webhooks: crate::webhook::Sender,
+    /// Failed attempts of the expiry-warning deliveries still pending.
+    retries: warnings::Retries,
     /// Consecutive failures per object, for the retry backoff (reset on success).
     failures: std::sync::Mutex<std::collections::HashMap<String, u32>>,
     /// The resourceVersion of this controller's last write to each ApiKey status and
@@ -131,6 +134,7 @@ impl Context {
     fn forget(&self, id: &str) {
         self.succeeded(id);
         self.own_writes.lock().remove(id);
+        self.retries.forget(id);
     }
 }
 
@@ -140,13 +144,14 @@ fn object_id<K: Resource<DynamicType = ()>>(obj: &K) -> String {
 
 impl Context {
     /// Publish an Event about `obj`; a failure to publish is logged, never fatal.
+    /// Whether it was published.
     pub async fn event<K: Resource<DynamicType = ()>>(
         &self,
         obj: &K,
         type_: EventType,
         reason: &str,
         note: &str,
-    ) {
+    ) -> bool {
         let event = Event {
             type_,
             reason: reason.into(),
@@ -160,8 +165,14 @@ impl Context {
             None => self.publish_cluster_scoped(&event, reference).await,
         };
         match published {
-            Ok(()) => self.metrics.count_write("events"),
-            Err(e) => tracing::warn!(error = %e, reason, "cannot publish event"),
+            Ok(()) => {
+                self.metrics.count_write("events");
+                true
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, reason, "cannot publish event");
+                false
+            }
         }
     }
 
@@ -209,7 +220,7 @@ impl Context {
 
     /// A Warning Event.
     pub async fn warn<K: Resource<DynamicType = ()>>(&self, obj: &K, reason: &str, note: &str) {
-        self.event(obj, EventType::Warning, reason, note).await;
+        let _ = self.event(obj, EventType::Warning, reason, note).await;
     }
 }
 
@@ -535,6 +546,7 @@ pub async fn run(client: Client, server: &str, opts: Options) -> Result<()> {
         manage_policies: opts.namespace.is_none(),
         failures: Default::default(),
         own_writes: Default::default(),
+        retries: Default::default(),
         webhooks: crate::webhook::Sender::new().map_err(|e| {
             Error::Config(format!("cannot load the system's CA certificates for webhooks: {e}"))
         })?,

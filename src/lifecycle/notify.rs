@@ -102,9 +102,30 @@ pub fn evaluate(
     record(status, out, now)
 }
 
+/// The warning `n` records, as it reads now (the key's current end and standby), while
+/// its key is still in status.
+pub fn notice_for(status: &ApiKeyStatus, n: &Notified) -> Option<Notice> {
+    let key = status.keys.iter().find(|k| k.key_id == n.key_id)?;
+    Some(Notice {
+        key_id: key.key_id.clone(),
+        slot: key.slot,
+        threshold: n.threshold.clone(),
+        expires_at: key.effective_expires_at,
+        standby_ready: status
+            .keys
+            .iter()
+            .any(|k| k.slot != key.slot && k.state == KeyState::Standby && k.activated_at.is_none()),
+    })
+}
+
 fn record(status: &mut ApiKeyStatus, out: Warnings, now: DateTime<Utc>) -> Warnings {
     for n in &out.fire {
-        status.notified.push(Notified { key_id: n.key_id.clone(), threshold: n.threshold.clone(), at: now });
+        status.notified.push(Notified {
+            key_id: n.key_id.clone(),
+            threshold: n.threshold.clone(),
+            at: now,
+            pending: vec![],
+        });
     }
     out
 }

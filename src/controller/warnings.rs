@@ -1,0 +1,360 @@
+//! Expiry warnings, delivered at least once. A warning that fires is recorded in
+//! `status.notified` together with where it must go (`pending`: its Warning Event and
+//! every webhook of the policy), in the same status write that records it; after the
+//! reconcile's other writes each pending delivery is attempted, and it leaves `pending`
+//! in a later status write only once it succeeded, or was given up on
+//! [`DELIVERY_WINDOW`] after the warning fired. A crash, an API error or a receiver that
+//! is down for minutes therefore delays a warning, never loses it; a delivery whose
+//! success was not recorded is made again (receivers drop repeats by the payload's
+//! `id`). Retries back off from 1 s to 30 s per delivery (kept in memory: after a
+//! restart they start over), so a receiver that comes back hears within 30 s.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use chrono::{DateTime, SecondsFormat, TimeDelta, Utc};
+use k8s_openapi::api::core::v1::Secret;
+use kube::runtime::events::EventType;
+use kube::{Api, ResourceExt};
+
+use super::Context;
+use crate::api::{ApiKey, ApiKeyStatus, KeyPolicy, SecretKeyRef, WARNING_EVENT};
+use crate::error::Result;
+use crate::lifecycle::notify::{self, Notice};
+use crate::webhook;
+
+/// A delivery still failing this long after its warning fired is given up on (with a
+/// Warning Event and the `failed` metric).
+pub const DELIVERY_WINDOW: TimeDelta = TimeDelta::hours(24);
+const FIRST_RETRY: Duration = Duration::from_secs(1);
+const LAST_RETRY: Duration = Duration::from_secs(30);
+
+/// Per delivery: failed attempts so far, and when the next one is due.
+type Attempts = HashMap<String, (u32, DateTime<Utc>)>;
+
+/// Failed attempts per pending delivery (by ApiKey, then delivery), and when the next
+/// one is due.
+#[derive(Default)]
+pub struct Retries(Mutex<HashMap<String, Attempts>>);
+
+impl Retries {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Attempts>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// When the next attempt of `delivery` is due, if it is still waiting at `now`.
+    fn waiting(&self, object: &str, delivery: &str, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
+        self.lock().get(object)?.get(delivery).map(|r| r.1).filter(|at| *at > now)
+    }
+
+    /// One more failed attempt: (attempts so far, when to try again).
+    fn failed(&self, object: &str, delivery: &str, now: DateTime<Utc>) -> (u32, DateTime<Utc>) {
+        let mut all = self.lock();
+        let entry =
+            all.entry(object.to_string()).or_default().entry(delivery.to_string()).or_insert((0, now));
+        entry.0 += 1;
+        let wait = (FIRST_RETRY * 2u32.saturating_pow(entry.0.saturating_sub(1).min(6))).min(LAST_RETRY);
+        entry.1 = now + TimeDelta::from_std(wait).unwrap_or(TimeDelta::seconds(30));
+        *entry
+    }
+
+    /// `delivery` ended: the failed attempts it took.
+    fn done(&self, object: &str, delivery: &str) -> u32 {
+        let mut all = self.lock();
+        let Some(of) = all.get_mut(object) else { return 0 };
+        let failed = of.remove(delivery).map_or(0, |r| r.0);
+        if of.is_empty() {
+            all.remove(object);
+        }
+        failed
+    }
+
+    /// The ApiKey `object` is gone.
+    pub fn forget(&self, object: &str) {
+        self.lock().remove(object);
+    }
+}
+
+/// Record where each warning that fired now must be delivered: its Warning Event and the
+/// policy's webhooks.
+pub fn address(status: &mut ApiKeyStatus, fired: &[Notice], policy: Option<&KeyPolicy>) {
+    let targets: Vec<String> = std::iter::once(WARNING_EVENT.to_string())
+        .chain(policy.iter().flat_map(|p| &p.spec.notifications.webhooks).map(|h| h.url.clone()))
+        .collect();
+    for f in fired {
+        for n in status.notified.iter_mut().filter(|n| n.key_id == f.key_id && n.threshold == f.threshold) {
+            if n.pending.is_empty() {
+                n.pending = targets.clone();
+            }
+        }
+    }
+}
+
+/// The Event reason (and webhook `type`) of a warning for `threshold`.
+pub fn kind(threshold: &str) -> &'static str {
+    if threshold == notify::NON_EXPIRING { "NonExpiringKey" } else { "KeyExpiringSoon" }
+}
+
+/// The Event reason (and webhook `type`) and the note of a warning.
+fn describe(n: &Notice, policy: Option<&KeyPolicy>) -> (&'static str, String) {
+    if n.threshold == notify::NON_EXPIRING {
+        let policy = policy.map(|p| p.name_any()).unwrap_or_default();
+        return (
+            "NonExpiringKey",
+            format!("{} key {} never expires: KeyPolicy {policy} has expiry disabled", n.slot, n.key_id),
+        );
+    }
+    let when = n.expires_at.map(|t| t.to_rfc3339_opts(SecondsFormat::Secs, true)).unwrap_or_default();
+    let standby = if n.standby_ready { "a standby key is ready" } else { "no standby key is ready yet" };
+    (
+        "KeyExpiringSoon",
+        format!("{} key {} expires at {when} (within {}); {standby}", n.slot, n.key_id, n.threshold),
+    )
+}
+
+/// How one delivery ended this time.
+enum Outcome {
+    Delivered,
+    /// Failed; try again later.
+    Failed(String),
+    /// Cannot be made any more (the policy no longer lists the webhook).
+    Dropped(String),
+}
+
+/// One pending delivery that is due.
+struct Job {
+    /// Index in `status.notified`.
+    at: usize,
+    target: String,
+    delivery: String,
+    notice: Notice,
+    kind: &'static str,
+    note: String,
+}
+
+/// Attempt every pending delivery of `key` (as stored) that is due, all at once (each
+/// bounded by [`webhook::ATTEMPT_TIMEOUT`]), then record in its status those that ended.
+/// Nothing is attempted when a lifecycle step is due before they could all time out
+/// (`step_at`): a slow receiver never delays a flip or a regeneration. Returns when to
+/// try again.
+pub async fn deliver(
+    ctx: &Arc<Context>,
+    api: &Api<ApiKey>,
+    key: &ApiKey,
+    policy: Option<&KeyPolicy>,
+    now: DateTime<Utc>,
+    step_at: Option<DateTime<Utc>>,
+) -> Result<Option<DateTime<Utc>>> {
+    let Some(old) = key.status.as_ref() else { return Ok(None) };
+    if old.notified.iter().all(|n| n.pending.is_empty()) {
+        return Ok(None);
+    }
+    let budget = TimeDelta::from_std(webhook::ATTEMPT_TIMEOUT).unwrap_or_default() + TimeDelta::seconds(1);
+    if let Some(step) = step_at.filter(|t| *t < now + budget) {
+        return Ok(Some(step));
+    }
+    let object = super::object_id(key);
+    let mut status = old.clone();
+    let mut retry: Option<DateTime<Utc>> = None;
+    let mut jobs = Vec::new();
+    for (i, n) in status.notified.iter_mut().enumerate().filter(|(_, n)| !n.pending.is_empty()) {
+        let Some(notice) = notify::notice_for(old, n) else {
+            // Its key left status (regenerated): the warning is moot.
+            for _ in n.pending.drain(..) {
+                ctx.metrics.count_notification(kind(&n.threshold), "dropped");
+            }
+            continue;
+        };
+        let (kind, note) = describe(&notice, policy);
+        for target in &n.pending {
+            let delivery = format!("{}/{}/{target}", n.key_id, n.threshold);
+            match ctx.retries.waiting(&object, &delivery, now) {
+                Some(at) => retry = Some(retry.map_or(at, |r| r.min(at))),
+                None => jobs.push(Job {
+                    at: i,
+                    target: target.clone(),
+                    delivery,
+                    notice: notice.clone(),
+                    kind,
+                    note: note.clone(),
+                }),
+            }
+        }
+    }
+    let outcomes = futures::future::join_all(jobs.iter().map(|j| attempt(ctx, key, policy, j))).await;
+    for (job, outcome) in jobs.iter().zip(outcomes) {
+        let n = &mut status.notified[job.at];
+        let (target, kind) = (job.target.as_str(), job.kind);
+        let ended = match outcome {
+            Outcome::Delivered => {
+                let failed = ctx.retries.done(&object, &job.delivery);
+                ctx.metrics.count_notification(kind, "delivered");
+                if failed > 0 && target != WARNING_EVENT {
+                    let note = format!(
+                        "webhook {target} received the {kind} warning for key {} ({}) after {} attempts",
+                        n.key_id,
+                        n.threshold,
+                        failed + 1
+                    );
+                    ctx.event(key, EventType::Normal, "NotificationDelivered", &note).await;
+                }
+                true
+            }
+            Outcome::Dropped(why) => {
+                ctx.retries.done(&object, &job.delivery);
+                ctx.metrics.count_notification(kind, "dropped");
+                tracing::info!(apikey = %key.name_any(), namespace = ?key.namespace(), target, why, "warning delivery dropped");
+                true
+            }
+            Outcome::Failed(e) if now - n.at >= DELIVERY_WINDOW => {
+                let failed = ctx.retries.done(&object, &job.delivery) + 1;
+                ctx.metrics.count_notification(kind, "failed");
+                let note = format!(
+                    "gave up delivering the {kind} warning for key {} ({}) to {target} after {failed} attempts in {} h: {e}",
+                    n.key_id,
+                    n.threshold,
+                    DELIVERY_WINDOW.num_hours()
+                );
+                ctx.warn(key, "NotificationFailed", &note).await;
+                true
+            }
+            Outcome::Failed(e) => {
+                let (attempts, at) = ctx.retries.failed(&object, &job.delivery, now);
+                ctx.metrics.count_notification(kind, "retried");
+                if attempts == 1 {
+                    tracing::warn!(apikey = %key.name_any(), namespace = ?key.namespace(), target, error = %e, "warning delivery failed; retrying");
+                }
+                retry = Some(retry.map_or(at, |r| r.min(at)));
+                false
+            }
+        };
+        if ended {
+            n.pending.retain(|t| t != target);
+        }
+    }
+    super::apikey::write_status(ctx, api, key, old, status).await?;
+    Ok(retry)
+}
+
+/// One attempt of `job`.
+async fn attempt(ctx: &Context, key: &ApiKey, policy: Option<&KeyPolicy>, job: &Job) -> Outcome {
+    if job.target == WARNING_EVENT {
+        return match ctx.event(key, EventType::Warning, job.kind, &job.note).await {
+            true => Outcome::Delivered,
+            false => Outcome::Failed("the API server refused the Event".into()),
+        };
+    }
+    let id = format!(
+        "{}/{}/{}/{}",
+        key.namespace().unwrap_or_default(),
+        key.name_any(),
+        job.notice.key_id,
+        job.notice.threshold
+    );
+    post(ctx, key, policy, &job.target, &job.notice, job.kind, &id).await
+}
+
+/// One POST of a warning to the webhook `url` of `policy`.
+async fn post(
+    ctx: &Context,
+    key: &ApiKey,
+    policy: Option<&KeyPolicy>,
+    url: &str,
+    n: &Notice,
+    kind: &str,
+    id: &str,
+) -> Outcome {
+    let Some(hook) = policy.iter().flat_map(|p| &p.spec.notifications.webhooks).find(|h| h.url == url) else {
+        return Outcome::Dropped("the policy no longer lists this webhook".into());
+    };
+    let payload = webhook::Payload {
+        id: id.to_string(),
+        type_: kind.to_string(),
+        api_key: webhook::ApiKeyRef { namespace: key.namespace().unwrap_or_default(), name: key.name_any() },
+        owner: key.owner().to_string(),
+        key_id: n.key_id.clone(),
+        slot: n.slot.to_string(),
+        expires_at: n.expires_at,
+        threshold: n.threshold.clone(),
+        standby_ready: n.standby_ready,
+    };
+    let Ok(body) = serde_json::to_vec(&payload) else { return Outcome::Dropped("unserializable".into()) };
+    let signing = match signing_key(ctx, hook.secret_ref.as_ref()).await {
+        Ok(s) => s,
+        Err(e) => return Outcome::Failed(e),
+    };
+    match ctx.webhooks.post(url, bytes::Bytes::from(body), signing.as_deref()).await {
+        Ok(()) => Outcome::Delivered,
+        Err(e) => Outcome::Failed(e),
+    }
+}
+
+/// The HMAC signing key named by a webhook's `secretRef`.
+async fn signing_key(
+    ctx: &Context,
+    r: Option<&SecretKeyRef>,
+) -> std::result::Result<Option<Vec<u8>>, String> {
+    let Some(r) = r else { return Ok(None) };
+    let secret = Api::<Secret>::namespaced(ctx.client.clone(), &r.namespace)
+        .get_opt(&r.name)
+        .await
+        .map_err(|e| format!("cannot read signing key Secret {}/{}: {e}", r.namespace, r.name))?
+        .ok_or_else(|| format!("signing key Secret {}/{} does not exist", r.namespace, r.name))?;
+    secret
+        .data
+        .and_then(|d| d.get(&r.key).map(|b| b.0.clone()))
+        .map(Some)
+        .ok_or_else(|| format!("signing key Secret {}/{} has no key {:?}", r.namespace, r.name, r.key))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::{Notified, Slot};
+
+    #[test]
+    fn a_warning_that_fires_is_addressed_to_its_event_and_every_webhook_once() {
+        let policy: KeyPolicy = serde_json::from_value(serde_json::json!({
+            "apiVersion": "keyward.dev/v1alpha1", "kind": "KeyPolicy", "metadata": {"name": "p"},
+            "spec": {"notifications": {"webhooks": [{"url": "http://a/hook"}, {"url": "http://b/hook"}]}}
+        }))
+        .unwrap();
+        let t0 = DateTime::<Utc>::UNIX_EPOCH;
+        let entry = |id: &str, pending: Vec<String>| Notified {
+            key_id: id.into(),
+            threshold: "P7D".into(),
+            at: t0,
+            pending,
+        };
+        let mut status = ApiKeyStatus {
+            notified: vec![entry("k1", vec!["http://a/hook".into()]), entry("k2", vec![])],
+            ..Default::default()
+        };
+        let fired = |id: &str| Notice {
+            key_id: id.into(),
+            slot: Slot::Primary,
+            threshold: "P7D".into(),
+            expires_at: None,
+            standby_ready: false,
+        };
+        address(&mut status, &[fired("k2")], Some(&policy));
+        assert_eq!(status.notified[1].pending, ["Event", "http://a/hook", "http://b/hook"]);
+        // A warning still being delivered keeps what is left of its deliveries.
+        address(&mut status, &[fired("k1")], Some(&policy));
+        assert_eq!(status.notified[0].pending, ["http://a/hook"]);
+    }
+
+    #[test]
+    fn retries_back_off_to_thirty_seconds_and_end_when_done() {
+        let r = Retries::default();
+        let t0 = DateTime::<Utc>::UNIX_EPOCH;
+        let waits: Vec<i64> = (0..8).map(|_| (r.failed("o", "d", t0).1 - t0).num_seconds()).collect();
+        assert_eq!(waits, [1, 2, 4, 8, 16, 30, 30, 30]);
+        assert_eq!(r.waiting("o", "d", t0), Some(t0 + TimeDelta::seconds(30)));
+        assert_eq!(r.waiting("o", "d", t0 + TimeDelta::seconds(30)), None, "due");
+        assert_eq!(r.done("o", "d"), 8);
+        assert_eq!(r.waiting("o", "d", t0), None);
+        assert!(r.lock().is_empty(), "nothing kept for an ended delivery");
+    }
+}
