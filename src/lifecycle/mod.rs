@@ -327,7 +327,12 @@ impl Engine<'_, '_> {
             if k.state == KeyState::Active
                 && rules.enforced
                 && let Some(timeout) = rules.inactivity_timeout
-                && let Some(from) = k.last_used_at.max(k.activated_at)
+                // Consumers take up to flipBefore to move to a key activated by a flip: its
+                // idle time counts from then, so it cannot die unused (retiring the
+                // ApiKey) before they could have used it.
+                && let Some(from) = k.last_used_at.max(k.activated_at.map(|a| {
+                    if a > k.created_at { rules.flip_before.add_to(a).unwrap_or(a) } else { a }
+                }))
                 && let Ok(deadline) = timeout.add_to(from)
                 && effective.is_none_or(|(t, _)| deadline < t)
             {

@@ -343,6 +343,30 @@ fn inactivity_retires_the_api_key_until_rotation() {
 }
 
 #[test]
+fn a_key_activated_by_a_flip_has_flip_before_to_be_used_before_its_idle_time_counts() {
+    let mut sim = Sim::new(rules_with(|s| {
+        s.expiry.max_lifetime = "PT60S".into();
+        s.expiry.inactivity_timeout = Some("PT10S".into());
+        s.rotation.flip_before = "PT8S".into();
+    }));
+    sim.at(0.0);
+    // k1 in use; k2 issued at 30 s, consumers moved to it at 52 s (8 s before k1 ends).
+    for t in [5.0, 10.0, 15.0, 20.0, 25.0, 30.0, 35.0, 40.0, 45.0, 50.0] {
+        sim.status.keys.iter_mut().filter(|k| k.key_id == "k1").for_each(|k| k.last_used_at = Some(secs(t)));
+        sim.at(t);
+    }
+    sim.at(52.0);
+    let k2 = sim.active();
+    assert_eq!((k2.key_id.as_str(), k2.activated_at), ("k2", Some(secs(52.0))));
+    // Unused yet: its idle deadline is 52 + 8 + 10 s, not 52 + 10 s.
+    assert_eq!(k2.effective_expires_at, Some(secs(70.0)));
+    assert_eq!(sim.at(62.5).health, Health::Ready, "not retired before consumers could use it");
+    sim.status.keys.iter_mut().filter(|k| k.key_id == "k2").for_each(|k| k.last_used_at = Some(secs(63.0)));
+    assert_eq!(sim.at(71.0).health, Health::Ready);
+    assert_eq!(sim.active().effective_expires_at, Some(secs(73.0)), "then counted from its last use");
+}
+
+#[test]
 fn shortened_policy_caps_existing_keys_and_longer_never_extends() {
     let mut sim = Sim::new(rules_with(|s| s.expiry.max_lifetime = "PT1H".into()));
     sim.at(0.0);
