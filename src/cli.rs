@@ -68,6 +68,11 @@ pub enum Command {
         /// against a possibly stale index (ISO 8601). A quiet, healthy watch is never stale.
         #[arg(long, env = "KEYWARD_MAX_STALENESS", default_value = "PT1M", value_parser = parse_interval)]
         max_staleness: std::time::Duration,
+        /// On SIGTERM, keep answering this long while unready (ISO 8601), so Service
+        /// endpoints and proxies stop sending before the listener closes (a rolling update
+        /// without failed requests). The chart sets PT5S.
+        #[arg(long, env = "KEYWARD_SHUTDOWN_DELAY", default_value = "PT0S", value_parser = parse_interval)]
+        shutdown_delay: std::time::Duration,
     },
     /// Show ApiKeys: owner, active key, expiry, standby, next action, warnings.
     Status {

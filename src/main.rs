@@ -43,7 +43,7 @@ async fn run(cli: Cli) -> error::Result<()> {
             print!("{}", keyward::ops::revoke(client, namespace.as_deref(), &name, &key_id).await?);
             Ok(())
         }
-        Command::Verifier { listen, namespace, usage_flush_interval, max_staleness } => {
+        Command::Verifier { listen, namespace, usage_flush_interval, max_staleness, shutdown_delay } => {
             telemetry::init();
             let (client, server) = connect(cli.kubeconfig.as_ref(), cli.context.as_deref()).await?;
             let opts = keyward::verifier::Options {
@@ -51,6 +51,7 @@ async fn run(cli: Cli) -> error::Result<()> {
                 namespace,
                 usage_interval: usage_flush_interval,
                 max_staleness,
+                shutdown_delay,
             };
             keyward::verifier::run(client, &server, opts).await
         }

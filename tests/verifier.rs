@@ -617,3 +617,42 @@ async fn a_verifier_that_loses_its_watch_goes_unready_and_recovers() {
     assert_eq!(gauge(&metrics, "keyward_verifier_watch_healthy", "apikeys"), Some(1.0), "{metrics}");
     assert_eq!(gauge(&metrics, "keyward_verifier_watch_healthy", "keypolicies"), Some(1.0), "{metrics}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopping_verifier_goes_unready_first_and_keeps_answering_for_the_shutdown_delay() {
+    let client = client().await;
+    let ns = TestNamespace::new(&client, "drain").await;
+    let policy = ns.policy(&client, "p", json!({"expiry": {"maxLifetime": "P1D"}})).await;
+    let _controller = common::controller_for(&ns.name, &[], "info");
+    let mut verifier = common::KeywardProcess::start(
+        &["verifier", "--namespace", &ns.name, "--shutdown-delay", "PT4S"],
+        "info",
+    );
+    verifier.wait_ready().await;
+    ns.apikey(&client, "svc", json!({"policy": policy, "owner": "team-a"})).await;
+    let key = common::eventually("the key", Duration::from_secs(30), || async {
+        secret_data(&client, &ns.name, "svc").await?.get("api-key").cloned()
+    })
+    .await;
+    common::eventually("the verifier to know the key", Duration::from_secs(10), || async {
+        (verify_json(&verifier.addr, &key)["code"] == "VALID").then_some(())
+    })
+    .await;
+    let stopping = std::time::Instant::now();
+    verifier.signal("TERM");
+    common::eventually("/readyz to fail", Duration::from_secs(2), || async {
+        (verifier.get("/readyz")?.0 == 503).then_some(())
+    })
+    .await;
+    // Unready, yet still answering: a proxy that has not heard yet loses nothing.
+    let mut answered = 0;
+    while stopping.elapsed() < Duration::from_secs(3) {
+        assert_eq!(verify_json(&verifier.addr, &key)["code"], "VALID", "answered while draining");
+        answered += 1;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(answered >= 10, "{answered}");
+    let status = verifier.wait_exit(Duration::from_secs(20)).await;
+    assert!(status.success(), "{status:?}");
+    assert!(stopping.elapsed() >= Duration::from_secs(4), "stopped only after the delay");
+}

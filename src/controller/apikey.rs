@@ -362,13 +362,55 @@ fn issuance_conditions(
     news
 }
 
-async fn run(
-    ctx: &Arc<Context>,
-    api: &Api<ApiKey>,
-    key: &ApiKey,
-    p: Prepared,
-    now: DateTime<Utc>,
-) -> Result<Action> {
+/// Everything one reconcile writes, in write order (see the module docs), decided
+/// without I/O by [`plan`] and carried out by [`apply`].
+#[derive(Debug)]
+struct Plan {
+    /// 1. New material into its slot fields, before status (`api-key` untouched).
+    slots_first: Option<Contents>,
+    /// 2. The status (written when it differs from the stored one).
+    status: ApiKeyStatus,
+    /// 3. `api-key` to the active key, once its hash is in status.
+    active: Option<Contents>,
+    /// The key ID env-var consumers must run with, and whether it changed now.
+    roll: Option<(String, bool)>,
+    /// What happened (Events, metrics).
+    happenings: Vec<Happening>,
+    /// Warning Events for conditions that are news.
+    news: Vec<(&'static str, String)>,
+    /// Warnings that fired (metrics; their delivery is recorded in `status`).
+    fired: Vec<notify::Notice>,
+    /// The next lifecycle step, and the next warning threshold.
+    step_at: Option<DateTime<Utc>>,
+    warn_at: Option<DateTime<Utc>>,
+    /// Keys adopted from the Secret (written before an interrupted reconcile).
+    adopted: usize,
+}
+
+/// One write of a reconcile.
+#[derive(Debug)]
+enum Write<'a> {
+    /// Apply the consumer Secret with these contents.
+    Secret(&'a Contents),
+    /// Replace the status (when it differs from the stored one).
+    Status(&'a ApiKeyStatus),
+}
+
+impl Plan {
+    /// The writes, in the one order that keeps the invariants across a crash after any
+    /// of them (see the module docs).
+    fn writes(&self) -> Vec<Write<'_>> {
+        let mut out = Vec::new();
+        out.extend(self.slots_first.as_ref().map(Write::Secret));
+        out.push(Write::Status(&self.status));
+        out.extend(self.active.as_ref().map(Write::Secret));
+        out
+    }
+}
+
+/// Decide what this reconcile writes: the lifecycle's steps (new keys minted by
+/// `minter`), conditions, details, warnings and the Secret contents of each step.
+fn plan(key: &ApiKey, p: &Prepared, now: DateTime<Utc>) -> Plan {
     let old = key.status.clone().unwrap_or_default();
     let mut status = old.clone();
     let generation = key.meta().generation;
@@ -431,7 +473,7 @@ async fn run(
         }
     };
     set_condition(&mut status.conditions, ready);
-    let mut news = issuance_conditions(&mut status, &p, generation, now);
+    let mut news = issuance_conditions(&mut status, p, generation, now);
     // The owner is recorded with the first key and kept: an edit is refused here as the
     // CEL rule refuses it on clusters that run CEL.
     if status.owner.is_none() && !status.keys.is_empty() {
@@ -456,9 +498,6 @@ async fn run(
     let on_schedule = p.blocked.is_none() && p.rules.automatic && p.rules.enforced && !p.rules.frozen;
     let warnings = notify::evaluate(&p.rules, &mut status, now, on_schedule);
     super::warnings::address(&mut status, &warnings.fire, p.policy.as_ref());
-    for n in &warnings.fire {
-        ctx.metrics.count_notification(super::warnings::kind(&n.threshold), "raised");
-    }
     let expiring = match &warnings.expiring {
         Some((threshold, end)) => Condition::new(
             c::EXPIRING,
@@ -488,74 +527,104 @@ async fn run(
 
     // The Secret is written only when this ApiKey owns it (or may create it), and not
     // while a spec field it is built from is invalid.
-    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &key.namespace().unwrap_or_default());
     let slots = secret::slot_material(existing, &minter.minted, |slot| {
         status.keys.iter().find(|k| k.slot == slot).map(|k| k.hash.clone())
     });
-    let mut current = p.secret.clone();
     // The first Secret of an ApiKey skips step 1 (see the module docs).
-    let first = current.is_none() && old.keys.is_empty();
-    // 1. New material into its slot field; api-key untouched.
-    if may_write_secret && !first && (!minter.minted.is_empty() || current.is_none()) {
-        let want = secret::desired(
-            key,
-            &p.secret_name,
-            current.as_ref(),
-            &Contents { slots: slots.clone(), active: None, client_id: &client_id },
-        );
-        current = Some(apply_secret(ctx, &secrets, current.as_ref(), want).await?);
-    }
-    // 2. Status with the new hashes (and the warnings that fired, with where they go).
-    let stored = write_status(ctx, api, key, &old, status.clone()).await?;
-    // 3. api-key to the active key, now that its hash is in status.
-    if may_write_secret
-        && outcome.health == Health::Ready
-        && let Some(active) = &active
-        && let Some(material) = slots.get(&active.slot)
-    {
-        let expires = lifecycle::ceiling(active);
-        let contents = Contents {
+    let first = p.secret.is_none() && old.keys.is_empty();
+    let slots_first = (may_write_secret && !first && (!minter.minted.is_empty() || p.secret.is_none()))
+        .then(|| Contents { slots: slots.clone(), active: None, client_id: client_id.clone() });
+    let ready_active = active.as_ref().filter(|_| outcome.health == Health::Ready);
+    let contents_active = ready_active.filter(|_| may_write_secret).and_then(|a| {
+        let material = slots.get(&a.slot)?;
+        let expires = lifecycle::ceiling(a).map(|t| t.to_rfc3339_opts(SecondsFormat::Secs, true));
+        Some(Contents {
             slots: slots.clone(),
-            active: Some((
-                material.clone(),
-                &active.key_id,
-                expires.map(|t| t.to_rfc3339_opts(SecondsFormat::Secs, true)),
-            )),
-            client_id: &client_id,
-        };
-        let want = secret::desired(key, &p.secret_name, current.as_ref(), &contents);
-        if secret::differs(current.as_ref(), &want) {
-            apply_secret(ctx, &secrets, current.as_ref(), want).await?;
+            active: Some((material.clone(), a.key_id.clone(), expires)),
+            client_id: client_id.clone(),
+        })
+    });
+    // Env-var consumers roll out once per change of the active key.
+    let changed =
+        outcome.happenings.iter().any(|h| matches!(h, Happening::Flipped { .. } | Happening::Created { .. }));
+    let roll = ready_active.filter(|_| !invalid_spec).map(|a| (a.key_id.clone(), changed));
+    Plan {
+        slots_first,
+        status,
+        active: contents_active,
+        roll,
+        happenings: outcome.happenings,
+        news,
+        fired: warnings.fire,
+        step_at: outcome.next.as_ref().map(|n| n.at),
+        warn_at: warnings.next,
+        adopted: minter.adopted,
+    }
+}
+
+async fn run(
+    ctx: &Arc<Context>,
+    api: &Api<ApiKey>,
+    key: &ApiKey,
+    p: Prepared,
+    now: DateTime<Utc>,
+) -> Result<Action> {
+    let plan = plan(key, &p, now);
+    apply(ctx, api, key, &p, plan, now).await
+}
+
+/// Carry out `plan`: the three writes in order, rollouts, Events, metrics, warnings.
+async fn apply(
+    ctx: &Arc<Context>,
+    api: &Api<ApiKey>,
+    key: &ApiKey,
+    p: &Prepared,
+    plan: Plan,
+    now: DateTime<Utc>,
+) -> Result<Action> {
+    let old = key.status.clone().unwrap_or_default();
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &key.namespace().unwrap_or_default());
+    let mut current = p.secret.clone();
+    let mut stored = None;
+    for write in plan.writes() {
+        match write {
+            Write::Secret(contents) => {
+                let want = secret::desired(key, &p.secret_name, current.as_ref(), contents);
+                if secret::differs(current.as_ref(), &want) {
+                    current = Some(apply_secret(ctx, &secrets, current.as_ref(), want).await?);
+                }
+            }
+            Write::Status(status) => stored = write_status(ctx, api, key, &old, status.clone()).await?,
         }
     }
-    // Env-var consumers roll out once per change of the active key.
-    if !invalid_spec
-        && outcome.health == Health::Ready
-        && let Some(active) = &active
-    {
-        let changed = outcome
-            .happenings
-            .iter()
-            .any(|h| matches!(h, Happening::Flipped { .. } | Happening::Created { .. }));
-        consumers::roll(ctx, key, &active.key_id, changed).await?;
+    if let Some((key_id, changed)) = &plan.roll {
+        consumers::roll(ctx, key, key_id, *changed).await?;
     }
-    if minter.adopted > 0 {
-        tracing::info!(apikey = %key.name_any(), namespace = ?key.namespace(), adopted = minter.adopted, "adopted key material written before an interrupted reconcile");
+    if plan.adopted > 0 {
+        tracing::info!(apikey = %key.name_any(), namespace = ?key.namespace(), adopted = plan.adopted, "adopted key material written before an interrupted reconcile");
     }
-    export_expiry(ctx, key, &status);
-    record(ctx, key, &outcome.happenings).await;
-    for (reason, message) in &news {
+    export_expiry(ctx, key, &plan.status);
+    record(ctx, key, &plan.happenings).await;
+    for (reason, message) in &plan.news {
         ctx.warn(key, reason, message).await;
+    }
+    for n in &plan.fired {
+        ctx.metrics.count_notification(super::warnings::kind(&n.threshold), "raised");
     }
     if let Some(b) = &p.blocked {
         ctx.metrics.count_blocked(b.reason);
     }
     // Last, the warnings still to be delivered (recorded in the status just written).
-    let step_at = outcome.next.as_ref().map(|n| n.at);
-    let retry =
-        super::warnings::deliver(ctx, api, stored.as_ref().unwrap_or(key), p.policy.as_ref(), now, step_at)
-            .await?;
-    let next = [outcome.next.as_ref().map(|n| n.at), warnings.next, retry].into_iter().flatten().min();
+    let retry = super::warnings::deliver(
+        ctx,
+        api,
+        stored.as_ref().unwrap_or(key),
+        p.policy.as_ref(),
+        now,
+        plan.step_at,
+    )
+    .await?;
+    let next = [plan.step_at, plan.warn_at, retry].into_iter().flatten().min();
     Ok(match (next, &p.blocked) {
         (Some(at), Some(_)) => Action::requeue(until(at, now).min(BLOCKED_RETRY)),
         (Some(at), None) => Action::requeue(until(at, now)),
@@ -724,6 +793,142 @@ mod tests {
         let (t, reason, _) = summarize(&[created, idle]).unwrap();
         assert_eq!((t, reason), (EventType::Warning, "KeyExpired"));
         assert_eq!(summarize(&[]), None);
+    }
+
+    /// The stored ApiKey and its Secret, as the writes of [`apply`] leave them.
+    #[derive(Clone)]
+    struct World {
+        key: ApiKey,
+        secret: Option<Secret>,
+    }
+
+    impl World {
+        fn prepared(&self, rules: &lifecycle::Rules) -> Prepared {
+            Prepared {
+                policy: None,
+                rules: rules.clone(),
+                lifetime: lifecycle::Lifetime { duration: rules.max_lifetime, clamped: None },
+                secret_name: "svc".into(),
+                secret: self.secret.clone(),
+                foreign_secret: false,
+                blocked: None,
+                retire: false,
+            }
+        }
+
+        /// The first `writes` of the plan's writes (a crash after them).
+        fn write(&mut self, plan: &Plan, writes: usize) {
+            for write in plan.writes().into_iter().take(writes) {
+                match write {
+                    Write::Secret(c) => {
+                        self.secret = Some(secret::desired(&self.key, "svc", self.secret.as_ref(), c));
+                    }
+                    Write::Status(status) => self.key.status = Some(status.clone()),
+                }
+            }
+        }
+
+        fn data(&self, field: &str) -> Option<String> {
+            let bytes = self.secret.as_ref()?.data.as_ref()?.get(field)?;
+            String::from_utf8(bytes.0.clone()).ok()
+        }
+
+        /// The promise, checked on what is stored: the key in `api-key` verifies (its
+        /// hash is in status, valid at `now`), and every slot field's key is either in
+        /// status or will be adopted by the next reconcile, never lost.
+        fn check(&self, now: DateTime<Utc>, when: &str) {
+            let keys = self.key.status.as_ref().map(|s| s.keys.clone()).unwrap_or_default();
+            if let Some(held) = self.data(secret::data::API_KEY) {
+                let hash = keys::hash(&held);
+                let k = keys.iter().find(|k| k.hash == hash);
+                assert!(
+                    k.is_some_and(
+                        |k| lifecycle::is_valid(k) && k.effective_expires_at.is_none_or(|t| t > now)
+                    ),
+                    "{when}: the key in api-key does not verify: {k:?}"
+                );
+            }
+            // The active key and a waiting standby can be moved to: their material is in
+            // the Secret (except before the first Secret exists, which is created whole
+            // after status). A draining key's may be gone.
+            if self.secret.is_some() {
+                let held: Vec<String> = [secret::data::API_KEY, "primary", "secondary"]
+                    .into_iter()
+                    .filter_map(|f| self.data(f).map(|m| keys::hash(&m)))
+                    .collect();
+                let movable = |k: &&crate::api::KeyStatus| {
+                    lifecycle::is_valid(k)
+                        && (k.state == crate::api::KeyState::Active || k.activated_at.is_none())
+                };
+                for k in keys.iter().filter(movable) {
+                    assert!(
+                        held.contains(&k.hash),
+                        "{when}: key {} is in status but not in the Secret",
+                        k.key_id
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_crash_between_any_two_writes_never_leaves_a_consumer_with_a_key_that_does_not_verify() {
+        use chrono::TimeDelta;
+        let mut spec = crate::api::KeyPolicySpec::default();
+        spec.expiry.max_lifetime = "PT30S".into();
+        spec.expiry.min_lifetime = "PT1S".into();
+        spec.rotation.flip_before = "PT5S".into();
+        spec.notifications.before = vec![];
+        let t0 = DateTime::parse_from_rfc3339("2026-11-23T00:00:00Z").unwrap().to_utc();
+        let rules = lifecycle::Rules::from_spec(&spec, t0 - TimeDelta::days(1)).unwrap();
+        let mut key: ApiKey = serde_json::from_value(serde_json::json!({
+            "apiVersion": "keyward.dev/v1alpha1", "kind": "ApiKey",
+            "metadata": {"name": "svc", "namespace": "n", "uid": "u-1", "generation": 1},
+            "spec": {"owner": "team"},
+        }))
+        .unwrap();
+        let mut world = World { key: key.clone(), secret: None };
+        let mut issued = std::collections::BTreeSet::new();
+        for step in 0..200u32 {
+            let now = t0 + TimeDelta::milliseconds(i64::from(step) * 500);
+            if step == 90 {
+                // A rotation request in the middle.
+                key.annotations_mut().insert(ROTATE_ANNOTATION.into(), "r1".into());
+                world.key.metadata.annotations = key.metadata.annotations.clone();
+            }
+            let plan = plan(&world.key, &world.prepared(&rules), now);
+            let writes = plan.writes().len();
+            // A crash after each prefix of the writes; the next reconcile (same instant)
+            // must repair from whatever was stored. The run goes on from one of them.
+            let mut outcomes = Vec::new();
+            for crash_after in 0..=writes {
+                let when = format!("step {step}, crash after {crash_after} of {writes} writes");
+                let mut crashed = world.clone();
+                crashed.write(&plan, crash_after);
+                crashed.check(now, &when);
+                let again = plan_of(&crashed, &rules, now);
+                if crash_after >= 1 && plan.slots_first.is_some() {
+                    let hashes = |s: &ApiKeyStatus| s.keys.iter().map(|k| k.hash.clone()).collect::<Vec<_>>();
+                    assert_eq!(
+                        hashes(&again.status),
+                        hashes(&plan.status),
+                        "{when}: material written before the crash is adopted, not issued again"
+                    );
+                }
+                crashed.write(&again, usize::MAX);
+                crashed.check(now, &format!("{when}, then recovered"));
+                outcomes.push(crashed);
+            }
+            world = outcomes.swap_remove(step as usize % (writes + 1));
+            issued.extend(world.key.status.iter().flat_map(|s| &s.keys).map(|k| k.key_id.clone()));
+        }
+        // 100 s of 30 s keys with a standby each half-life and one rotation: each key
+        // once, and nothing issued twice for one step (a rotation adds one).
+        assert!((7..=9).contains(&issued.len()), "{} keys issued: {issued:?}", issued.len());
+    }
+
+    fn plan_of(world: &World, rules: &lifecycle::Rules, now: DateTime<Utc>) -> Plan {
+        plan(&world.key, &world.prepared(rules), now)
     }
 
     fn spec(extra: serde_json::Value) -> crate::api::ApiKeySpec {

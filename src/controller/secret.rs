@@ -115,13 +115,15 @@ impl Mint for Minter<'_> {
 }
 
 /// Desired content of the consumer Secret's `data`.
-pub struct Contents<'a> {
+#[derive(Clone, Debug, PartialEq)]
+pub struct Contents {
     /// Material per slot: minted now, or kept from the current Secret.
     pub slots: BTreeMap<Slot, String>,
-    /// `api-key` and the active key's facts; None keeps whatever `api-key` holds.
-    pub active: Option<(String, &'a str, Option<String>)>,
+    /// `api-key` and the active key's facts (material, key ID, expiry); None keeps
+    /// whatever `api-key` holds.
+    pub active: Option<(String, String, Option<String>)>,
     /// The client ID.
-    pub client_id: &'a str,
+    pub client_id: String,
 }
 
 /// Current material per slot in the Secret, overlaid with what was minted. A slot
@@ -166,11 +168,11 @@ pub fn desired(key: &ApiKey, name: &str, existing: Option<&Secret>, contents: &C
     for (slot, value) in &contents.slots {
         put(slot.data_key(), value.clone());
     }
-    put(data::CLIENT_ID, contents.client_id.to_string());
+    put(data::CLIENT_ID, contents.client_id.clone());
     match &contents.active {
         Some((material, key_id, expires_at)) => {
             put(data::API_KEY, material.clone());
-            put(data::KEY_ID, key_id.to_string());
+            put(data::KEY_ID, key_id.clone());
             if let Some(t) = expires_at {
                 put(data::EXPIRES_AT, t.clone());
             }

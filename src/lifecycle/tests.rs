@@ -140,6 +140,11 @@ impl Sim {
                 _ => break,
             }
         }
+        // What the summary says is next is a step that will run when due: a step that
+        // stays overdue would have the controller requeue every millisecond.
+        if let Some(n) = &out.next {
+            assert!(n.at > secs(s), "{:?} still due at {s} s after reconciling: {}", n.action, out.details);
+        }
         out
     }
 

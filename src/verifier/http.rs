@@ -25,22 +25,26 @@ struct AppState {
     index: Arc<RwLock<Index>>,
     usage: Arc<Usage>,
     vm: Arc<VerifierMetrics>,
-    ready: Readiness,
+    /// Whether the index may be answered from (its watches are current).
+    trusted: Readiness,
 }
 
-/// `/v1/verify`, `/v1/auth`, and the health and metrics routes.
+/// `/v1/verify`, `/v1/auth` (answering 503 unless `trusted`), and the health and
+/// metrics routes (`/readyz` follows `ready`: it goes false first when stopping, while
+/// the API still answers).
 pub fn router(
     index: Arc<RwLock<Index>>,
     usage: Arc<Usage>,
     vm: Arc<VerifierMetrics>,
     metrics: Arc<Metrics>,
     ready: Readiness,
+    trusted: Readiness,
 ) -> Router {
     let api = Router::new()
         .route("/v1/verify", post(verify))
         .route("/v1/auth", get(auth))
         .layer(DefaultBodyLimit::max(MAX_BODY))
-        .with_state(AppState { index, usage, vm, ready: ready.clone() });
+        .with_state(AppState { index, usage, vm, trusted });
     api.merge(crate::health::router(metrics, ready))
 }
 
@@ -101,7 +105,7 @@ fn not_synced() -> Response {
 }
 
 async fn verify(State(s): State<AppState>, body: Bytes) -> Response {
-    if !s.ready.get() {
+    if !s.trusted.get() {
         return not_synced();
     }
     let started = Instant::now();
@@ -125,7 +129,7 @@ async fn verify(State(s): State<AppState>, body: Bytes) -> Response {
 }
 
 async fn auth(State(s): State<AppState>, headers: HeaderMap) -> Response {
-    if !s.ready.get() {
+    if !s.trusted.get() {
         return not_synced();
     }
     let started = Instant::now();

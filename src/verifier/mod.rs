@@ -47,6 +47,8 @@ pub struct Options {
     /// verifier stops answering from its possibly stale index: `/readyz` and the
     /// verification endpoints then answer 503 until the watch lists again.
     pub max_staleness: Duration,
+    /// After SIGTERM: unready at once, still answering for this long, then stop.
+    pub shutdown_delay: Duration,
 }
 
 /// Labels of the request counter.
@@ -139,6 +141,9 @@ pub async fn run(client: Client, server: &str, opts: Options) -> Result<()> {
     let index = Arc::new(RwLock::new(Index::default()));
     let usage = Arc::new(usage::Usage::new(client.clone(), opts.usage_interval, vm.clone(), index.clone()));
     let ready = Readiness::default();
+    // The index is current enough to answer from (see `keep_readiness`); `ready` follows
+    // it, except that it goes false first when stopping.
+    let trusted = Readiness::default();
 
     let keys: Api<ApiKey> = match &opts.namespace {
         Some(ns) => Api::namespaced(client.clone(), ns),
@@ -152,25 +157,38 @@ pub async fn run(client: Client, server: &str, opts: Options) -> Result<()> {
     let readiness = keep_readiness(
         [(APIKEYS, keys_health), (KEYPOLICIES, policies_health)],
         opts.max_staleness,
-        ready.clone(),
+        [ready.clone(), trusted.clone()],
         vm.clone(),
     );
     let flusher = usage.clone().run();
-    let app = http::router(index.clone(), usage.clone(), vm.clone(), metrics.clone(), ready.clone());
+    let app = http::router(
+        index.clone(),
+        usage.clone(),
+        vm.clone(),
+        metrics.clone(),
+        ready.clone(),
+        trusted.clone(),
+    );
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stopped = async move {
         let mut rx = stop_rx;
         let _ = rx.wait_for(|s| *s).await;
     };
     let server = crate::health::serve(&opts.listen, app, stopped).await?;
-    tokio::select! {
-        _ = crate::controller::shutdown_signal() => {},
-        _ = key_feed => tracing::error!("ApiKey watch ended"),
-        _ = policy_feed => tracing::error!("KeyPolicy watch ended"),
-        _ = readiness => {},
-        _ = flusher => {},
-    }
+    let signalled = tokio::select! {
+        _ = crate::controller::shutdown_signal() => true,
+        _ = key_feed => { tracing::error!("ApiKey watch ended"); false },
+        _ = policy_feed => { tracing::error!("KeyPolicy watch ended"); false },
+        _ = readiness => false,
+        _ = flusher => false,
+    };
     ready.set(false);
+    if signalled && !opts.shutdown_delay.is_zero() {
+        // The index is no longer fed, but is at most this delay old: go unready so the
+        // Service stops routing here, and answer what still arrives meanwhile.
+        tracing::info!(delay = ?opts.shutdown_delay, "stopping: unready, still answering for the shutdown delay");
+        tokio::time::sleep(opts.shutdown_delay).await;
+    }
     let _ = stop_tx.send(true);
     let _ = server.await;
     usage.flush_all().await;
@@ -183,7 +201,7 @@ pub async fn run(client: Client, server: &str, opts: Options) -> Result<()> {
 async fn keep_readiness(
     watches: [(&'static str, Arc<Mutex<WatchHealth>>); 2],
     max_staleness: Duration,
-    ready: Readiness,
+    ready: [Readiness; 2],
     vm: Arc<VerifierMetrics>,
 ) {
     let (mut was_ready, mut ever_ready) = (false, false);
@@ -210,7 +228,7 @@ async fn keep_readiness(
             all_current &= current;
         }
         if all_current != was_ready {
-            ready.set(all_current);
+            ready.iter().for_each(|r| r.set(all_current));
             if all_current && !ever_ready {
                 tracing::info!("verifier index synced");
             } else if all_current {
