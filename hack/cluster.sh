@@ -1,13 +1,32 @@
 #!/usr/bin/env bash
-# A real, local Kubernetes control plane for keyward's development and tests:
-# etcd + kube-apiserver + kube-controller-manager (v1.20.2, built from Debian's
-# `kubernetes` source package) on loopback, plus kubectl and helm.
+# A real, local Kubernetes for keyward's development and tests: etcd +
+# kube-apiserver + kube-controller-manager (v1.20.2, built from Debian's
+# `kubernetes` source package), plus, by default, one node beside it: containerd
+# + runc + CNI bridge + kubelet + kube-scheduler + kube-proxy. kubectl and helm too.
 #
-#   hack/cluster.sh up       install what is missing, build (once), start, write kubeconfig
-#   hack/cluster.sh down     stop everything this script started
-#   hack/cluster.sh status   say what runs and whether the API server is ready
-#   hack/cluster.sh env      print `export KUBECONFIG=...; export PATH=...` for eval
-#   hack/cluster.sh tools    only make sure kubectl and helm are available
+#   hack/cluster.sh up [--no-node]  install what is missing, build (once), start, write kubeconfig;
+#                                   --no-node: the API server only (also the fallback, said in one
+#                                   line, when this machine cannot run containers)
+#   hack/cluster.sh down [--purge]  stop everything this script started and clean up the node:
+#                                   containers, mounts, network namespaces, bridge, iptables rules
+#   hack/cluster.sh status          say what runs, whether the API server is ready, `node: Ready`
+#   hack/cluster.sh has-node        exit 0 when a node is Ready (tests skip in-cluster tests if not)
+#   hack/cluster.sh env             print `export KUBECONFIG=...; export PATH=...` for eval
+#   hack/cluster.sh tools           only make sure kubectl and helm are available
+#
+# Networking stays on this machine: the API server answers on 127.0.0.1:$API_PORT
+# (host kubeconfig) and on the pod bridge's 10.244.0.1 (pods, via the `kubernetes`
+# Service 10.96.0.1:443, through kube-proxy in iptables mode). Pods get routes to the
+# pod and service ranges only (no default route, no masquerading, no forwarding off
+# the bridge; a guard chain drops anything that would). There is no cluster DNS.
+# Images: no registry; images are imported into the node's containerd, e.g.
+#   ctr --address "$KEYWARD_CONTAINERD_SOCK" -n k8s.io images import IMAGE.tar   (see `env`)
+# under fully qualified names (docker.io/library/x:tag), used with imagePullPolicy
+# IfNotPresent or Never and a tag other than latest. `up` imports k8s.gcr.io/pause:3.2
+# and a static busybox as docker.io/library/busybox:keyward (its `wget -T` segfaults:
+# use `timeout 5 wget ...`). kubelet 1.20 and CNI also use /var/log/pods,
+# /var/log/containers, /var/lib/kubelet/device-plugins, /var/lib/cni and /run/containerd/s;
+# `down` removes what the node put there.
 #
 # Everything built or downloaded is cached under $KEYWARD_CACHE (~/.cache/keyward);
 # a second `up` reuses it. Nothing is written inside the repository.
@@ -16,12 +35,37 @@ set -euo pipefail
 CACHE=${KEYWARD_CACHE:-$HOME/.cache/keyward}
 BIN=$CACHE/bin
 SRC=$CACHE/src
+IMAGES=$CACHE/images
 RUN=${KEYWARD_CLUSTER_DIR:-$CACHE/cluster}
 K8S_VERSION=1.20.2
 ETCD_PORT=${KEYWARD_ETCD_PORT:-23790}
 ETCD_PEER_PORT=$((ETCD_PORT + 10))
 API_PORT=${KEYWARD_API_PORT:-16443}
 KUBECONFIG_OUT=$RUN/kubeconfig
+
+# The node.
+NODE_NAME=${KEYWARD_NODE_NAME:-keyward-node}
+BRIDGE=${KEYWARD_BRIDGE:-kw0}
+POD_CIDR=10.244.0.0/24
+NODE_IP=10.244.0.1 # the bridge's address: the node's InternalIP, and where pods reach the API server
+SERVICE_CIDR=10.96.0.0/16
+SERVICE_IP=10.96.0.1 # the `kubernetes` Service
+KUBELET_PORT=${KEYWARD_KUBELET_PORT:-10250}
+KUBELET_HEALTHZ_PORT=$((KUBELET_PORT - 2))
+PROXY_METRICS_PORT=10249
+PROXY_HEALTHZ_PORT=10256
+CONTAINERD_SOCK=$RUN/containerd/containerd.sock
+CNI_BIN=/usr/lib/cni # where Debian's containernetworking-plugins puts them
+PAUSE_IMAGE=k8s.gcr.io/pause:3.2
+BUSYBOX_IMAGE=docker.io/library/busybox:keyward
+NODE_PACKAGES=(containerd runc containernetworking-plugins iptables conntrack umoci skopeo busybox-static)
+NODE_PROCS=(kube-proxy kube-scheduler kubelet containerd)
+SYSTEM_DIRS=(/var/log/pods /var/log/containers /var/lib/kubelet /var/lib/cni)
+
+declare -A PORTS=(
+  [etcd]="$ETCD_PORT $ETCD_PEER_PORT" [kube-apiserver]="$API_PORT"
+  [kubelet]="$KUBELET_PORT $KUBELET_HEALTHZ_PORT" [kube-proxy]="$PROXY_METRICS_PORT $PROXY_HEALTHZ_PORT"
+)
 
 log() { printf '[cluster] %s\n' "$*" >&2; }
 die() { printf '[cluster] error: %s\n' "$*" >&2; exit 1; }
@@ -60,25 +104,25 @@ ensure_tools() {
   rm -rf "$tmp"
 }
 
-# --- build kube-apiserver and kube-controller-manager ------------------------
-build_control_plane() {
-  if [ -x "$BIN/kube-apiserver" ] && [ -x "$BIN/kube-controller-manager" ]; then return 0; fi
+# --- build the Kubernetes binaries from Debian's source package ----------------
+# Prints the source tree's path; fetches and patches it once.
+k8s_source() {
   apt_install golang-go etcd-server rsync golang-github-modern-go-reflect2-dev dpkg-dev make openssl curl
-  if ! apt-get source --print-uris kubernetes >/dev/null 2>&1; then
-    log "adding a deb-src entry for bookworm"
-    cat >/etc/apt/sources.list.d/keyward-deb-src.sources <<'EOF'
+  mkdir -p "$SRC"
+  local dir
+  dir=$(find "$SRC" -maxdepth 1 -type d -name "kubernetes-*$K8S_VERSION*" | head -1)
+  if [ -z "$dir" ]; then
+    if ! apt-get source --print-uris kubernetes >/dev/null 2>&1; then
+      log "adding a deb-src entry for bookworm"
+      cat >/etc/apt/sources.list.d/keyward-deb-src.sources <<'EOF'
 Types: deb-src
 URIs: http://deb.debian.org/debian
 Suites: bookworm
 Components: main
 Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
 EOF
-    apt-get update -qq >/dev/null
-  fi
-  mkdir -p "$SRC"
-  local dir
-  dir=$(find "$SRC" -maxdepth 1 -type d -name "kubernetes-$K8S_VERSION*" | head -1)
-  if [ -z "$dir" ]; then
+      apt-get update -qq >/dev/null
+    fi
     log "downloading Debian's kubernetes source package"
     (cd "$SRC" && apt-get source -qq kubernetes >/dev/null)
     dir=$(find "$SRC" -maxdepth 1 -type d -name "kubernetes-*" | head -1)
@@ -92,45 +136,94 @@ EOF
     cp -r /usr/share/gocode/src/github.com/modern-go/reflect2 "$r2"
     touch "$dir/.keyward-reflect2-v1.0.2"
   fi
-  log "building kube-apiserver and kube-controller-manager $K8S_VERSION (a few minutes, once)"
-  (cd "$dir" && GO111MODULE=off GOFLAGS=-mod=vendor KUBE_GIT_VERSION="v$K8S_VERSION" \
-      make WHAT="cmd/kube-apiserver cmd/kube-controller-manager" >"$SRC/build.log" 2>&1) ||
-    { tail -30 "$SRC/build.log" >&2; die "build failed (full log: $SRC/build.log)"; }
-  install -m 0755 "$dir/_output/bin/kube-apiserver" "$dir/_output/bin/kube-controller-manager" "$BIN/"
+  printf '%s\n' "$dir"
 }
+
+k8s_build() { # binaries... (cmd/<name> each); builds only the missing ones
+  local missing=() b dir
+  for b in "$@"; do [ -x "$BIN/$b" ] || missing+=("$b"); done
+  [ ${#missing[@]} -eq 0 ] && return 0
+  dir=$(k8s_source)
+  log "building ${missing[*]} $K8S_VERSION (a few minutes, once)"
+  (cd "$dir" && GO111MODULE=off GOFLAGS=-mod=vendor KUBE_GIT_VERSION="v$K8S_VERSION" \
+      make WHAT="${missing[*]/#/cmd/}" >"$SRC/build.log" 2>&1) ||
+    { tail -30 "$SRC/build.log" >&2; die "build failed (full log: $SRC/build.log)"; }
+  mkdir -p "$BIN"
+  for b in "${missing[@]}"; do install -m 0755 "$dir/_output/bin/$b" "$BIN/"; done
+}
+
+build_control_plane() { k8s_build kube-apiserver kube-controller-manager; }
+build_node() { k8s_build kubelet kube-scheduler kube-proxy; }
 
 # --- certificates, tokens, kubeconfig ----------------------------------------
-make_pki() {
-  local pki=$RUN/pki
-  [ -f "$pki/admin.token" ] && return 0
-  mkdir -p "$pki"
-  (
-    cd "$pki"
-    openssl req -x509 -newkey rsa:2048 -nodes -days 3650 -subj "/CN=keyward-local-ca" \
-      -keyout ca.key -out ca.crt -addext "basicConstraints=critical,CA:TRUE" \
-      -addext "keyUsage=critical,keyCertSign,cRLSign" 2>/dev/null
-    openssl req -newkey rsa:2048 -nodes -subj "/CN=kube-apiserver" -keyout apiserver.key \
-      -out apiserver.csr 2>/dev/null
-    printf '%s\n' "basicConstraints=CA:FALSE" "keyUsage=critical,digitalSignature,keyEncipherment" \
-      "extendedKeyUsage=serverAuth" \
-      "subjectAltName=IP:127.0.0.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc" \
-      >apiserver.ext
-    openssl x509 -req -in apiserver.csr -CA ca.crt -CAkey ca.key -CAcreateserial -days 3650 \
-      -extfile apiserver.ext -out apiserver.crt 2>/dev/null
-    openssl genrsa -out sa.key 2048 2>/dev/null
-    openssl rsa -in sa.key -pubout -out sa.pub 2>/dev/null
-    local admin cm
-    admin=$(openssl rand -hex 24)
-    cm=$(openssl rand -hex 24)
-    printf '%s,admin,admin,system:masters\n%s,system:kube-controller-manager,kcm,system:masters\n' \
-      "$admin" "$cm" >tokens.csv
-    printf '%s' "$cm" >kcm.token
-    printf '%s' "$admin" >admin.token
-    chmod 600 ./*.key ./*.token tokens.csv
-  )
+issued="" # the certificates issue_cert (re)issued
+# Issue $1.crt/$1.key signed by the CA unless one for the same subject, usage and SANs
+# ($1.spec) and signed by the current CA is there (an earlier run's may lack SANs).
+issue_cert() { # name, subject, extendedKeyUsage, [subjectAltName]
+  local pki=$RUN/pki name=$1 subj=$2 eku=$3 san=${4:-} spec
+  spec="$subj|$eku|$san"
+  if [ -f "$pki/$name.crt" ] && [ -f "$pki/$name.key" ] &&
+    openssl verify -CAfile "$pki/ca.crt" "$pki/$name.crt" >/dev/null 2>&1; then
+    [ "$(cat "$pki/$name.spec" 2>/dev/null)" = "$spec" ] && return 0
+    log "re-issuing $name.crt for $subj${san:+ ($san)}: the one there is from an earlier run"
+  fi
+  openssl req -newkey rsa:2048 -nodes -subj "$subj" -keyout "$pki/$name.key" -out "$pki/$name.csr" 2>/dev/null
+  {
+    echo "basicConstraints=CA:FALSE"
+    echo "keyUsage=critical,digitalSignature,keyEncipherment"
+    echo "extendedKeyUsage=$eku"
+    [ -z "$san" ] || echo "subjectAltName=$san"
+  } >"$pki/$name.ext"
+  openssl x509 -req -in "$pki/$name.csr" -CA "$pki/ca.crt" -CAkey "$pki/ca.key" -CAcreateserial -days 3650 \
+    -extfile "$pki/$name.ext" -out "$pki/$name.crt" 2>/dev/null
+  rm -f "$pki/$name.csr" "$pki/$name.ext"
+  printf '%s' "$spec" >"$pki/$name.spec"
+  chmod 600 "$pki/$name.key"
+  issued+=" $name"
 }
 
-write_kubeconfig() { # $1 file, $2 token
+make_pki() {
+  local pki=$RUN/pki
+  mkdir -p "$pki"
+  if [ ! -f "$pki/admin.token" ]; then
+    (
+      cd "$pki"
+      rm -f ./*.crt ./*.key
+      openssl req -x509 -newkey rsa:2048 -nodes -days 3650 -subj "/CN=keyward-local-ca" \
+        -keyout ca.key -out ca.crt -addext "basicConstraints=critical,CA:TRUE" \
+        -addext "keyUsage=critical,keyCertSign,cRLSign" 2>/dev/null
+      openssl genrsa -out sa.key 2048 2>/dev/null
+      openssl rsa -in sa.key -pubout -out sa.pub 2>/dev/null
+      local admin cm
+      admin=$(openssl rand -hex 24)
+      cm=$(openssl rand -hex 24)
+      printf '%s,admin,admin,system:masters\n%s,system:kube-controller-manager,kcm,system:masters\n' \
+        "$admin" "$cm" >tokens.csv
+      printf '%s' "$cm" >kcm.token
+      printf '%s' "$admin" >admin.token
+      chmod 600 ./*.key ./*.token tokens.csv
+    )
+    issued+=" ca"
+  fi
+  issue_cert apiserver "/CN=kube-apiserver" serverAuth \
+    "IP:127.0.0.1,IP:$SERVICE_IP,IP:$NODE_IP,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local"
+  # The API server's client certificate for kubelet (logs, exec, port-forward).
+  issue_cert apiserver-kubelet-client "/O=system:masters/CN=kube-apiserver-kubelet-client" clientAuth
+  # Node, scheduler and proxy identities (Node authorizer + RBAC's bootstrap roles).
+  issue_cert kubelet-client "/O=system:nodes/CN=system:node:$NODE_NAME" clientAuth
+  issue_cert kubelet-serving "/CN=$NODE_NAME" serverAuth "IP:$NODE_IP,DNS:$NODE_NAME"
+  issue_cert kube-scheduler "/CN=system:kube-scheduler" clientAuth
+  issue_cert kube-proxy "/CN=system:kube-proxy" clientAuth
+}
+
+write_kubeconfig() { # $1 file, $2 token, or $2 "cert" and $3 the certificate's name in $RUN/pki
+  local user
+  if [ "$2" = cert ]; then
+    user="client-certificate: $RUN/pki/$3.crt
+    client-key: $RUN/pki/$3.key"
+  else
+    user="token: $2"
+  fi
   cat >"$1" <<EOF
 apiVersion: v1
 kind: Config
@@ -142,7 +235,7 @@ clusters:
 users:
 - name: admin
   user:
-    token: $2
+    $user
 contexts:
 - name: keyward-local
   context: {cluster: keyward-local, user: admin}
@@ -159,12 +252,50 @@ alive() {
   kill -0 "$pid" 2>/dev/null && ! grep -q '^State:[[:space:]]*Z' "/proc/$pid/status" 2>/dev/null
 }
 
+# One line naming who listens on a port, or nothing when it is free.
+port_user() {
+  local line
+  line=$(ss -Hltnp "sport = :$1" 2>/dev/null | head -1)
+  [ -n "$line" ] || return 0
+  line=$(grep -o 'users:(("[^"]*",pid=[0-9]*' <<<"$line" | head -1 | sed 's/users:(("\([^"]*\)",pid=\([0-9]*\)/\1 (pid \2)/')
+  echo "${line:-another process}"
+}
+
+ports_free() { # name: die, naming the port and its user, if one of the name's ports is taken
+  local p who
+  for p in ${PORTS[$1]:-}; do
+    who=$(port_user "$p")
+    [ -z "$who" ] || die "port $p, needed by $1, is taken by $who; stop it (or run hack/cluster.sh down) and retry"
+  done
+}
+
+# Starts name unless it runs already with the same command line (different flags: restart).
 start() { # name, command...
   local name=$1; shift
-  alive "$name" && return 0
+  local want; want=$(printf '%q ' "$@")
+  if alive "$name"; then
+    [ "$(cat "$RUN/$name.cmd" 2>/dev/null)" != "$want" ] || return 0
+    log "restarting $name: its flags changed"
+    stop "$name"
+  fi
+  ports_free "$name"
   mkdir -p "$RUN/logs"
   setsid nohup "$@" >>"$RUN/logs/$name.log" 2>&1 </dev/null &
   echo $! >"$RUN/$name.pid"
+  disown $! 2>/dev/null || true # no "Killed" notice from this shell when `stop` has to kill -9
+  printf '%s' "$want" >"$RUN/$name.cmd"
+}
+
+stop() { # name
+  local name=$1 pid
+  if alive "$name"; then
+    pid=$(cat "$RUN/$name.pid")
+    kill "$pid" 2>/dev/null || true
+    for _ in $(seq 1 40); do kill -0 "$pid" 2>/dev/null || break; sleep 0.25; done
+    kill -9 "$pid" 2>/dev/null || true
+    log "stopped $name"
+  fi
+  rm -f "$RUN/$name.pid" "$RUN/$name.cmd"
 }
 
 api_ready() {
@@ -184,10 +315,445 @@ wait_for() { # description, seconds, command...
 
 etcd_ready() { curl -fsS --max-time 2 "http://127.0.0.1:$ETCD_PORT/health" 2>/dev/null | grep -q true; }
 
+kubectl_ok() { KUBECONFIG=$KUBECONFIG_OUT PATH="$BIN:$PATH" kubectl "$@" >/dev/null 2>&1; }
+kubectl_out() { KUBECONFIG=$KUBECONFIG_OUT PATH="$BIN:$PATH" timeout 10 kubectl "$@" 2>/dev/null; }
+
+# The bridge carries an alias naming the cluster directory whose node owns it: a second
+# cluster (another KEYWARD_CLUSTER_DIR) never takes over or cleans a live node's network.
+bridge_owner() { ip -d link show "$BRIDGE" 2>/dev/null | sed -n 's/^ *alias keyward:\(.*\)$/\1/p'; }
+bridge_foreign() { # the bridge belongs to another cluster directory whose containerd runs
+  local owner; owner=$(bridge_owner)
+  [ -n "$owner" ] && [ "$owner" != "$RUN" ] && kill -0 "$(cat "$owner/containerd.pid" 2>/dev/null || echo x)" 2>/dev/null
+}
+
+# --- the node: can this machine run containers? ---------------------------------
+# Prints one line saying why not, and fails, when it cannot.
+node_probe() {
+  local err
+  if bridge_foreign; then
+    echo "the bridge $BRIDGE carries the node of the cluster in $(bridge_owner) (one node per machine)"
+    return 1
+  fi
+  grep -q ' cgroup2\? ' /proc/mounts 2>/dev/null || grep -q 'cgroup' /proc/mounts 2>/dev/null ||
+    { echo "no cgroup filesystem is mounted"; return 1; }
+  [ -e /proc/sys/net/bridge/bridge-nf-call-iptables ] || modprobe br_netfilter 2>/dev/null ||
+    { echo "the kernel has no br_netfilter (bridged pod traffic cannot pass kube-proxy's rules)"; return 1; }
+  if ! err=$( (apt_install "${NODE_PACKAGES[@]}") 2>&1 >/dev/null); then
+    echo "cannot install ${NODE_PACKAGES[*]}: $(tail -1 <<<"$err" | sed 's/^\[cluster\] error: //')"
+    return 1
+  fi
+  err=$(iptables -w 5 -t nat -S 2>&1 >/dev/null) || { echo "iptables does not work here: $(tail -1 <<<"$err")"; return 1; }
+  if ! ip link show "$BRIDGE" >/dev/null 2>&1; then
+    err=$(ip link add kw-probe0 type bridge 2>&1) || { echo "cannot create a network bridge: $err"; return 1; }
+    ip link del kw-probe0 2>/dev/null || true
+  fi
+  # A real container: runc, namespaces and cgroups.
+  local t; t=$(mktemp -d)
+  mkdir -p "$t/rootfs/bin"
+  cp /bin/busybox "$t/rootfs/bin/busybox"
+  (cd "$t" && runc spec)
+  sed -i 's/"terminal": true/"terminal": false/; s/"sh"$/"\/bin\/busybox", "true"/' "$t/config.json"
+  if ! err=$(timeout 20 runc --root "$t/state" run --bundle "$t" "keyward-probe-$$" 2>&1 </dev/null); then
+    runc --root "$t/state" delete --force "keyward-probe-$$" >/dev/null 2>&1 || true
+    rm -rf "$t"
+    echo "runc cannot run a container here: $(tail -1 <<<"${err:-timed out}")"
+    return 1
+  fi
+  rm -rf "$t"
+}
+
+# --- the node: images (no registry: built here, imported into containerd) -------
+# umoci image from a root filesystem that $3 (a function) fills in $1/rootfs; saved as a docker archive.
+build_image() { # archive, ref, populate-function, umoci-config-args...
+  local out=$1 ref=$2 fill=$3; shift 3
+  [ -s "$out" ] && return 0
+  log "building image $ref"
+  mkdir -p "$IMAGES"
+  local t; t=$(mktemp -d)
+  umoci init --layout "$t/oci" >/dev/null
+  umoci new --image "$t/oci:img" >/dev/null
+  umoci unpack --image "$t/oci:img" "$t/bundle" >/dev/null
+  "$fill" "$t/bundle/rootfs" "$t"
+  umoci repack --image "$t/oci:img" "$t/bundle" >/dev/null
+  umoci config --image "$t/oci:img" --config.env PATH=/usr/sbin:/usr/bin:/sbin:/bin "$@" >/dev/null
+  rm -f "$out.tmp"
+  skopeo --insecure-policy copy -q "oci:$t/oci:img" "docker-archive:$out.tmp:$ref" >/dev/null
+  mv "$out.tmp" "$out"
+  rm -rf "$t"
+}
+
+fill_pause() { # rootfs, tmp
+  local dir; dir=$(k8s_source)
+  gcc -Os -Wall -static -DVERSION=v3.2-keyward -o "$1/pause" "$dir/build/pause/linux/pause.c" ||
+    die "cannot compile the pause container (gcc -static $dir/build/pause/linux/pause.c)"
+}
+
+fill_busybox() { # rootfs, tmp
+  local a
+  mkdir -p "$1/bin" "$1/sbin" "$1/usr/bin" "$1/usr/sbin" "$1/tmp" "$1/etc" "$1/root"
+  chmod 1777 "$1/tmp"
+  cp /bin/busybox "$1/bin/busybox"
+  for a in $(/bin/busybox --list-full); do [ -e "$1/$a" ] || ln -s /bin/busybox "$1/$a"; done
+  printf 'root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/false\n' >"$1/etc/passwd"
+  printf 'root:x:0:\nnogroup:x:65534:\n' >"$1/etc/group"
+}
+
+build_images() {
+  apt_install gcc libc6-dev
+  build_image "$IMAGES/pause-3.2.tar" "$PAUSE_IMAGE" fill_pause --config.entrypoint /pause
+  build_image "$IMAGES/busybox-keyward.tar" "$BUSYBOX_IMAGE" fill_busybox --config.cmd sh
+}
+
+ctr_() { timeout 60 ctr --address "$CONTAINERD_SOCK" -n k8s.io "$@"; }
+
+import_images() {
+  local have; have=$(ctr_ images ls -q 2>/dev/null || true)
+  grep -qxF "$PAUSE_IMAGE" <<<"$have" || ctr_ images import "$IMAGES/pause-3.2.tar" >/dev/null
+  grep -qxF "$BUSYBOX_IMAGE" <<<"$have" || ctr_ images import "$IMAGES/busybox-keyward.tar" >/dev/null
+}
+
+# --- the node: configuration -----------------------------------------------------
+write_node_config() {
+  local d=$RUN/node
+  mkdir -p "$d" "$RUN/cni/net.d" "$RUN/containerd" "$RUN/kubelet"
+  # Pods: an address on the bridge, routes to the pod and service ranges via the
+  # bridge's address, no default route, no masquerading (isGateway would also turn on
+  # forwarding for the whole machine).
+  cat >"$RUN/cni/net.d/10-keyward.conflist" <<EOF
+{
+  "cniVersion": "0.4.0",
+  "name": "keyward",
+  "plugins": [
+    {
+      "type": "bridge",
+      "bridge": "$BRIDGE",
+      "isGateway": false,
+      "ipMasq": false,
+      "hairpinMode": true,
+      "ipam": {
+        "type": "host-local",
+        "ranges": [[{"subnet": "$POD_CIDR", "gateway": "$NODE_IP"}]],
+        "routes": [{"dst": "$SERVICE_CIDR"}],
+        "dataDir": "$RUN/cni/ipam"
+      }
+    }
+  ]
+}
+EOF
+  cat >"$d/containerd.toml" <<EOF
+version = 2
+root = "$RUN/containerd/root"
+state = "$RUN/containerd/state"
+disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshotter.v1.btrfs",
+  "io.containerd.snapshotter.v1.zfs", "io.containerd.snapshotter.v1.devmapper"]
+
+[grpc]
+  address = "$CONTAINERD_SOCK"
+
+[plugins."io.containerd.internal.v1.opt"]
+  path = "$RUN/containerd/opt"
+
+[plugins."io.containerd.grpc.v1.cri"]
+  sandbox_image = "$PAUSE_IMAGE"
+  # Without CAP_SYS_RESOURCE, lowering oom_score_adj fails: every sandbox would fail
+  # with runc's "can't get final child's PID from pipe: EOF".
+  restrict_oom_score_adj = true
+  netns_mounts_under_state_dir = true
+  stream_server_address = "127.0.0.1"
+  stream_server_port = "0"
+
+  [plugins."io.containerd.grpc.v1.cri".cni]
+    bin_dir = "$CNI_BIN"
+    conf_dir = "$RUN/cni/net.d"
+
+  [plugins."io.containerd.grpc.v1.cri".containerd]
+    snapshotter = "overlayfs"
+    default_runtime_name = "runc"
+
+    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
+      runtime_type = "io.containerd.runc.v2"
+
+      [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
+        Root = "$RUN/containerd/runc"
+        SystemdCgroup = false
+EOF
+  # Pods' resolv.conf: there is no cluster DNS; a lookup fails at once instead of waiting
+  # on a server pods cannot reach.
+  printf 'nameserver 127.0.0.1\noptions timeout:1 attempts:1\n' >"$d/resolv.conf"
+  cat >"$d/kubelet.yaml" <<EOF
+apiVersion: kubelet.config.k8s.io/v1beta1
+kind: KubeletConfiguration
+address: $NODE_IP
+port: $KUBELET_PORT
+readOnlyPort: 0
+healthzBindAddress: 127.0.0.1
+healthzPort: $KUBELET_HEALTHZ_PORT
+tlsCertFile: $RUN/pki/kubelet-serving.crt
+tlsPrivateKeyFile: $RUN/pki/kubelet-serving.key
+authentication:
+  anonymous: {enabled: false}
+  webhook: {enabled: true}
+  x509: {clientCAFile: $RUN/pki/ca.crt}
+authorization:
+  mode: Webhook
+cgroupDriver: cgroupfs
+cgroupsPerQOS: false
+enforceNodeAllocatable: []
+failSwapOn: false
+resolvConf: $d/resolv.conf
+clusterDomain: cluster.local
+evictionHard:
+  memory.available: 50Mi
+  nodefs.available: 1%
+  nodefs.inodesFree: 1%
+  imagefs.available: 1%
+# Imported images cannot be pulled again: never collect them.
+imageGCHighThresholdPercent: 100
+imageGCLowThresholdPercent: 99
+serializeImagePulls: false
+maxPods: 110
+EOF
+  write_kubeconfig "$RUN/kubelet.kubeconfig" cert kubelet-client
+  write_kubeconfig "$RUN/kube-scheduler.kubeconfig" cert kube-scheduler
+  write_kubeconfig "$RUN/kube-proxy.kubeconfig" cert kube-proxy
+}
+
+# --- the node: network -------------------------------------------------------------
+# Sysctls this script changes (kube-proxy sets route_localnet); restored by `down`.
+SYSCTLS=(net/bridge/bridge-nf-call-iptables net/ipv4/conf/all/route_localnet)
+
+net_up() {
+  local s
+  mkdir -p "$RUN/node"
+  if [ ! -f "$RUN/node/sysctl.saved" ]; then
+    for s in "${SYSCTLS[@]}"; do echo "$s $(cat "/proc/sys/$s" 2>/dev/null || echo -)"; done >"$RUN/node/sysctl.saved"
+  fi
+  if ! ip link show "$BRIDGE" >/dev/null 2>&1; then
+    ip link add "$BRIDGE" type bridge || die "cannot create the pod bridge $BRIDGE"
+  fi
+  echo 1 >"/proc/sys/net/ipv6/conf/$BRIDGE/disable_ipv6" 2>/dev/null || true
+  ip link set "$BRIDGE" alias "keyward:$RUN"
+  ip addr replace "$NODE_IP/24" dev "$BRIDGE"
+  ip link set "$BRIDGE" up
+  # Host to service IPs goes to the bridge (kube-proxy DNATs it), never to the default route.
+  ip route replace "$SERVICE_CIDR" dev "$BRIDGE" src "$NODE_IP"
+  # Forwarding only for packets that come in on the bridge (service DNAT to a pod);
+  # the guard below drops whatever would leave it.
+  echo 1 >"/proc/sys/net/ipv4/conf/$BRIDGE/forwarding"
+  echo 1 >/proc/sys/net/bridge/bridge-nf-call-iptables
+  guard_up
+}
+
+guard_up() {
+  local ipt
+  for ipt in iptables ip6tables; do
+    $ipt -w -N KW-GUARD 2>/dev/null || $ipt -w -F KW-GUARD
+    $ipt -w -A KW-GUARD -i lo -j RETURN
+    if [ $ipt = iptables ]; then
+      $ipt -w -A KW-GUARD -i "$BRIDGE" -j RETURN
+      $ipt -w -A KW-GUARD -d "$POD_CIDR" -j DROP
+    fi
+    # The API server listens on all addresses (127.0.0.1 for the host, the bridge for pods).
+    $ipt -w -A KW-GUARD -p tcp -m multiport --dports "$API_PORT,$KUBELET_PORT" -j DROP
+    $ipt -w -C INPUT -j KW-GUARD 2>/dev/null || $ipt -w -I INPUT 1 -j KW-GUARD
+  done
+  iptables -w -N KW-FORWARD 2>/dev/null || iptables -w -F KW-FORWARD
+  iptables -w -A KW-FORWARD -i "$BRIDGE" -o "$BRIDGE" -j RETURN
+  iptables -w -A KW-FORWARD -i "$BRIDGE" -j DROP
+  iptables -w -A KW-FORWARD -o "$BRIDGE" -j DROP
+  iptables -w -C FORWARD -j KW-FORWARD 2>/dev/null || iptables -w -I FORWARD 1 -j KW-FORWARD
+}
+
+# Remove the rules that jump to KUBE-*/KW-* chains (or name our CNI network), then the chains.
+ipt_sweep() { # iptables|ip6tables
+  local ipt=$1 t rule chain
+  command -v "$ipt-save" >/dev/null || return 0
+  for t in filter nat mangle raw; do
+    "$ipt-save" -t "$t" 2>/dev/null | grep -E '^-A [A-Z]+ .*(-j (KUBE|KW|CNI)-|keyward)' |
+      while IFS= read -r rule; do eval "$ipt -w -t $t -D ${rule#-A }" 2>/dev/null || true; done || true
+    for chain in $("$ipt-save" -t "$t" 2>/dev/null | sed -n 's/^:\(\(KUBE\|KW\)-[^ ]*\) .*/\1/p'); do
+      "$ipt" -w -t "$t" -F "$chain" 2>/dev/null || true
+    done
+    for chain in $("$ipt-save" -t "$t" 2>/dev/null | sed -n 's/^:\(\(KUBE\|KW\)-[^ ]*\) .*/\1/p'); do
+      "$ipt" -w -t "$t" -X "$chain" 2>/dev/null || true
+    done
+  done
+}
+
+# --- the node: stop and clean -------------------------------------------------------
+# Kill and remove every container of the k8s.io namespace through containerd.
+ctr_wipe() {
+  local id
+  for id in $(ctr_ tasks ls -q 2>/dev/null); do
+    ctr_ tasks kill -s SIGKILL "$id" >/dev/null 2>&1 || true
+  done
+  for id in $(ctr_ tasks ls -q 2>/dev/null); do ctr_ tasks rm -f "$id" >/dev/null 2>&1 || true; done
+  for id in $(ctr_ containers ls -q 2>/dev/null); do ctr_ containers rm "$id" >/dev/null 2>&1 || true; done
+}
+
+mounts_under() { # dir...: mount points at or below the dirs (kubelet bind-mounts its root dir on itself)
+  local d
+  for d in "$@"; do awk -v d="$d" '$5 == d || index($5, d "/") == 1 { print $5 }' /proc/self/mountinfo; done
+}
+
+umount_under() { # dir: every mount at or below it, deepest first
+  local m
+  mounts_under "$1" | sort -r | while IFS= read -r m; do
+    umount "$m" 2>/dev/null || umount -l "$m" 2>/dev/null || true
+  done
+}
+
+# Stops the node and removes what it left: also what a killed session left behind.
+node_clean() {
+  local name id pid s v ids
+  # Pod sandboxes and containers, for CNI's result cache in /var/lib/cni (not configurable in containerd 1.6).
+  ids=$(ls "$RUN/containerd/state/io.containerd.runtime.v2.task/k8s.io" 2>/dev/null || true)
+  for name in kube-proxy kube-scheduler kubelet; do stop "$name"; done
+  if alive containerd; then ctr_wipe; fi
+  stop containerd
+  if [ -d "$RUN/containerd/runc/k8s.io" ] && command -v runc >/dev/null; then
+    for id in $(runc --root "$RUN/containerd/runc/k8s.io" list -q 2>/dev/null); do
+      runc --root "$RUN/containerd/runc/k8s.io" delete --force "$id" >/dev/null 2>&1 || true
+    done
+  fi
+  # Shims of our containerd (started by it, with its socket on their command line).
+  for pid in $(grep -lsF -- "$CONTAINERD_SOCK" /proc/[0-9]*/cmdline 2>/dev/null | cut -d/ -f3); do
+    { tr '\0' ' ' <"/proc/$pid/cmdline"; } 2>/dev/null | grep -q '^[^ ]*containerd-shim' && kill -9 "$pid" 2>/dev/null || true
+  done
+  umount_under "$RUN/kubelet"
+  umount_under "$RUN/containerd"
+  [ -z "$(mounts_under "$RUN/kubelet" "$RUN/containerd")" ] ||
+    die "mounts under $RUN/kubelet or $RUN/containerd remain after umount: $(mounts_under "$RUN/kubelet" "$RUN/containerd" | head -3 | tr '\n' ' ')"
+  rm -rf "$RUN/kubelet" "$RUN/containerd/state" "$RUN/containerd/runc" "$RUN/cni/ipam"
+  for id in $ids; do
+    rm -f /var/lib/cni/results/*-"$id"-* 2>/dev/null || true
+    # A killed shim's socket: /run/containerd/s/sha256(<containerd socket>/<namespace>/<id>).
+    rm -f "/run/containerd/s/$(printf '%s' "$CONTAINERD_SOCK/k8s.io/$id" | sha256sum | cut -d' ' -f1)"
+  done
+  rmdir /run/containerd/s /run/containerd 2>/dev/null || true
+  rm -f "$CONTAINERD_SOCK" "$CONTAINERD_SOCK.ttrpc"
+  if [ -f "$RUN/node/system-dirs.ours" ]; then
+    while IFS= read -r s; do rm -rf "$s"; done <"$RUN/node/system-dirs.ours"
+    rm -f "$RUN/node/system-dirs.ours"
+  fi
+  bridge_foreign && return 0 # the network belongs to another live cluster's node
+  if ip link show "$BRIDGE" >/dev/null 2>&1; then ip link del "$BRIDGE" 2>/dev/null || true; fi
+  if command -v iptables >/dev/null; then
+    [ -x "$BIN/kube-proxy" ] && "$BIN/kube-proxy" --cleanup >/dev/null 2>&1 || true
+    ipt_sweep iptables
+    ipt_sweep ip6tables
+    command -v conntrack >/dev/null && {
+      conntrack -D -s "$POD_CIDR" >/dev/null 2>&1 || true
+      conntrack -D -d "$SERVICE_CIDR" >/dev/null 2>&1 || true
+    }
+  fi
+  if [ -f "$RUN/node/sysctl.saved" ]; then
+    while read -r s v; do [ "$v" = - ] || echo "$v" >"/proc/sys/$s" 2>/dev/null || true; done <"$RUN/node/sysctl.saved"
+    rm -f "$RUN/node/sysctl.saved"
+  fi
+}
+
+# Anything left by an earlier node (processes, containers, mounts, bridge, rules)?
+node_traces() {
+  local name
+  for name in "${NODE_PROCS[@]}"; do alive "$name" && return 0; done
+  [ -d "$RUN/containerd/state" ] || [ -d "$RUN/kubelet" ] && return 0
+  bridge_foreign && return 1
+  ip link show "$BRIDGE" >/dev/null 2>&1 && return 0
+  iptables-save 2>/dev/null | grep -q '^:\(KW\|KUBE\)-' && return 0
+  return 1
+}
+
+# --- the node: start ------------------------------------------------------------------
+containerd_ready() { ctr_ version >/dev/null 2>&1; }
+
+node_condition() { # prints the node's Ready status (True/False/Unknown) or nothing
+  kubectl_out get node "$NODE_NAME" -o jsonpath='{.status.conditions[?(@.type=="Ready")].status}'
+}
+node_ready() { [ "$(node_condition)" = True ]; }
+node_untainted() { [ -z "$(kubectl_out get node "$NODE_NAME" -o jsonpath='{.spec.taints}')" ]; }
+
+node_up() {
+  local fresh=0
+  alive containerd || fresh=1
+  # Paths kubelet 1.20 and CNI hard-code; those that this node creates go again on `down`.
+  local d
+  for d in "${SYSTEM_DIRS[@]}"; do
+    [ -e "$d" ] || grep -qxF "$d" "$RUN/node/system-dirs.ours" 2>/dev/null || echo "$d" >>"$RUN/node/system-dirs.ours"
+  done
+  write_node_config
+  start containerd containerd --config "$RUN/node/containerd.toml"
+  wait_for containerd 60 containerd_ready
+  [ $fresh = 0 ] || ctr_wipe # containers containerd still has on record from a killed session
+  import_images
+  start kubelet "$BIN/kubelet" --config "$RUN/node/kubelet.yaml" --kubeconfig "$RUN/kubelet.kubeconfig" \
+    --container-runtime remote --container-runtime-endpoint "unix://$CONTAINERD_SOCK" \
+    --node-ip "$NODE_IP" --hostname-override "$NODE_NAME" --root-dir "$RUN/kubelet" \
+    --volume-plugin-dir "$RUN/kubelet/volume-plugins" --pod-infra-container-image "$PAUSE_IMAGE"
+  start kube-scheduler "$BIN/kube-scheduler" --kubeconfig "$RUN/kube-scheduler.kubeconfig" \
+    --leader-elect=false --port 0 --secure-port 0
+  start kube-proxy "$BIN/kube-proxy" --kubeconfig "$RUN/kube-proxy.kubeconfig" --proxy-mode iptables \
+    --hostname-override "$NODE_NAME" --cluster-cidr "$POD_CIDR" --nodeport-addresses "$NODE_IP/32" \
+    --bind-address "$NODE_IP" --healthz-bind-address "127.0.0.1:$PROXY_HEALTHZ_PORT" \
+    --metrics-bind-address "127.0.0.1:$PROXY_METRICS_PORT" --oom-score-adj 0 \
+    --conntrack-max-per-core 0 --conntrack-tcp-timeout-established 0 --conntrack-tcp-timeout-close-wait 0
+  wait_for "node $NODE_NAME" 120 node_ready
+  wait_for "node $NODE_NAME without taints" 60 node_untainted
+  # kube-proxy's rules for the `kubernetes` Service: pods reach the API server.
+  wait_for "kube-proxy (rules for $SERVICE_IP)" 60 sh -c "iptables-save -t nat 2>/dev/null | grep -q -- '-d $SERVICE_IP/32'"
+  # kube-proxy prepends its FORWARD rules (once): put the guard back in front of them.
+  iptables -w -D FORWARD -j KW-FORWARD 2>/dev/null || true
+  iptables -w -I FORWARD 1 -j KW-FORWARD
+}
+
+# --- commands ---------------------------------------------------------------------------
 up() {
+  local want_node=1 why
+  case "${1:-}" in --no-node) want_node=0 ;; "") ;; *) die "usage: $0 up [--no-node]" ;; esac
   ensure_tools
   build_control_plane
+  if [ $want_node = 1 ] && ! alive kubelet; then
+    if ! why=$(node_probe); then
+      log "no node: ${why:-this machine cannot run containers}; starting the API server only (like up --no-node)"
+      want_node=0
+    fi
+  fi
+  mkdir -p "$RUN"
+  if [ $want_node = 0 ] && node_traces; then
+    log "stopping the node (API server only)"
+    # It listens on all addresses, kept off other interfaces by the guard chain node_clean removes.
+    if grep -q -- '--bind-address 0.0.0.0' "$RUN/kube-apiserver.cmd" 2>/dev/null; then stop kube-apiserver; fi
+    node_clean
+  fi
+  if [ $want_node = 1 ]; then build_node; build_images; fi
+  # Every port we are about to listen on, before starting anything.
+  local name
+  for name in etcd kube-apiserver; do alive "$name" || ports_free "$name"; done
+  if [ $want_node = 1 ]; then for name in kubelet kube-proxy; do alive "$name" || ports_free "$name"; done; fi
   make_pki
+  case " $issued " in
+    *" ca "*) # a new CA: whatever still runs trusts the old one
+      for name in "${NODE_PROCS[@]}" kube-controller-manager kube-apiserver; do stop "$name"; done ;;
+    *" apiserver "* | *" apiserver-kubelet-client "*)
+      if alive kube-apiserver; then log "new certificates: restarting kube-apiserver"; stop kube-apiserver; fi ;;
+  esac
+  issued=""
+  local net controllers="garbagecollector,namespace,serviceaccount,serviceaccount-token"
+  if [ $want_node = 1 ]; then
+    if ! alive containerd && node_traces; then log "cleaning up what an earlier node left behind"; node_clean; fi
+    net_up
+    # All addresses (the guard chain keeps other interfaces out); pods come in on the bridge.
+    net=(--bind-address 0.0.0.0 --advertise-address "$NODE_IP" --endpoint-reconciler-type lease
+      --kubelet-client-certificate "$RUN/pki/apiserver-kubelet-client.crt"
+      --kubelet-client-key "$RUN/pki/apiserver-kubelet-client.key"
+      --kubelet-certificate-authority "$RUN/pki/ca.crt" --kubelet-preferred-address-types InternalIP)
+    controllers+=",deployment,replicaset,replicationcontroller,statefulset,daemonset,job,cronjob"
+    controllers+=",endpoint,endpointslice,endpointslicemirroring,nodelifecycle,podgc,disruption,ttl"
+    controllers+=",ttl-after-finished,root-ca-cert-publisher,clusterrole-aggregation,resourcequota"
+    controllers+=",pv-protection,pvc-protection"
+  else
+    net=(--bind-address 127.0.0.1 --advertise-address 127.0.0.1 --endpoint-reconciler-type none)
+  fi
   mkdir -p "$RUN/etcd"
   start etcd etcd --name keyward --data-dir "$RUN/etcd" \
     --listen-client-urls "http://127.0.0.1:$ETCD_PORT" --advertise-client-urls "http://127.0.0.1:$ETCD_PORT" \
@@ -198,59 +764,88 @@ up() {
   wait_for etcd 60 etcd_ready
   start kube-apiserver "$BIN/kube-apiserver" \
     --etcd-servers "http://127.0.0.1:$ETCD_PORT" \
-    --bind-address 127.0.0.1 --secure-port "$API_PORT" --insecure-port 0 \
-    --advertise-address 127.0.0.1 --endpoint-reconciler-type none \
+    --secure-port "$API_PORT" --insecure-port 0 "${net[@]}" \
     --cert-dir "$RUN/pki" --tls-cert-file "$RUN/pki/apiserver.crt" --tls-private-key-file "$RUN/pki/apiserver.key" \
     --client-ca-file "$RUN/pki/ca.crt" \
-    --token-auth-file "$RUN/pki/tokens.csv" --authorization-mode RBAC \
+    --token-auth-file "$RUN/pki/tokens.csv" --authorization-mode Node,RBAC \
+    --enable-admission-plugins NodeRestriction \
     --service-account-key-file "$RUN/pki/sa.pub" --service-account-signing-key-file "$RUN/pki/sa.key" \
     --service-account-issuer https://kubernetes.default.svc.cluster.local \
-    --service-cluster-ip-range 10.96.0.0/16 --allow-privileged=false \
+    --service-cluster-ip-range "$SERVICE_CIDR" --allow-privileged=false \
     --max-requests-inflight 800 --max-mutating-requests-inflight 400
   wait_for kube-apiserver 120 api_ready
   write_kubeconfig "$KUBECONFIG_OUT" "$(cat "$RUN/pki/admin.token")"
   write_kubeconfig "$RUN/kcm.kubeconfig" "$(cat "$RUN/pki/kcm.token")"
   start kube-controller-manager "$BIN/kube-controller-manager" \
     --kubeconfig "$RUN/kcm.kubeconfig" --leader-elect=false --port 0 --secure-port 0 \
-    --controllers "garbagecollector,namespace,serviceaccount,serviceaccount-token" \
+    --controllers "$controllers" \
     --service-account-private-key-file "$RUN/pki/sa.key" --root-ca-file "$RUN/pki/ca.crt" \
     --use-service-account-credentials=false
   wait_for "default namespace" 60 kubectl_ok get namespace default
-  log "ready: export KUBECONFIG=$KUBECONFIG_OUT"
+  if [ $want_node = 1 ]; then
+    local rc
+    set +e; (set -e; node_up); rc=$?; set -e # errexit stays on inside (`if ! (...)` would turn it off)
+    if [ $rc != 0 ]; then # its one-line reason is above
+      log "no node: falling back to the API server only (like up --no-node)"
+      node_clean
+      up --no-node
+      return
+    fi
+    echo node >"$RUN/mode"
+    log "ready, with node $NODE_NAME: export KUBECONFIG=$KUBECONFIG_OUT"
+  else
+    echo api-only >"$RUN/mode"
+    log "ready (no node): export KUBECONFIG=$KUBECONFIG_OUT"
+  fi
 }
 
-kubectl_ok() { KUBECONFIG=$KUBECONFIG_OUT PATH="$BIN:$PATH" kubectl "$@" >/dev/null 2>&1; }
-
 down() {
-  local name pid
-  for name in kube-controller-manager kube-apiserver etcd; do
-    if alive "$name"; then
-      pid=$(cat "$RUN/$name.pid")
-      kill "$pid" 2>/dev/null || true
-      for _ in $(seq 1 40); do kill -0 "$pid" 2>/dev/null || break; sleep 0.25; done
-      kill -9 "$pid" 2>/dev/null || true
-      log "stopped $name"
-    fi
-    rm -f "$RUN/$name.pid"
-  done
+  case "${1:-}" in --purge | "") ;; *) die "usage: $0 down [--purge]" ;; esac
+  if node_traces; then node_clean; fi
+  local name
+  for name in kube-controller-manager kube-apiserver etcd; do stop "$name"; done
+  rm -f "$RUN/mode"
   if [ "${1:-}" = "--purge" ]; then rm -rf "$RUN"; log "removed $RUN"; fi
 }
 
+has_node() {
+  [ "$(cat "$RUN/mode" 2>/dev/null)" = node ] && alive containerd && alive kubelet && node_ready
+}
+
 status() {
-  local name rc=0
+  local name rc=0 node=0
   for name in etcd kube-apiserver kube-controller-manager; do
     if alive "$name"; then echo "$name: running (pid $(cat "$RUN/$name.pid"))"; else echo "$name: stopped"; rc=1; fi
   done
+  [ "$(cat "$RUN/mode" 2>/dev/null)" = node ] && node=1
+  for name in containerd kubelet kube-scheduler kube-proxy; do
+    if alive "$name"; then
+      echo "$name: running (pid $(cat "$RUN/$name.pid"))"
+    elif [ $node = 1 ]; then
+      echo "$name: stopped"; rc=1
+    fi
+  done
   if api_ready; then echo "api: ready at https://127.0.0.1:$API_PORT (KUBECONFIG=$KUBECONFIG_OUT)"; else echo "api: not ready"; rc=1; fi
+  if [ $node = 1 ]; then
+    case "$(node_condition)" in
+      True) echo "node: Ready ($NODE_NAME, containerd socket $CONTAINERD_SOCK)" ;;
+      "") echo "node: not registered ($NODE_NAME)"; rc=1 ;;
+      *) echo "node: NotReady ($NODE_NAME)"; rc=1 ;;
+    esac
+  else
+    echo "node: none (API server only)"
+  fi
   return $rc
 }
 
 case "${1:-}" in
-  up) up ;;
+  up) shift; up "$@" ;;
   down) shift; down "$@" ;;
   status) status ;;
+  has-node) has_node ;;
   tools) ensure_tools; echo "$BIN" ;;
   # KEYWARD_KUBE_VERSION: `keyward crds` leaves out CEL rules this v1.20 server does not know.
-  env) echo "export KUBECONFIG=$KUBECONFIG_OUT; export PATH=$BIN:\$PATH; export KEYWARD_KUBE_VERSION=$K8S_VERSION" ;;
-  *) echo "usage: $0 up|down [--purge]|status|env|tools" >&2; exit 2 ;;
+  # KEYWARD_CONTAINERD_SOCK: where to `ctr -n k8s.io images import` images for the node.
+  env) echo "export KUBECONFIG=$KUBECONFIG_OUT; export PATH=$BIN:\$PATH; export KEYWARD_KUBE_VERSION=$K8S_VERSION; export KEYWARD_CONTAINERD_SOCK=$CONTAINERD_SOCK" ;;
+  *) echo "usage: $0 up [--no-node]|down [--purge]|status|has-node|env|tools" >&2; exit 2 ;;
 esac

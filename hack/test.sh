@@ -16,11 +16,11 @@ if [ -z "${KUBECONFIG:-}" ]; then
   hack/cluster.sh status >/dev/null 2>&1 || hack/cluster.sh down --purge >/dev/null 2>&1 || true
   hack/cluster.sh up
   eval "$(hack/cluster.sh env)"
-  # The demo controller of hack/run.sh reconciles every namespace, the tests' too: the
+  # The demo installation of hack/run.sh reconciles every namespace, the tests' too: the
   # tests run their own controllers, so stop it first (hack/run.sh starts it again).
   pid="${KEYWARD_CLUSTER_DIR:-${KEYWARD_CACHE:-$HOME/.cache/keyward}/cluster}/keyward-controller.pid"
-  if [ -f "$pid" ] && kill -0 "$(cat "$pid")" 2>/dev/null; then
-    echo "== stopping the demo controller started by hack/run.sh (the tests run their own)"
+  if { [ -f "$pid" ] && kill -0 "$(cat "$pid")" 2>/dev/null; } || helm status keyward -n keyward-system >/dev/null 2>&1; then
+    echo "== stopping the demo installation of hack/run.sh (the tests run their own controllers; hack/run.sh brings it back)"
     hack/run.sh stop
   fi
 else
@@ -51,4 +51,17 @@ cargo test --all-targets --locked -- --test-threads 8
 if [ $local_plane = 1 ]; then
   echo "== tests that kill the control plane or remove keyward's CRDs (local control plane only, alone)"
   cargo test --locked --test soak --test missing_crds -- --ignored --test-threads 1
+fi
+
+if [ $local_plane = 1 ] && hack/cluster.sh has-node >/dev/null 2>&1; then
+  echo "== keyward in pods on the node: the image (hack/image.sh) twice, two digests to upgrade between"
+  images=${KEYWARD_CACHE:-$HOME/.cache/keyward}/images
+  hack/image.sh
+  KEYWARD_TEST_IMAGE=$(cat "$images/keyward.ref")
+  KEYWARD_IMAGE=docker.io/keyward/keyward:dev-next hack/image.sh --build-arg REVISION=test-upgrade
+  KEYWARD_TEST_IMAGE_NEXT=docker.io/keyward/keyward:dev-next
+  export KEYWARD_TEST_IMAGE KEYWARD_TEST_IMAGE_NEXT
+  cargo test --locked --test incluster -- --ignored --test-threads 1
+else
+  echo "== no node on this machine (hack/cluster.sh status says why): the in-cluster tests did not run"
 fi

@@ -1,0 +1,426 @@
+//! keyward as pods on the local node (`hack/cluster.sh up` runs a kubelet, containerd and
+//! kube-proxy): the Helm chart installed with the image built here (`hack/image.sh`),
+//! exactly as on a user's cluster. Probes, the restricted security context as the
+//! container runtime enforces it, a whole rotation driven by the in-cluster controller,
+//! an upgrade to another image digest with no failed verification, uninstall, and leader
+//! failover between real pods.
+//!
+//! `hack/test.sh` builds the image twice (two digests), imports both into the node and
+//! runs these alone: `KEYWARD_TEST_IMAGE=<ref> KEYWARD_TEST_IMAGE_NEXT=<ref> cargo test
+//! --test incluster -- --ignored --test-threads 1`. Without a node there is nothing to run
+//! them on: they say so and pass.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use common::{TestNamespace, client, eventually, get_key, secret_data, wait_key};
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{Pod, Service};
+use kube::api::{Api, ListParams};
+use kube::{Client, ResourceExt};
+use serde_json::json;
+
+/// The images to run: (first, next), or None (with the reason printed) to skip.
+fn images() -> Option<(String, String)> {
+    match (std::env::var("KEYWARD_TEST_IMAGE"), std::env::var("KEYWARD_TEST_IMAGE_NEXT")) {
+        (Ok(a), Ok(b)) if !a.is_empty() && !b.is_empty() => Some((a, b)),
+        _ => {
+            eprintln!(
+                "skipped: no node images (hack/test.sh sets KEYWARD_TEST_IMAGE and KEYWARD_TEST_IMAGE_NEXT when hack/cluster.sh has-node)"
+            );
+            None
+        }
+    }
+}
+
+fn run(cmd: &str, args: &[&str]) -> (bool, String) {
+    let out = Command::new(cmd).args(args).output().unwrap_or_else(|e| panic!("{cmd}: {e}"));
+    (
+        out.status.success(),
+        format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)),
+    )
+}
+
+/// A release of the chart managing only its own namespace (the tests' other namespaces
+/// have controllers of their own), with the CRDs the harness installed.
+struct Release {
+    name: String,
+    ns: String,
+}
+
+impl Release {
+    fn image_sets(image: &str) -> Vec<String> {
+        let (repo, tag) = image.rsplit_once(':').expect("image ref with a tag");
+        vec![format!("image.repository={repo}"), format!("image.tag={tag}"), "image.pullPolicy=Never".into()]
+    }
+
+    fn helm(&self, verb: &str, image: &str, extra: &[&str]) {
+        let chart = format!("{}/charts/keyward", env!("CARGO_MANIFEST_DIR"));
+        let mut args: Vec<String> = [verb, &self.name, &chart, "-n", &self.ns, "--wait", "--timeout", "4m"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let mut sets = Self::image_sets(image);
+        sets.extend([
+            format!("watchNamespace={}", self.ns),
+            "crds.enabled=false".into(),
+            "controller.leaseDuration=PT6S".into(),
+            "controller.logLevel=info".into(),
+        ]);
+        sets.extend(extra.iter().map(|s| s.to_string()));
+        for s in sets {
+            args.extend(["--set".into(), s]);
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (ok, out) = run("helm", &args);
+        if !ok {
+            let (_, pods) = run("kubectl", &["-n", &self.ns, "get", "pods", "-o", "wide"]);
+            let (_, events) = run("kubectl", &["-n", &self.ns, "get", "events"]);
+            panic!("helm {verb}: {out}\n{pods}\n{events}");
+        }
+    }
+
+    fn fullname(&self) -> String {
+        format!("{}-keyward", self.name)
+    }
+}
+
+impl Drop for Release {
+    fn drop(&mut self) {
+        let _ = run("helm", &["uninstall", &self.name, "-n", &self.ns, "--wait", "--timeout", "2m"]);
+    }
+}
+
+async fn install(client: &Client, ns: &TestNamespace, image: &str, extra: &[&str]) -> Release {
+    let release = Release { name: format!("kwic{:04x}", rand::random::<u16>()), ns: ns.name.clone() };
+    release.helm("install", image, extra);
+    // Every pod Ready: the probes passed on the node.
+    let pods = Api::<Pod>::namespaced(client.clone(), &ns.name);
+    let lp = ListParams::default().labels(&format!("app.kubernetes.io/instance={}", release.name));
+    let listed = pods.list(&lp).await.unwrap().items;
+    assert!(
+        listed.len() >= 2,
+        "controller and verifier pods: {:?}",
+        listed.iter().map(|p| p.name_any()).collect::<Vec<_>>()
+    );
+    for p in &listed {
+        let ready = p
+            .status
+            .iter()
+            .flat_map(|s| s.conditions.iter().flatten())
+            .any(|c| c.type_ == "Ready" && c.status == "True");
+        assert!(ready, "pod {} Ready", p.name_any());
+    }
+    release
+}
+
+/// The verifier Service's ClusterIP address (kube-proxy routes it from this host too).
+async fn verifier_addr(client: &Client, release: &Release) -> String {
+    let svc = Api::<Service>::namespaced(client.clone(), &release.ns)
+        .get(&format!("{}-verifier", release.fullname()))
+        .await
+        .unwrap();
+    let ip = svc.spec.as_ref().and_then(|s| s.cluster_ip.clone()).expect("ClusterIP");
+    let port = svc.spec.as_ref().and_then(|s| s.ports.as_ref()?.first().map(|p| p.port)).expect("port");
+    format!("{ip}:{port}")
+}
+
+/// POST /v1/verify through the Service: the answer's code, or why there was none.
+fn verify(addr: &str, key: &str) -> Result<String, String> {
+    let body = json!({"key": key}).to_string();
+    let (code, _, text) =
+        common::http(addr, "POST", "/v1/verify", &[("Content-Type", "application/json")], body.as_bytes())
+            .ok_or_else(|| "no answer".to_string())?;
+    if code != 200 {
+        return Err(format!("HTTP {code}: {text}"));
+    }
+    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| e.to_string())?;
+    Ok(v["code"].as_str().unwrap_or_default().to_string())
+}
+
+/// Samples, every 100 ms until stopped: the key consumers hold (the Secret's `api-key`,
+/// read fresh each time) must verify through the verifier Service. Failures are kept.
+struct Sampler {
+    stop: Arc<AtomicBool>,
+    samples: Arc<AtomicUsize>,
+    task: tokio::task::JoinHandle<Vec<String>>,
+}
+
+impl Sampler {
+    fn start(client: &Client, ns: &str, names: &[&str], addr: String) -> Sampler {
+        let (stop, samples) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicUsize::new(0)));
+        let (client, ns) = (client.clone(), ns.to_string());
+        let names: Vec<String> = names.iter().map(|s| s.to_string()).collect();
+        let (s, n) = (stop.clone(), samples.clone());
+        let task = tokio::spawn(async move {
+            let mut failures = Vec::new();
+            while !s.load(Ordering::Relaxed) {
+                for name in &names {
+                    let Some(key) =
+                        secret_data(&client, &ns, name).await.and_then(|d| d.get("api-key").cloned())
+                    else {
+                        continue;
+                    };
+                    let addr = addr.clone();
+                    let answer = tokio::task::spawn_blocking(move || verify(&addr, &key)).await.unwrap();
+                    n.fetch_add(1, Ordering::Relaxed);
+                    if answer.as_deref() != Ok("VALID") {
+                        failures.push(format!("{:?} {name}: {answer:?}", chrono::Utc::now()));
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            failures
+        });
+        Sampler { stop, samples, task }
+    }
+
+    async fn finish(self) -> (usize, Vec<String>) {
+        self.stop.store(true, Ordering::Relaxed);
+        let failures = self.task.await.unwrap();
+        (self.samples.load(Ordering::Relaxed), failures)
+    }
+}
+
+/// The host PID of the running container of pod `name` (through containerd), once it runs.
+async fn container_pid(client: &Client, ns: &str, name: &str) -> u32 {
+    let pods = Api::<Pod>::namespaced(client.clone(), ns);
+    let sock =
+        std::env::var("KEYWARD_CONTAINERD_SOCK").expect("KEYWARD_CONTAINERD_SOCK (hack/cluster.sh env)");
+    eventually(&format!("pod {name}'s running container"), Duration::from_secs(30), || async {
+        let pod = pods.get(name).await.ok()?;
+        let id = pod
+            .status
+            .iter()
+            .flat_map(|s| s.container_statuses.iter().flatten())
+            .filter(|c| c.state.as_ref().is_some_and(|s| s.running.is_some()))
+            .find_map(|c| c.container_id.as_deref()?.strip_prefix("containerd://").map(str::to_string))?;
+        let (_, out) = run("ctr", &["--address", &sock, "-n", "k8s.io", "tasks", "ls"]);
+        out.lines()
+            .find(|l| l.starts_with(&id) && l.contains("RUNNING"))
+            .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+    })
+    .await
+}
+
+fn pods_of(client: &Client, ns: &str, component: &str) -> impl std::future::Future<Output = Vec<Pod>> {
+    let api = Api::<Pod>::namespaced(client.clone(), ns);
+    let lp = ListParams::default().labels(&format!("app.kubernetes.io/component={component}"));
+    async move {
+        api.list(&lp)
+            .await
+            .unwrap()
+            .items
+            .into_iter()
+            .filter(|p| p.metadata.deletion_timestamp.is_none())
+            .collect()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs the node and images: hack/test.sh runs it"]
+async fn the_chart_runs_a_rotation_in_pods_upgrades_without_a_failed_request_and_uninstalls_cleanly() {
+    let Some((image, next)) = images() else { return };
+    let client = client().await;
+    let ns = TestNamespace::new(&client, "incluster").await;
+    let release = install(&client, &ns, &image, &[]).await;
+
+    // The runtime enforces the restricted security context: non-root UID, read-only root.
+    let controller = pods_of(&client, &ns.name, "controller").await;
+    let pid = container_pid(&client, &ns.name, &controller[0].name_any()).await;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let uid = status.lines().find(|l| l.starts_with("Uid:")).unwrap();
+    assert_eq!(uid.split_whitespace().skip(1).collect::<Vec<_>>(), ["65532"; 4], "{uid}");
+    let mounts = std::fs::read_to_string(format!("/proc/{pid}/mountinfo")).unwrap();
+    let root = mounts.lines().find(|l| l.split_whitespace().nth(4) == Some("/")).unwrap();
+    assert!(root.split_whitespace().nth(5).unwrap().split(',').any(|o| o == "ro"), "read-only root: {root}");
+
+    // A whole rotation, driven by the controller in its pod, sampled through the Service.
+    let policy = ns
+        .policy(
+            &client,
+            "p",
+            json!({"expiry": {"maxLifetime": "PT40S", "minLifetime": "PT1S"}, "rotation": {"flipBefore": "PT8S"},
+                   "notifications": {"before": []}}),
+        )
+        .await;
+    ns.apikey(&client, "svc", json!({"policy": policy, "owner": "team"})).await;
+    let first = wait_key(&client, &ns.name, "svc", Duration::from_secs(60), common::active).await;
+    let addr = verifier_addr(&client, &release).await;
+    eventually("the verifier Service to answer VALID", Duration::from_secs(30), || {
+        let (client, ns, addr) = (client.clone(), ns.name.clone(), addr.clone());
+        async move {
+            let key = secret_data(&client, &ns, "svc").await?.get("api-key").cloned()?;
+            (verify(&addr, &key).ok()? == "VALID").then_some(())
+        }
+    })
+    .await;
+    let sampler = Sampler::start(&client, &ns.name, &["svc"], addr.clone());
+    let mut seen = BTreeSet::from([first.key_id.clone()]);
+    // Primary → standby → flip → the primary slot regenerated: three keys, two flips.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let key = get_key(&client, &ns.name, "svc").await;
+        seen.extend(key.status.iter().flat_map(|s| &s.keys).map(|k| k.key_id.clone()));
+        let active = common::active(&key).map(|k| k.key_id).unwrap_or_default();
+        if seen.len() >= 3 && active != first.key_id {
+            break;
+        }
+        assert!(Instant::now() < deadline, "a rotation cycle within 120 s: {seen:?}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+
+    // Upgrade to another image digest while traffic flows.
+    let before: BTreeSet<String> =
+        pods_of(&client, &ns.name, "verifier").await.iter().map(|p| p.name_any()).collect();
+    release.helm("upgrade", &next, &[]);
+    let after = pods_of(&client, &ns.name, "verifier").await;
+    assert!(after.iter().all(|p| !before.contains(&p.name_any())), "the verifier pods were replaced");
+    for p in after.iter().chain(pods_of(&client, &ns.name, "controller").await.iter()) {
+        let image = p.spec.as_ref().unwrap().containers[0].image.clone().unwrap_or_default();
+        assert_eq!(image, next, "pod {} runs the new image", p.name_any());
+    }
+    // Keep sampling a little on the new pods, and through one more flip.
+    let active_now = common::active(&get_key(&client, &ns.name, "svc").await).unwrap().key_id;
+    wait_key(&client, &ns.name, "svc", Duration::from_secs(60), |k| {
+        common::active(k).filter(|a| a.key_id != active_now).map(|_| ())
+    })
+    .await;
+    let (samples, failures) = sampler.finish().await;
+    assert!(samples > 100, "{samples} samples");
+    assert!(failures.is_empty(), "{} of {samples} samples failed: {failures:#?}", failures.len());
+
+    // Uninstall: CRDs, ApiKeys and their Secrets stay; everything of the release goes.
+    let secret_before = secret_data(&client, &ns.name, "svc").await.unwrap();
+    let (ok, out) = run("helm", &["uninstall", &release.name, "-n", &ns.name, "--wait", "--timeout", "2m"]);
+    assert!(ok, "{out}");
+    let (_, crds) =
+        run("kubectl", &["get", "crd", "apikeys.keyward.dev", "keypolicies.keyward.dev", "-o", "name"]);
+    assert_eq!(crds.lines().count(), 2, "CRDs stay: {crds}");
+    assert!(get_key(&client, &ns.name, "svc").await.status.is_some(), "the ApiKey stays");
+    assert_eq!(
+        secret_data(&client, &ns.name, "svc").await.as_ref(),
+        Some(&secret_before),
+        "its Secret stays as it was"
+    );
+    let selector = format!("app.kubernetes.io/instance={}", release.name);
+    let kinds =
+        "deployments,replicasets,services,serviceaccounts,roles,rolebindings,poddisruptionbudgets,configmaps";
+    let (_, left) = run("kubectl", &["-n", &ns.name, "get", kinds, "-l", &selector, "-o", "name"]);
+    assert!(left.trim().is_empty() || left.contains("No resources"), "left in the namespace: {left}");
+    // Pods go as the garbage collector removes their ReplicaSets and they terminate.
+    eventually("the release's pods to terminate", Duration::from_secs(90), || async {
+        let (_, pods) = run("kubectl", &["-n", &ns.name, "get", "pods", "-l", &selector, "-o", "name"]);
+        (pods.trim().is_empty() || pods.contains("No resources")).then_some(())
+    })
+    .await;
+    let (_, cluster) =
+        run("kubectl", &["get", "clusterroles,clusterrolebindings", "-l", &selector, "-o", "name"]);
+    assert!(cluster.trim().is_empty() || cluster.contains("No resources"), "left cluster-wide: {cluster}");
+    std::mem::forget(release); // already uninstalled
+}
+
+/// The Lease holder's pod name (identities are `<pod>-<random>`), when held.
+async fn leader(client: &Client, ns: &str) -> Option<String> {
+    let lease = Api::<Lease>::namespaced(client.clone(), ns)
+        .get_opt(&format!("keyward-controller-{ns}"))
+        .await
+        .ok()??;
+    let holder = lease.spec?.holder_identity?;
+    holder.rsplit_once('-').map(|(pod, _)| pod.to_string())
+}
+
+/// Wait until a pod other than `old` holds the Lease: (the new leader, how long it took).
+async fn takeover(client: &Client, ns: &str, old: &str, since: Instant) -> (String, Duration) {
+    let new = eventually("another pod to take the Lease", Duration::from_secs(60), || async {
+        leader(client, ns).await.filter(|l| l != old)
+    })
+    .await;
+    (new, since.elapsed())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs the node and images: hack/test.sh runs it"]
+async fn the_leader_pod_fails_over_within_the_lease_and_no_key_is_issued_twice() {
+    let Some((image, _)) = images() else { return };
+    let client = client().await;
+    let ns = TestNamespace::new(&client, "failover").await;
+    let release = install(&client, &ns, &image, &["replicaCount=2"]).await;
+    let policy = ns
+        .policy(&client, "p", json!({"expiry": {"maxLifetime": "P1D"}, "notifications": {"before": []}}))
+        .await;
+    ns.apikey(&client, "a0", json!({"policy": policy, "owner": "o0"})).await;
+    wait_key(&client, &ns.name, "a0", Duration::from_secs(60), common::active).await;
+    let addr = verifier_addr(&client, &release).await;
+    eventually("the verifier Service to answer VALID", Duration::from_secs(30), || {
+        let (client, ns, addr) = (client.clone(), ns.name.clone(), addr.clone());
+        async move {
+            let key = secret_data(&client, &ns, "a0").await?.get("api-key").cloned()?;
+            (verify(&addr, &key).ok()? == "VALID").then_some(())
+        }
+    })
+    .await;
+    let sampler = Sampler::start(&client, &ns.name, &["a0"], addr);
+    let lease = Duration::from_secs(6);
+
+    // 1. The leader pod is deleted (SIGTERM: it drains and releases the Lease).
+    let first = eventually("a leader", Duration::from_secs(30), || leader(&client, &ns.name)).await;
+    let since = Instant::now();
+    let (ok, out) = run("kubectl", &["-n", &ns.name, "delete", "pod", &first, "--wait=false"]);
+    assert!(ok, "{out}");
+    // ApiKeys created during the failover are each issued exactly one key.
+    for i in 1..=3 {
+        ns.apikey(&client, &format!("a{i}"), json!({"policy": policy, "owner": format!("o{i}")})).await;
+    }
+    let (second, took) = takeover(&client, &ns.name, &first, since).await;
+    eprintln!("deleted leader pod {first}: {second} took over after {took:?}");
+    assert!(took <= lease + Duration::from_secs(3), "takeover within the lease duration: {took:?}");
+
+    // 2. The new leader's container is killed (no SIGTERM, no release: the Lease expires).
+    let pid = container_pid(&client, &ns.name, &second).await;
+    let since = Instant::now();
+    assert!(run("kill", &["-KILL", &pid.to_string()]).0);
+    for i in 4..=6 {
+        ns.apikey(&client, &format!("a{i}"), json!({"policy": policy, "owner": format!("o{i}")})).await;
+    }
+    let (third, took) = takeover(&client, &ns.name, &second, since).await;
+    eprintln!("killed leader container {second}: {third} took over after {took:?}");
+    assert!(took <= lease * 2, "takeover once the lease expired: {took:?}");
+
+    for i in 0..=6 {
+        let name = format!("a{i}");
+        let key = wait_key(&client, &ns.name, &name, Duration::from_secs(60), common::active).await;
+        let stored = get_key(&client, &ns.name, &name).await;
+        assert_eq!(stored.status.as_ref().unwrap().keys.len(), 1, "{name}: one key");
+        let data = secret_data(&client, &ns.name, &name).await.unwrap();
+        assert_eq!(data.get("key-id"), Some(&key.key_id), "{name}: the Secret holds the key in status");
+        for slot in ["primary", "secondary"] {
+            if let Some(m) = data.get(slot) {
+                assert_eq!(keyward::keys::hash(m), key.hash, "{name}: no second key in the Secret's {slot}");
+            }
+        }
+        let created: Vec<String> =
+            kube::Api::<k8s_openapi::api::events::v1::Event>::namespaced(client.clone(), &ns.name)
+                .list(&Default::default())
+                .await
+                .unwrap()
+                .items
+                .into_iter()
+                .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name.as_str()))
+                .filter_map(|e| e.note)
+                .filter(|n| n.contains("issued "))
+                .collect();
+        assert_eq!(created.len(), 1, "{name}: issued once: {created:?}");
+    }
+    let (samples, failures) = sampler.finish().await;
+    assert!(
+        failures.is_empty(),
+        "the verifier answered throughout: {} of {samples} failed: {failures:#?}",
+        failures.len()
+    );
+}
