@@ -326,6 +326,21 @@ async fn an_owner_edit_is_refused_by_the_controller_where_cel_is_not_run() {
     assert_eq!(key.owner(), "payments", "the verifier and the limits keep the recorded owner");
     assert_eq!(common::active(&key).map(|k| k.key_id), Some(first.key_id), "the keys are untouched");
     assert_eq!(ready(&key).unwrap().0, "True");
+    // An ApiKey that never got a key (its policy does not exist) cannot change owner
+    // either: the owner is recorded at its first reconcile, as CEL refuses it from creation.
+    ns.apikey(&client, "early", json!({"policy": "no-such-policy", "owner": "someone"})).await;
+    wait_key(&client, &ns.name, "early", Duration::from_secs(30), |k| {
+        (k.status.as_ref()?.owner.as_deref() == Some("someone")).then_some(())
+    })
+    .await;
+    common::patch_key(&client, &ns.name, "early", json!({"spec": {"owner": "payments", "policy": policy}}))
+        .await;
+    let early = wait_key(&client, &ns.name, "early", Duration::from_secs(30), |k| {
+        let c = find_condition(&k.status.as_ref()?.conditions, "Synced")?;
+        (c.reason == "OwnerImmutable" && common::active(k).is_some()).then(|| k.clone())
+    })
+    .await;
+    assert_eq!(early.owner(), "someone", "it does not join payments' ApiKeys");
     // Setting it back clears the condition.
     common::patch_key(&client, &ns.name, "svc", json!({"spec": {"owner": "payments"}})).await;
     wait_key(&client, &ns.name, "svc", Duration::from_secs(30), |k| {

@@ -60,7 +60,7 @@ async fn inactivity_expires_unused_keys_and_spares_used_ones() {
     let client = client().await;
     let ns = TestNamespace::new(&client, "inactive").await;
     let policy = ns
-        .policy(&client, "p", json!({"expiry": {"maxLifetime": "PT1H", "inactivityTimeout": "PT6S"}}))
+        .policy(&client, "p", json!({"expiry": {"maxLifetime": "PT1H", "inactivityTimeout": "PT6S"}, "rotation": {"flipBefore": "PT1S"}}))
         .await;
     let _keyward = common::controller_for(&ns.name, &[], "info");
     ns.apikey(&client, "used", json!({"policy": policy, "owner": "a"})).await;

@@ -263,7 +263,7 @@ async fn last_use_is_written_at_most_once_a_minute_and_keeps_used_keys_alive() {
     let client = client().await;
     let ns = TestNamespace::new(&client, "usage").await;
     let policy = ns
-        .policy(&client, "p", json!({"expiry": {"maxLifetime": "PT1H", "inactivityTimeout": "PT90S"}}))
+        .policy(&client, "p", json!({"expiry": {"maxLifetime": "PT1H", "inactivityTimeout": "PT90S"}, "rotation": {"flipBefore": "PT2S"}}))
         .await;
     let _controller = common::controller_for(&ns.name, &[], "info");
     let verifier = common::verifier_for(&ns.name);

@@ -276,7 +276,7 @@ pub struct ApiKeyStatus {
     /// The last `keyward.dev/rotate` annotation value acted upon.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rotation_request: Option<String>,
-    /// The owner the keys are issued to: recorded with the first key and kept. `owner` is
+    /// The owner the keys are issued to: recorded at the first reconcile and kept. `owner` is
     /// immutable; on clusters without CEL rules an edit of `spec.owner` is ignored
     /// (`Synced=False OwnerImmutable`), and the verifier and the owner limits use this.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -91,11 +91,13 @@ async fn prepare(ctx: &Context, key: &ApiKey, now: DateTime<Utc>) -> Result<Prep
     let policy_name_ok = key.spec.policy.as_deref().is_none_or(dns_subdomain);
     let resolved = if policy_name_ok { policy::resolve(ctx, key, now).await? } else { Default::default() };
     block = block.or(resolved.blocked);
+    // Owner limits apply whatever else is wrong: another problem (an invalid field) must
+    // not keep keys alive that lost their place.
     let mut retire = false;
-    if let Some(found) = &resolved.policy
-        && block.is_none()
-    {
-        (block, retire) = owner_limits(ctx, key, found).await?;
+    if let Some(found) = &resolved.policy {
+        let limited;
+        (limited, retire) = owner_limits(ctx, key, found).await?;
+        block = block.or(limited);
     }
     let rules = resolved.rules.unwrap_or_else(lifecycle::Rules::frozen);
     let lifetime = match rules.lifetime(key.spec.lifetime.as_deref(), now) {
@@ -242,7 +244,7 @@ async fn owner_limits(
         .await
         .map_err(Error::kube(format!("listing the ApiKeys of namespace {ns}")))?;
     let verdict = owner_verdict(listed.items.iter(), key, policy);
-    let retire = verdict.is_some();
+    let retire = verdict.as_ref().is_some_and(|b| b.reason == c::OWNER_KEY_LIMIT_EXCEEDED);
     Ok((verdict, retire))
 }
 
@@ -263,6 +265,7 @@ fn owner_verdict<'a>(
             .and_then(|t| DateTime::from_timestamp(t.0.as_second(), 0)),
         name: k.name_any(),
         description: k.spec.description.as_deref().unwrap_or_default().trim().to_string(),
+        holds_keys: k.status.iter().flat_map(|s| &s.keys).any(lifecycle::is_valid),
     };
     let mut owned_keys: Vec<policy::OwnedKey> = keys
         .filter(|k| k.namespace() == ns && k.owner() == owner && k.meta().deletion_timestamp.is_none())
@@ -474,9 +477,9 @@ fn plan(key: &ApiKey, p: &Prepared, now: DateTime<Utc>) -> Plan {
     };
     set_condition(&mut status.conditions, ready);
     let mut news = issuance_conditions(&mut status, p, generation, now);
-    // The owner is recorded with the first key and kept: an edit is refused here as the
-    // CEL rule refuses it on clusters that run CEL.
-    if status.owner.is_none() && !status.keys.is_empty() {
+    // The owner is recorded at the first reconcile and kept: an edit is refused here as
+    // the CEL rule refuses it (from creation on) on clusters that run CEL.
+    if status.owner.is_none() && !key.spec.owner.trim().is_empty() {
         status.owner = Some(key.spec.owner.trim().to_string());
     }
     let synced = match status.owner.as_deref().filter(|o| *o != key.spec.owner.trim()) {
@@ -586,20 +589,34 @@ async fn apply(
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &key.namespace().unwrap_or_default());
     let mut current = p.secret.clone();
     let mut stored = None;
+    let mut failed = None;
     for write in plan.writes() {
         match write {
             Write::Secret(contents) => {
                 let want = secret::desired(key, &p.secret_name, current.as_ref(), contents);
                 if secret::differs(current.as_ref(), &want) {
-                    current = Some(apply_secret(ctx, &secrets, current.as_ref(), want).await?);
+                    match apply_secret(ctx, &secrets, current.as_ref(), want).await {
+                        Ok(s) => current = Some(s),
+                        // Before status: nothing else may be written. After it: the
+                        // warnings it recorded are still delivered (below).
+                        Err(e) if stored.is_none() => return Err(e),
+                        Err(e) => {
+                            failed = Some(e);
+                            break;
+                        }
+                    }
                 }
             }
-            Write::Status(status) => stored = write_status(ctx, api, key, &old, status.clone()).await?,
+            Write::Status(status) => stored = Some(write_status(ctx, api, key, &old, status.clone()).await?),
         }
     }
-    if let Some((key_id, changed)) = &plan.roll {
-        consumers::roll(ctx, key, key_id, *changed).await?;
+    if failed.is_none()
+        && let Some((key_id, changed)) = &plan.roll
+        && let Err(e) = consumers::roll(ctx, key, key_id, *changed).await
+    {
+        failed = Some(e);
     }
+    let stored = stored.flatten();
     if plan.adopted > 0 {
         tracing::info!(apikey = %key.name_any(), namespace = ?key.namespace(), adopted = plan.adopted, "adopted key material written before an interrupted reconcile");
     }
@@ -624,6 +641,9 @@ async fn apply(
         plan.step_at,
     )
     .await?;
+    if let Some(e) = failed {
+        return Err(e);
+    }
     let next = [plan.step_at, plan.warn_at, retry].into_iter().flatten().min();
     Ok(match (next, &p.blocked) {
         (Some(at), Some(_)) => Action::requeue(until(at, now).min(BLOCKED_RETRY)),

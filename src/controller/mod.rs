@@ -71,6 +71,8 @@ pub struct Context {
     pub webhooks: crate::webhook::Sender,
     /// Failed attempts of the expiry-warning deliveries still pending.
     retries: warnings::Retries,
+    /// Permits to wait on warning receivers (see [`warnings::DELIVERING`]).
+    delivering: tokio::sync::Semaphore,
     /// Consecutive failures per object, for the retry backoff (reset on success).
     failures: std::sync::Mutex<std::collections::HashMap<String, u32>>,
     /// The resourceVersion of this controller's last write to each ApiKey status and
@@ -547,6 +549,7 @@ pub async fn run(client: Client, server: &str, opts: Options) -> Result<()> {
         failures: Default::default(),
         own_writes: Default::default(),
         retries: Default::default(),
+        delivering: tokio::sync::Semaphore::new(warnings::DELIVERING),
         webhooks: crate::webhook::Sender::new().map_err(|e| {
             Error::Config(format!("cannot load the system's CA certificates for webhooks: {e}"))
         })?,
@@ -582,7 +585,10 @@ pub async fn run(client: Client, server: &str, opts: Options) -> Result<()> {
                     Err(e) => return futures::future::ready(Some(Err(e))),
                 };
                 let (before, gone) = known.on(&ev, SeenKey::of);
-                let live = matches!(ev, watcher::Event::Apply(_));
+                // A live change, or one that happened while the watch was down (a re-list
+                // shows it; the first list after a start triggers every ApiKey anyway).
+                let live = matches!(ev, watcher::Event::Apply(_))
+                    || (matches!(ev, watcher::Event::InitApply(_)) && before.is_some());
                 let count = |policy: Option<&str>| {
                     if count_keys {
                         policies_named(&policies, policy)
@@ -597,7 +603,6 @@ pub async fn run(client: Client, server: &str, opts: Options) -> Result<()> {
                             before.as_ref().is_none_or(|b| b.generation != now.generation);
                         // A new or edited ApiKey can take another's place under the owner's
                         // limits (older, or same second and name first): re-check the others.
-                        // (After a re-list every ApiKey is reconciled anyway.)
                         if created_or_edited && live {
                             same_owner(&keys, &now.namespace, &now.owner)
                                 .into_iter()

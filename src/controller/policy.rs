@@ -61,12 +61,16 @@ pub struct OwnedKey {
     pub name: String,
     /// Description (trimmed; empty counts as none).
     pub description: String,
+    /// Whether it holds valid keys (then a duplicate description never refuses it).
+    pub holds_keys: bool,
 }
 
-/// Admit an owner's ApiKeys oldest first: a key whose description an admitted key
-/// already has is a `DuplicateDescription` (when descriptions must be unique), and
-/// beyond `max` admitted keys the rest are `OwnerKeyLimitExceeded`. Refused keys do
-/// not take a place. The verdict for `name`.
+/// Admit an owner's ApiKeys oldest first: a key without keys yet whose description an
+/// admitted key already has is a `DuplicateDescription` (when descriptions must be
+/// unique: a hygiene rule checked at admission, so an edit of one ApiKey's description
+/// never refuses another that already serves keys), and beyond `max` admitted keys the
+/// rest are `OwnerKeyLimitExceeded`. Refused keys do not take a place. The verdict for
+/// `name`.
 pub fn owner_verdict(
     mut keys: Vec<OwnedKey>,
     name: &str,
@@ -78,6 +82,7 @@ pub fn owner_verdict(
     let mut admitted: Vec<&OwnedKey> = Vec::new();
     for k in &keys {
         let verdict = if unique
+            && !k.holds_keys
             && !k.description.is_empty()
             && admitted.iter().any(|a| a.description == k.description)
         {
@@ -306,7 +311,18 @@ mod tests {
             created: DateTime::from_timestamp(secs, 0),
             name: name.into(),
             description: description.into(),
+            holds_keys: false,
         }
+    }
+
+    #[test]
+    fn a_duplicate_description_never_refuses_an_apikey_that_serves_keys() {
+        // "b" serves keys; an edit gives the older "a" the same description.
+        let mut b = owned("b", 2, "refunds");
+        b.holds_keys = true;
+        let keys = vec![owned("a", 1, "refunds"), b];
+        assert_eq!(owner_verdict(keys.clone(), "b", "o", 2, true), None);
+        assert_eq!(owner_verdict(keys, "a", "o", 2, true), None);
     }
 
     #[test]

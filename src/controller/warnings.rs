@@ -24,6 +24,8 @@ use crate::error::Result;
 use crate::lifecycle::notify::{self, Notice};
 use crate::webhook;
 
+/// Reconciles that may wait on receivers at once (the others retry a second later).
+pub const DELIVERING: usize = 4;
 /// A delivery still failing this long after its warning fired is given up on (with a
 /// Warning Event and the `failed` metric).
 pub const DELIVERY_WINDOW: TimeDelta = TimeDelta::hours(24);
@@ -182,7 +184,22 @@ pub async fn deliver(
             }
         }
     }
-    let outcomes = futures::future::join_all(jobs.iter().map(|j| attempt(ctx, key, policy, j))).await;
+    if jobs.is_empty() {
+        return Ok(retry);
+    }
+    // At most DELIVERING reconciles wait on receivers at once: slow or dead receivers
+    // must not take every reconcile worker from the other ApiKeys' lifecycle steps.
+    let Ok(_permit) = ctx.delivering.try_acquire() else {
+        let soon = now + TimeDelta::seconds(1);
+        return Ok(Some(retry.map_or(soon, |r| r.min(soon))));
+    };
+    let bounded = |j| async move {
+        tokio::time::timeout(webhook::ATTEMPT_TIMEOUT, attempt(ctx, key, policy, j))
+            .await
+            .unwrap_or_else(|_| Outcome::Failed(format!("no answer within {:?}", webhook::ATTEMPT_TIMEOUT)))
+    };
+    let outcomes = futures::future::join_all(jobs.iter().map(bounded)).await;
+    let mut done = Vec::new();
     for (job, outcome) in jobs.iter().zip(outcomes) {
         let n = &mut status.notified[job.at];
         let (target, kind) = (job.target.as_str(), job.kind);
@@ -231,10 +248,41 @@ pub async fn deliver(
         };
         if ended {
             n.pending.retain(|t| t != target);
+            done.push((n.key_id.clone(), n.threshold.clone(), target.to_string()));
         }
     }
-    super::apikey::write_status(ctx, api, key, old, status).await?;
+    record_ended(ctx, api, key, old, status, &done).await?;
     Ok(retry)
+}
+
+/// Write the status without the deliveries that ended. On a write conflict (the verifier
+/// wrote `lastUsedAt` meanwhile) the ApiKey is read again and the same targets are taken
+/// out of its fresh status, so what was delivered is not delivered again.
+async fn record_ended(
+    ctx: &Context,
+    api: &Api<ApiKey>,
+    key: &ApiKey,
+    old: &ApiKeyStatus,
+    status: ApiKeyStatus,
+    done: &[(String, String, String)],
+) -> Result<()> {
+    let conflict = |e: &crate::error::Error| matches!(e, crate::error::Error::Kube { source: kube::Error::Api(s), .. } if s.code == 409);
+    let mut attempt = super::apikey::write_status(ctx, api, key, old, status).await.map(drop);
+    for _ in 0..5 {
+        match &attempt {
+            Err(e) if conflict(e) => {}
+            _ => break,
+        }
+        let fresh = api.get(&key.name_any()).await.map_err(crate::error::Error::kube("reading ApiKey"))?;
+        let old = fresh.status.clone().unwrap_or_default();
+        let mut status = old.clone();
+        for n in status.notified.iter_mut() {
+            n.pending
+                .retain(|t| !done.iter().any(|(k, th, d)| *k == n.key_id && *th == n.threshold && d == t));
+        }
+        attempt = super::apikey::write_status(ctx, api, &fresh, &old, status).await.map(drop);
+    }
+    attempt
 }
 
 /// One attempt of `job`.

@@ -327,12 +327,11 @@ impl Engine<'_, '_> {
             if k.state == KeyState::Active
                 && rules.enforced
                 && let Some(timeout) = rules.inactivity_timeout
-                // Consumers take up to flipBefore to move to a key activated by a flip: its
-                // idle time counts from then, so it cannot die unused (retiring the
-                // ApiKey) before they could have used it.
-                && let Some(from) = k.last_used_at.max(k.activated_at.map(|a| {
-                    if a > k.created_at { rules.flip_before.add_to(a).unwrap_or(a) } else { a }
-                }))
+                // Consumers take up to flipBefore to start using a newly active key (a
+                // flip, a rotation, the first key): its idle time counts from then, so
+                // it cannot die unused (retiring the ApiKey) before they could use it.
+                && let Some(from) =
+                    k.last_used_at.max(k.activated_at.map(|a| rules.flip_before.add_to(a).unwrap_or(a)))
                 && let Ok(deadline) = timeout.add_to(from)
                 && effective.is_none_or(|(t, _)| deadline < t)
             {

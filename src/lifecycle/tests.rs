@@ -329,6 +329,7 @@ fn inactivity_retires_the_api_key_until_rotation() {
     let mut sim = Sim::new(rules_with(|s| {
         s.expiry.max_lifetime = "PT1H".into();
         s.expiry.inactivity_timeout = Some("PT10S".into());
+        s.rotation.flip_before = "PT2S".into();
     }));
     sim.at(0.0);
     // Used at 8 s: survives past 10 s.
@@ -369,6 +370,31 @@ fn a_key_activated_by_a_flip_has_flip_before_to_be_used_before_its_idle_time_cou
     sim.status.keys.iter_mut().filter(|k| k.key_id == "k2").for_each(|k| k.last_used_at = Some(secs(63.0)));
     assert_eq!(sim.at(71.0).health, Health::Ready);
     assert_eq!(sim.active().effective_expires_at, Some(secs(73.0)), "then counted from its last use");
+}
+
+#[test]
+fn a_rotation_never_retires_the_apikey_while_consumers_still_use_the_key_they_leave() {
+    let mut sim = Sim::new(rules_with(|s| {
+        s.expiry.max_lifetime = "PT600S".into();
+        s.expiry.inactivity_timeout = Some("PT10S".into());
+        s.rotation.flip_before = "PT30S".into();
+    }));
+    sim.at(0.0);
+    for t in [5.0, 10.0, 15.0, 20.0] {
+        sim.status.keys.iter_mut().for_each(|k| k.last_used_at = Some(secs(t)));
+        sim.at(t);
+    }
+    sim.rotate = Some("r".into());
+    sim.at(21.0);
+    let (k1, k2) = (sim.slot(Slot::Primary).clone(), sim.active().clone());
+    assert_eq!((k1.key_id.as_str(), k2.key_id.as_str()), ("k1", "k2"));
+    // Consumers keep using k1 while they move (it is valid until 21 + 30 s).
+    for t in [25.0, 29.0, 32.0, 40.0, 50.0] {
+        sim.status.keys.iter_mut().filter(|k| k.key_id == "k1").for_each(|k| k.last_used_at = Some(secs(t)));
+        let out = sim.at(t);
+        assert_eq!(out.health, Health::Ready, "at {t} s: {}", out.details);
+        assert_eq!(sim.slot(Slot::Primary).state, KeyState::Standby, "k1 still valid at {t} s");
+    }
 }
 
 #[test]

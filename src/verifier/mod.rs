@@ -175,19 +175,27 @@ pub async fn run(client: Client, server: &str, opts: Options) -> Result<()> {
         let _ = rx.wait_for(|s| *s).await;
     };
     let server = crate::health::serve(&opts.listen, app, stopped).await?;
+    tokio::pin!(key_feed, policy_feed);
     let signalled = tokio::select! {
         _ = crate::controller::shutdown_signal() => true,
-        _ = key_feed => { tracing::error!("ApiKey watch ended"); false },
-        _ = policy_feed => { tracing::error!("KeyPolicy watch ended"); false },
+        _ = &mut key_feed => { tracing::error!("ApiKey watch ended"); false },
+        _ = &mut policy_feed => { tracing::error!("KeyPolicy watch ended"); false },
         _ = readiness => false,
         _ = flusher => false,
     };
     ready.set(false);
     if signalled && !opts.shutdown_delay.is_zero() {
-        // The index is no longer fed, but is at most this delay old: go unready so the
-        // Service stops routing here, and answer what still arrives meanwhile.
+        // Unready, so the Service stops routing here; meanwhile answer what still
+        // arrives, with the index still fed (a revocation now is seen at once). The
+        // readiness loop is stopped: the answers keep the trust they had (the delay is
+        // bounded by --max-staleness).
         tracing::info!(delay = ?opts.shutdown_delay, "stopping: unready, still answering for the shutdown delay");
-        tokio::time::sleep(opts.shutdown_delay).await;
+        let delay = opts.shutdown_delay.min(opts.max_staleness);
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {},
+            _ = &mut key_feed => {},
+            _ = &mut policy_feed => {},
+        }
     }
     let _ = stop_tx.send(true);
     let _ = server.await;
