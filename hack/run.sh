@@ -69,6 +69,9 @@ if hack/cluster.sh has-node; then
   hack/image.sh
   image=$(cat "${KEYWARD_CACHE:-$HOME/.cache/keyward}/images/keyward.ref")
   digest=$(cat "${KEYWARD_CACHE:-$HOME/.cache/keyward}/images/keyward.digest")
+  # pullPolicy Never: a missing image would only show as pods stuck in ErrImageNeverPull.
+  ctr --address "$KEYWARD_CONTAINERD_SOCK" -n k8s.io images ls -q 2>/dev/null | grep -qxF "$image" ||
+    die "image $image is not in the node's containerd (hack/image.sh builds and imports it)"
   log "installing keyward $image ($digest) with the Helm chart into namespace $NS"
   # The digest as a pod annotation: a rebuilt image (same tag) rolls the pods.
   helm upgrade --install "$RELEASE" charts/keyward -n "$NS" --create-namespace --take-ownership \
