@@ -309,14 +309,14 @@ async fn the_chart_runs_a_rotation_in_pods_upgrades_without_a_failed_request_and
         "its Secret stays as it was"
     );
     let selector = format!("app.kubernetes.io/instance={}", release.name);
-    let kinds =
-        "deployments,replicasets,services,serviceaccounts,roles,rolebindings,poddisruptionbudgets,configmaps";
+    let kinds = "deployments,services,serviceaccounts,roles,rolebindings,poddisruptionbudgets,configmaps";
     let (_, left) = run("kubectl", &["-n", &ns.name, "get", kinds, "-l", &selector, "-o", "name"]);
     assert!(left.trim().is_empty() || left.contains("No resources"), "left in the namespace: {left}");
-    // Pods go as the garbage collector removes their ReplicaSets and they terminate.
-    eventually("the release's pods to terminate", Duration::from_secs(90), || async {
-        let (_, pods) = run("kubectl", &["-n", &ns.name, "get", "pods", "-l", &selector, "-o", "name"]);
-        (pods.trim().is_empty() || pods.contains("No resources")).then_some(())
+    // ReplicaSets and their pods go as the garbage collector follows the Deployments.
+    eventually("the release's ReplicaSets and pods to go", Duration::from_secs(90), || async {
+        let (_, left) =
+            run("kubectl", &["-n", &ns.name, "get", "replicasets,pods", "-l", &selector, "-o", "name"]);
+        (left.trim().is_empty() || left.contains("No resources")).then_some(())
     })
     .await;
     let (_, cluster) =
