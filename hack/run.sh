@@ -73,8 +73,10 @@ if hack/cluster.sh has-node; then
   ctr --address "$KEYWARD_CONTAINERD_SOCK" -n k8s.io images ls -q 2>/dev/null | grep -qxF "$image" ||
     die "image $image is not in the node's containerd (hack/image.sh builds and imports it)"
   log "installing keyward $image ($digest) with the Helm chart into namespace $NS"
-  # The digest as a pod annotation: a rebuilt image (same tag) rolls the pods.
-  helm upgrade --install "$RELEASE" charts/keyward -n "$NS" --create-namespace --take-ownership \
+  # The digest as a pod annotation: a rebuilt image (same tag) rolls the pods. The CRDs
+  # may have been applied by someone else (hack/test.sh, `keyward crds`): the release
+  # takes them over (--take-ownership, --force-conflicts).
+  helm upgrade --install "$RELEASE" charts/keyward -n "$NS" --create-namespace --take-ownership --force-conflicts \
     --set image.repository="${image%:*}" --set image.tag="${image##*:}" --set image.pullPolicy=Never \
     --set-string podAnnotations.keyward\\.dev/image-digest="$digest" \
     --wait --timeout 5m >/dev/null ||
