@@ -512,6 +512,9 @@ imageGCHighThresholdPercent: 100
 imageGCLowThresholdPercent: 99
 serializeImagePulls: false
 maxPods: 110
+# Mounted Secrets reach pods within about this (default 1m): the demo's two-minute keys
+# flip 30 s before they end.
+syncFrequency: 10s
 EOF
   write_kubeconfig "$RUN/kubelet.kubeconfig" cert kubelet-client
   write_kubeconfig "$RUN/kube-scheduler.kubeconfig" cert kube-scheduler
