@@ -143,6 +143,15 @@ fn verify(addr: &str, key: &str) -> Result<String, String> {
     Ok(v["code"].as_str().unwrap_or_default().to_string())
 }
 
+/// Wait until the verifier Service answers VALID for the key in ApiKey `name`'s Secret.
+async fn verifier_answers(client: &Client, ns: &str, name: &str, addr: &str) {
+    eventually("the verifier Service to answer VALID", Duration::from_secs(30), || async {
+        let key = secret_data(client, ns, name).await?.get("api-key").cloned()?;
+        (verify(addr, &key).ok()? == "VALID").then_some(())
+    })
+    .await;
+}
+
 /// Samples, every 100 ms until stopped: the key consumers hold (the Secret's `api-key`,
 /// read fresh each time) must verify through the verifier Service. Failures are kept.
 struct Sampler {
@@ -252,14 +261,7 @@ async fn the_chart_runs_a_rotation_in_pods_upgrades_without_a_failed_request_and
     ns.apikey(&client, "svc", json!({"policy": policy, "owner": "team"})).await;
     let first = wait_key(&client, &ns.name, "svc", Duration::from_secs(60), common::active).await;
     let addr = verifier_addr(&client, &release).await;
-    eventually("the verifier Service to answer VALID", Duration::from_secs(30), || {
-        let (client, ns, addr) = (client.clone(), ns.name.clone(), addr.clone());
-        async move {
-            let key = secret_data(&client, &ns, "svc").await?.get("api-key").cloned()?;
-            (verify(&addr, &key).ok()? == "VALID").then_some(())
-        }
-    })
-    .await;
+    verifier_answers(&client, &ns.name, "svc", &addr).await;
     let sampler = Sampler::start(&client, &ns.name, &["svc"], addr.clone());
     let mut seen = BTreeSet::from([first.key_id.clone()]);
     // Primary → standby → flip → the primary slot regenerated: three keys, two flips.
@@ -357,14 +359,7 @@ async fn the_leader_pod_fails_over_within_the_lease_and_no_key_is_issued_twice()
     ns.apikey(&client, "a0", json!({"policy": policy, "owner": "o0"})).await;
     wait_key(&client, &ns.name, "a0", Duration::from_secs(60), common::active).await;
     let addr = verifier_addr(&client, &release).await;
-    eventually("the verifier Service to answer VALID", Duration::from_secs(30), || {
-        let (client, ns, addr) = (client.clone(), ns.name.clone(), addr.clone());
-        async move {
-            let key = secret_data(&client, &ns, "a0").await?.get("api-key").cloned()?;
-            (verify(&addr, &key).ok()? == "VALID").then_some(())
-        }
-    })
-    .await;
+    verifier_answers(&client, &ns.name, "a0", &addr).await;
     let sampler = Sampler::start(&client, &ns.name, &["a0"], addr);
     let lease = Duration::from_secs(6);
 

@@ -316,8 +316,7 @@ fn inactivity_applies(policies: &Store<KeyPolicy>, key: &ApiKey) -> bool {
 /// the watch was down. Keeps the last version of each policy (policies are few).
 #[derive(Default)]
 struct PolicyChanges {
-    known: std::collections::HashMap<String, KeyPolicy>,
-    relisted: Option<std::collections::HashSet<String>>,
+    known: Known<KeyPolicy>,
 }
 
 impl PolicyChanges {
@@ -325,37 +324,24 @@ impl PolicyChanges {
         &mut self,
         ev: std::result::Result<watcher::Event<KeyPolicy>, watcher::Error>,
     ) -> Vec<std::result::Result<KeyPolicy, watcher::Error>> {
+        let ev = match ev {
+            Ok(ev) => ev,
+            Err(e) => return vec![Err(e)],
+        };
+        let (before, gone) = self.known.on(&ev, KeyPolicy::clone);
         match ev {
-            Ok(watcher::Event::Init) => {
-                self.relisted = Some(Default::default());
-                vec![]
-            }
-            Ok(watcher::Event::Apply(p) | watcher::Event::InitApply(p)) => {
-                let name = p.name_any();
-                if let Some(seen) = self.relisted.as_mut() {
-                    seen.insert(name.clone());
-                }
-                let old = self.known.insert(name, p.clone());
+            watcher::Event::Apply(p) | watcher::Event::InitApply(p) => {
                 let same = |o: &KeyPolicy| {
                     o.meta().generation == p.meta().generation && o.meta().uid == p.meta().uid
                 };
-                match old {
+                match before {
                     Some(o) if same(&o) => vec![],
                     // No longer default: the ApiKeys that used it as their default hear it too.
                     Some(o) if o.spec.default && !p.spec.default => vec![Ok(o), Ok(p)],
                     _ => vec![Ok(p)],
                 }
             }
-            Ok(watcher::Event::Delete(p)) => {
-                self.known.remove(&p.name_any());
-                vec![Ok(p)]
-            }
-            Ok(watcher::Event::InitDone) => {
-                let seen = self.relisted.take().unwrap_or_default();
-                let gone: Vec<String> = self.known.keys().filter(|n| !seen.contains(*n)).cloned().collect();
-                gone.into_iter().filter_map(|n| self.known.remove(&n)).map(Ok).collect()
-            }
-            Err(e) => vec![Err(e)],
+            _ => gone.into_iter().map(|(_, p)| Ok(p)).collect(),
         }
     }
 }
@@ -814,7 +800,7 @@ mod tests {
         c.on(Ok(watcher::Event::Init));
         assert_eq!(names(c.on(Ok(watcher::Event::InitApply(policy("c", 1))))), ["c"]);
         assert_eq!(names(c.on(Ok(watcher::Event::InitDone))), ["b"], "deleted during the gap");
-        assert_eq!(c.known.len(), 1, "pruned");
+        assert_eq!(c.known.known.len(), 1, "pruned");
     }
 
     fn named(ns: &str, name: &str, owner: &str) -> ApiKey {
