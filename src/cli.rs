@@ -51,6 +51,10 @@ pub enum Command {
         /// ApiKeys reconciled at once (each holds at most one API request in flight).
         #[arg(long, env = "KEYWARD_CONCURRENCY", default_value_t = 32, value_parser = clap::value_parser!(u16).range(1..))]
         concurrency: u16,
+        /// The verifiers' `--usage-flush-interval` (ISO 8601): a key whose last recorded
+        /// use is older than twice this counts as quiet in the handover state.
+        #[arg(long, env = "KEYWARD_USAGE_FLUSH_INTERVAL", default_value = "PT1M", value_parser = parse_interval)]
+        usage_flush_interval: std::time::Duration,
     },
     /// Run the verifier: answer "is this key valid?" over HTTP and record last use.
     Verifier {

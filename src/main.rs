@@ -63,6 +63,7 @@ async fn run(cli: Cli) -> error::Result<()> {
             lease_namespace,
             lease_duration,
             concurrency,
+            usage_flush_interval,
         } => {
             let leader = leader_elect.then(|| {
                 keyward::cli::lease_config(namespace.as_deref(), lease_name, lease_namespace, lease_duration)
@@ -72,7 +73,7 @@ async fn run(cli: Cli) -> error::Result<()> {
             controller::run(
                 client,
                 &server,
-                controller::Options { metrics_addr, namespace, leader, concurrency },
+                controller::Options { metrics_addr, namespace, leader, concurrency, usage_flush_interval },
             )
             .await
         }

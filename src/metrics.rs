@@ -63,11 +63,29 @@ pub struct KeyLabels {
     pub role: &'static str,
 }
 
+/// Labels of the per-key last-use gauge.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SlotLabels {
+    /// The ApiKey's namespace.
+    pub namespace: String,
+    /// The ApiKey's name.
+    pub apikey: String,
+    /// `Primary` or `Secondary`.
+    pub slot: &'static str,
+}
+
+type F64Gauge = prometheus_client::metrics::gauge::Gauge<f64, std::sync::atomic::AtomicU64>;
+
 /// All metrics of one process, shared as `Arc`.
 pub struct Metrics {
     /// Effective expiry of each ApiKey's active and waiting standby key (Unix seconds).
-    pub key_expiry:
-        Family<KeyLabels, prometheus_client::metrics::gauge::Gauge<f64, std::sync::atomic::AtomicU64>>,
+    pub key_expiry: Family<KeyLabels, F64Gauge>,
+    /// Last recorded use of each ApiKey's valid keys, by slot (Unix seconds).
+    pub key_last_used: Family<SlotLabels, F64Gauge>,
+    /// ApiKeys whose older key is still used after consumers moved off it, with a
+    /// warning threshold before its expiry passed.
+    pub old_key_in_use: prometheus_client::metrics::gauge::Gauge,
+    old_key_in_use_set: std::sync::Mutex<std::collections::HashSet<(String, String)>>,
     /// 1 while this replica holds the leader Lease (or runs without election).
     pub leader: prometheus_client::metrics::gauge::Gauge,
     /// Expiry warnings raised and webhook deliveries, by kind and result.
@@ -105,6 +123,18 @@ impl Metrics {
         let notifications = Family::<NotifyLabels, Counter>::default();
         let leader = prometheus_client::metrics::gauge::Gauge::default();
         let key_expiry = Family::default();
+        let key_last_used = Family::default();
+        let old_key_in_use = prometheus_client::metrics::gauge::Gauge::default();
+        registry.register(
+            "key_last_used_timestamp_seconds",
+            "Last recorded use of each ApiKey's valid keys, by slot",
+            key_last_used.clone(),
+        );
+        registry.register(
+            "apikeys_old_key_in_use",
+            "ApiKeys whose older key is still used after consumers moved off it, close to its expiry",
+            old_key_in_use.clone(),
+        );
         registry.register(
             "key_expiry_timestamp_seconds",
             "Effective expiry of each ApiKey's active and waiting standby key",
@@ -133,6 +163,9 @@ impl Metrics {
         Arc::new(Metrics {
             leader,
             key_expiry,
+            key_last_used,
+            old_key_in_use,
+            old_key_in_use_set: Default::default(),
             registry,
             notifications,
             api_writes,
@@ -162,6 +195,30 @@ impl Metrics {
     /// Count a reconcile blocked for `reason`.
     pub fn count_blocked(&self, reason: &'static str) {
         self.blocked.get_or_create(&ReasonLabels { reason }).inc();
+    }
+
+    /// Whether the ApiKey `namespace/name` has an older key still in use close to its
+    /// expiry (the `apikeys_old_key_in_use` gauge counts those that do).
+    pub fn set_old_key_in_use(&self, namespace: &str, name: &str, in_use: bool) {
+        let mut set = self.old_key_in_use_set.lock().unwrap_or_else(|p| p.into_inner());
+        let id = (namespace.to_string(), name.to_string());
+        if in_use {
+            set.insert(id);
+        } else {
+            set.remove(&id);
+        }
+        self.old_key_in_use.set(set.len() as i64);
+    }
+
+    /// The ApiKey `namespace/name` is gone: drop its per-key series.
+    pub fn forget_apikey(&self, namespace: &str, name: &str) {
+        for role in ["active", "standby"] {
+            self.key_expiry.remove(&KeyLabels { namespace: namespace.into(), apikey: name.into(), role });
+        }
+        for slot in ["Primary", "Secondary"] {
+            self.key_last_used.remove(&SlotLabels { namespace: namespace.into(), apikey: name.into(), slot });
+        }
+        self.set_old_key_in_use(namespace, name, false);
     }
 
     /// The registry, for components that add their own metrics at start-up.

@@ -34,7 +34,8 @@ pub struct Payload {
     /// The same for every delivery of one warning (`<namespace>/<apikey>/<keyId>/<threshold>`):
     /// delivery is at least once, so a receiver may see a warning twice and drop repeats.
     pub id: String,
-    /// `KeyExpiringSoon` or `NonExpiringKey`.
+    /// `KeyExpiringSoon`, `NonExpiringKey` or `KeyStillInUse` (the key is still used
+    /// after consumers moved to its successor).
     #[serde(rename = "type")]
     pub type_: String,
     /// The ApiKey.
@@ -52,6 +53,28 @@ pub struct Payload {
     pub threshold: String,
     /// Whether a valid standby key is ready for consumers.
     pub standby_ready: bool,
+    /// The key's last recorded use (absent: none recorded).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_used_at: Option<DateTime<Utc>>,
+    /// The newer valid key, if there is one: whether callers have started using it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub successor: Option<SuccessorRef>,
+    /// The ApiKey's handover state (the `Handover` condition's reason).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub handover: Option<String>,
+}
+
+/// The successor of the key a notification is about.
+#[derive(Serialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct SuccessorRef {
+    /// Its ID.
+    pub key_id: String,
+    /// `Primary` or `Secondary`.
+    pub slot: String,
+    /// Its last recorded use (absent: not used yet).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_used_at: Option<DateTime<Utc>>,
 }
 
 /// `sha256=<hex HMAC-SHA256 of body>`.
@@ -121,8 +144,18 @@ mod tests {
             expires_at: None,
             threshold: "P7D".into(),
             standby_ready: true,
+            last_used_at: None,
+            successor: Some(SuccessorRef {
+                key_id: "def".into(),
+                slot: "Secondary".into(),
+                last_used_at: None,
+            }),
+            handover: Some("NewKeyNotYetUsed".into()),
         };
         let v = serde_json::to_value(&p).unwrap();
+        assert_eq!(v["successor"]["keyId"], "def");
+        assert!(v["successor"].get("lastUsedAt").is_none() && v.get("lastUsedAt").is_none());
+        assert_eq!(v["handover"], "NewKeyNotYetUsed");
         assert_eq!(v["type"], "KeyExpiringSoon");
         assert_eq!(v["id"], "ns/svc/abc/P7D");
         assert_eq!(v["apiKey"]["name"], "svc");

@@ -176,6 +176,9 @@ pub enum ExpiryReason {
     /// The ApiKey lost its place under its owner's limits (`maxKeysPerOwner` lowered, or
     /// an older ApiKey of the same owner seen late): its keys end at once.
     OwnerLimit,
+    /// Retired early (`rotation.retireDrainedAfter`): the newer key was in use and this
+    /// one had been quiet that long; it ended `flipBefore` after consumers left it.
+    Drained,
 }
 
 /// Public facts about one key. Never the key itself.
@@ -222,7 +225,7 @@ pub struct KeyStatus {
 pub struct ExpiryCap {
     /// The key stops verifying at this instant at the latest.
     pub at: DateTime<Utc>,
-    /// `PolicyChange` or `Rotated`.
+    /// `PolicyChange`, `Rotated` or `Drained`.
     pub reason: ExpiryReason,
 }
 
@@ -242,6 +245,11 @@ pub struct Notified {
     /// (a crash in between) is made again.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub pending: Vec<String>,
+    /// What the warning is about. Absent: the key is close to its expiry
+    /// (`KeyExpiringSoon`, or `NonExpiringKey`); `KeyStillInUse`: the key was still used
+    /// after consumers moved to its successor.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
 }
 
 /// The delivery target of a warning's Warning Event in [`Notified::pending`].
@@ -341,6 +349,9 @@ pub mod conditions {
     /// `spec.lifetime` is outside the policy's bounds: keys are issued with the nearest
     /// bound instead.
     pub const LIFETIME_CLAMPED: &str = "LifetimeClamped";
+    /// Whether callers have moved to the newest key, from the verifier's usage data
+    /// (True: nothing to do; False: someone has not switched yet; Unknown: no usage data).
+    pub const HANDOVER: &str = "Handover";
 
     /// Ready reason: the Secret holds a valid active key.
     pub const KEY_ACTIVE: &str = "KeyActive";
@@ -378,4 +389,19 @@ pub mod conditions {
     pub const EXPIRING_SOON: &str = "KeyExpiringSoon";
     /// Expiring reason: no threshold has passed.
     pub const NOT_EXPIRING: &str = "NotExpiring";
+
+    /// Handover reason (True): one valid key; nothing to hand over.
+    pub const SINGLE_KEY: &str = "SingleKey";
+    /// Handover reason (True): the newer key is in use and the older one is quiet.
+    pub const NEW_KEY_IN_USE: &str = "NewKeyInUse";
+    /// Handover reason (False): both keys are in use, as expected before consumers move
+    /// (and while a flip propagates).
+    pub const BOTH_KEYS_IN_USE: &str = "BothKeysInUse";
+    /// Handover reason (False): the newer key has not been used yet.
+    pub const NEW_KEY_NOT_YET_USED: &str = "NewKeyNotYetUsed";
+    /// Handover reason (False): the older key is still used after consumers moved off it
+    /// (the flip plus the propagation allowance): someone has not switched.
+    pub const OLD_KEY_STILL_IN_USE: &str = "OldKeyStillInUse";
+    /// Handover reason (Unknown): neither key has a recorded use (no verifier reports).
+    pub const NO_USAGE_DATA: &str = "NoUsageData";
 }

@@ -130,6 +130,16 @@ pub struct RotationSpec {
     /// `false`: keys expire and are replaced only when a rotation is requested.
     #[serde(default = "default_true")]
     pub automatic: bool,
+    /// Early retirement of drained keys (opt-in; absent: never). Once the newer of an
+    /// ApiKey's two keys has been used and the older one has not been used for this long
+    /// (the newer key's last use at least this long after the older key's), keyward moves
+    /// `api-key` to the newer key at once (if it is not there yet) and ends the older key
+    /// `flipBefore` after that (`expiryReason: Drained`), instead of at its scheduled
+    /// expiry. Never a key still used, still in `api-key` or inside its drain window;
+    /// a use of the older key before it ends cancels its retirement. Trade-off: a caller
+    /// that calls less often than this looks idle (see docs/handover.md).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retire_drained_after: Option<String>,
 }
 
 impl Default for RotationSpec {
@@ -138,6 +148,7 @@ impl Default for RotationSpec {
             secondary_at: default_secondary_at(),
             flip_before: default_flip_before(),
             automatic: true,
+            retire_drained_after: None,
         }
     }
 }

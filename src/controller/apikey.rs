@@ -36,7 +36,7 @@ use crate::api::{
 };
 use crate::error::{Error, Result};
 use crate::keys;
-use crate::lifecycle::{self, Happening, Health, Input, notify};
+use crate::lifecycle::{self, Happening, Health, Input, handover, notify};
 
 /// Blocked objects are looked at again this often (e.g. a foreign Secret may go away).
 const BLOCKED_RETRY: Duration = Duration::from_secs(300);
@@ -81,6 +81,8 @@ struct Prepared {
     blocked: Option<Blocked>,
     /// The ApiKey lost its place under its owner's limits: its keys end now.
     retire: bool,
+    /// How the verifier's usage data is read (handover).
+    usage: handover::Usage,
 }
 
 /// Dereference and validate. Whatever the user has to fix becomes `blocked` (the first
@@ -136,6 +138,7 @@ async fn prepare(ctx: &Context, key: &ApiKey, now: DateTime<Utc>) -> Result<Prep
         foreign_secret,
         blocked: block,
         retire,
+        usage: ctx.usage,
     })
 }
 
@@ -383,9 +386,14 @@ struct Plan {
     news: Vec<(&'static str, String)>,
     /// Warnings that fired (metrics; their delivery is recorded in `status`).
     fired: Vec<notify::Notice>,
-    /// The next lifecycle step, and the next warning threshold.
+    /// The next lifecycle step, the next warning threshold, and when the handover state
+    /// changes with time alone.
     step_at: Option<DateTime<Utc>>,
     warn_at: Option<DateTime<Utc>>,
+    handover_at: Option<DateTime<Utc>>,
+    /// The older key is still in use after consumers moved, with a threshold before its
+    /// expiry passed (the `apikeys_old_key_in_use` gauge).
+    old_key_in_use: bool,
     /// Keys adopted from the Secret (written before an interrupted reconcile).
     adopted: usize,
 }
@@ -439,12 +447,18 @@ fn plan(key: &ApiKey, p: &Prepared, now: DateTime<Utc>) -> Plan {
         // Blocked before its first key: no client ID either (it comes with the first key).
         status.client_id = None;
     }
-    // A blocked ApiKey says what is blocked (new keys) and what still happens.
-    let details = match &p.blocked {
+    // Whether callers moved to the newer key, from the verifier's usage data.
+    let handover = handover::evaluate(&p.rules, &status, now, p.usage);
+    // A blocked ApiKey says what is blocked (new keys) and what still happens; an owner
+    // with something to do about the handover reads it here too.
+    let mut details = match &p.blocked {
         Some(b) if old.keys.is_empty() && status.keys.is_empty() => b.message.clone(),
         Some(b) => format!("{}; no new key is issued: {}", b.message, outcome.details),
         None => outcome.details.clone(),
     };
+    if matches!(handover.reason, c::NEW_KEY_NOT_YET_USED | c::OLD_KEY_STILL_IN_USE) {
+        details = format!("{details}; {}", handover.message);
+    }
 
     // Ready: whether consumers hold a valid key. While the Secret cannot be written
     // (invalid spec, foreign or missing Secret), they hold the key already in api-key.
@@ -498,8 +512,19 @@ fn plan(key: &ApiKey, p: &Prepared, now: DateTime<Utc>) -> Plan {
         None => Condition::new(c::SYNCED, TRUE, c::APPLIED, "everything was written", generation, now),
     };
     set_condition(&mut status.conditions, synced);
+    set_condition(
+        &mut status.conditions,
+        Condition::new(
+            c::HANDOVER,
+            handover.status,
+            handover.reason,
+            handover.message.clone(),
+            generation,
+            now,
+        ),
+    );
     let on_schedule = p.blocked.is_none() && p.rules.automatic && p.rules.enforced && !p.rules.frozen;
-    let warnings = notify::evaluate(&p.rules, &mut status, now, on_schedule);
+    let warnings = notify::evaluate(&p.rules, &mut status, now, on_schedule, &handover);
     super::warnings::address(&mut status, &warnings.fire, p.policy.as_ref());
     let expiring = match &warnings.expiring {
         Some((threshold, end)) => Condition::new(
@@ -551,6 +576,7 @@ fn plan(key: &ApiKey, p: &Prepared, now: DateTime<Utc>) -> Plan {
     let changed =
         outcome.happenings.iter().any(|h| matches!(h, Happening::Flipped { .. } | Happening::Created { .. }));
     let roll = ready_active.filter(|_| !invalid_spec).map(|a| (a.key_id.clone(), changed));
+    let old_key_in_use = old_key_in_use(&p.rules, &status, &handover, now);
     Plan {
         slots_first,
         status,
@@ -561,6 +587,8 @@ fn plan(key: &ApiKey, p: &Prepared, now: DateTime<Utc>) -> Plan {
         fired: warnings.fire,
         step_at: outcome.next.as_ref().map(|n| n.at),
         warn_at: warnings.next,
+        handover_at: handover.next,
+        old_key_in_use,
         adopted: minter.adopted,
     }
 }
@@ -621,12 +649,13 @@ async fn apply(
         tracing::info!(apikey = %key.name_any(), namespace = ?key.namespace(), adopted = plan.adopted, "adopted key material written before an interrupted reconcile");
     }
     export_expiry(ctx, key, &plan.status);
+    export_usage(ctx, key, &plan.status, plan.old_key_in_use);
     record(ctx, key, &plan.happenings).await;
     for (reason, message) in &plan.news {
         ctx.warn(key, reason, message).await;
     }
     for n in &plan.fired {
-        ctx.metrics.count_notification(super::warnings::kind(&n.threshold), "raised");
+        ctx.metrics.count_notification(n.kind, "raised");
     }
     if let Some(b) = &p.blocked {
         ctx.metrics.count_blocked(b.reason);
@@ -644,7 +673,7 @@ async fn apply(
     if let Some(e) = failed {
         return Err(e);
     }
-    let next = [plan.step_at, plan.warn_at, retry].into_iter().flatten().min();
+    let next = [plan.step_at, plan.warn_at, plan.handover_at, retry].into_iter().flatten().min();
     Ok(match (next, &p.blocked) {
         (Some(at), Some(_)) => Action::requeue(until(at, now).min(BLOCKED_RETRY)),
         (Some(at), None) => Action::requeue(until(at, now)),
@@ -673,6 +702,51 @@ fn export_expiry(ctx: &Context, key: &ApiKey, status: &ApiKeyStatus) {
             }
         }
     }
+}
+
+/// Whether the older key is still in use after consumers moved and the first warning
+/// threshold before its expiry has passed.
+fn old_key_in_use(
+    rules: &lifecycle::Rules,
+    status: &ApiKeyStatus,
+    handover: &handover::Handover,
+    now: DateTime<Utc>,
+) -> bool {
+    let Some((key_id, _)) = &handover.still_in_use else { return false };
+    let end = status.keys.iter().find(|k| k.key_id == *key_id).and_then(|k| k.effective_expires_at);
+    let longest = rules.notify_before.first();
+    match (end, longest) {
+        (Some(end), Some((_, d))) => d.sub_from(end).is_ok_and(|t| t <= now),
+        _ => false,
+    }
+}
+
+/// Each valid key's last use as a gauge by slot, and whether the ApiKey's older key is
+/// still in use close to its expiry.
+fn export_usage(ctx: &Context, key: &ApiKey, status: &ApiKeyStatus, old_key_in_use: bool) {
+    use crate::metrics::SlotLabels;
+    let (ns, name) = (key.namespace().unwrap_or_default(), key.name_any());
+    for slot in [crate::api::Slot::Primary, crate::api::Slot::Secondary] {
+        let labels = SlotLabels {
+            namespace: ns.clone(),
+            apikey: name.clone(),
+            slot: if slot == crate::api::Slot::Primary { "Primary" } else { "Secondary" },
+        };
+        let used = status
+            .keys
+            .iter()
+            .find(|k| k.slot == slot && lifecycle::is_valid(k))
+            .and_then(|k| k.last_used_at);
+        match used {
+            Some(t) => {
+                ctx.metrics.key_last_used.get_or_create(&labels).set(t.timestamp_millis() as f64 / 1000.0);
+            }
+            None => {
+                ctx.metrics.key_last_used.remove(&labels);
+            }
+        }
+    }
+    ctx.metrics.set_old_key_in_use(&ns, &name, old_key_in_use);
 }
 
 /// How long until `at` (at least a millisecond, so an overdue step runs at once).
@@ -783,11 +857,28 @@ fn describe(h: &Happening) -> (usize, bool, &'static str, String) {
             "KeyExpired",
             format!("{slot} key {key_id} expired ({reason:?})"),
         ),
+        Happening::Retiring { slot, key_id, at } => (
+            4,
+            false,
+            "KeyRetiring",
+            format!(
+                "{slot} key {key_id} has drained (its successor is in use and it is not): it stops verifying at {} (rotation.retireDrainedAfter)",
+                at.to_rfc3339_opts(SecondsFormat::Secs, true)
+            ),
+        ),
+        Happening::RetirementCancelled { slot, key_id } => (
+            5,
+            true,
+            "KeyRetirementCancelled",
+            format!(
+                "{slot} key {key_id} was used again before its early retirement: it keeps its scheduled end"
+            ),
+        ),
         Happening::Flipped { to, key_id } => {
-            (4, false, "KeyFlipped", format!("consumers moved to the {to} key {key_id}"))
+            (6, false, "KeyFlipped", format!("consumers moved to the {to} key {key_id}"))
         }
         Happening::Created { slot, key_id } => {
-            (5, false, "KeyCreated", format!("issued {slot} key {key_id}"))
+            (7, false, "KeyCreated", format!("issued {slot} key {key_id}"))
         }
     }
 }
@@ -833,6 +924,7 @@ mod tests {
                 foreign_secret: false,
                 blocked: None,
                 retire: false,
+                usage: Default::default(),
             }
         }
 

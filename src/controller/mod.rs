@@ -49,6 +49,9 @@ pub struct Options {
     /// applied together, a catch-up) queues here instead of opening a connection per
     /// reconcile to the API server.
     pub concurrency: u16,
+    /// The verifier's usage flush interval: a key whose last recorded use is older than
+    /// twice this is quiet (handover state, see [`crate::lifecycle::handover`]).
+    pub usage_flush_interval: Duration,
 }
 
 /// Shared state of every reconcile.
@@ -78,6 +81,8 @@ pub struct Context {
     /// The resourceVersion of this controller's last write to each ApiKey status and
     /// Secret (see [`OwnWrites`]).
     pub own_writes: OwnWrites,
+    /// How the verifier's usage data is read (handover).
+    pub usage: crate::lifecycle::handover::Usage,
 }
 
 /// The resourceVersion this controller last wrote, per object. Its own writes then cost
@@ -535,6 +540,7 @@ pub async fn run(client: Client, server: &str, opts: Options) -> Result<()> {
         failures: Default::default(),
         own_writes: Default::default(),
         retries: Default::default(),
+        usage: crate::lifecycle::handover::Usage::for_flush_interval(opts.usage_flush_interval),
         delivering: tokio::sync::Semaphore::new(warnings::DELIVERING),
         webhooks: crate::webhook::Sender::new().map_err(|e| {
             Error::Config(format!("cannot load the system's CA certificates for webhooks: {e}"))
@@ -610,6 +616,7 @@ pub async fn run(client: Client, server: &str, opts: Options) -> Result<()> {
                 // is free, keyCount drops, and the per-object state is forgotten.
                 for (id, g) in gone {
                     ctx.forget(&id);
+                    ctx.metrics.forget_apikey(g.namespace.as_deref().unwrap_or_default(), &g.name);
                     same_owner(&keys, &g.namespace, &g.owner)
                         .into_iter()
                         .for_each(|r| drop(owner_tx.unbounded_send(r)));

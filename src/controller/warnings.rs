@@ -93,26 +93,51 @@ pub fn address(status: &mut ApiKeyStatus, fired: &[Notice], policy: Option<&KeyP
     }
 }
 
-/// The Event reason (and webhook `type`) of a warning for `threshold`.
-pub fn kind(threshold: &str) -> &'static str {
-    if threshold == notify::NON_EXPIRING { "NonExpiringKey" } else { "KeyExpiringSoon" }
-}
-
-/// The Event reason (and webhook `type`) and the note of a warning.
-fn describe(n: &Notice, policy: Option<&KeyPolicy>) -> (&'static str, String) {
-    if n.threshold == notify::NON_EXPIRING {
-        let policy = policy.map(|p| p.name_any()).unwrap_or_default();
-        return (
-            "NonExpiringKey",
-            format!("{} key {} never expires: KeyPolicy {policy} has expiry disabled", n.slot, n.key_id),
-        );
+/// The note of a warning (its Event reason and webhook `type` is `n.kind`): what it is
+/// about, and the handover facts (each key's last use) that say what to do.
+fn describe(n: &Notice, policy: Option<&KeyPolicy>) -> String {
+    let ts = |t: DateTime<Utc>| t.to_rfc3339_opts(SecondsFormat::Secs, true);
+    let used = |t: Option<DateTime<Utc>>| {
+        t.map_or("has no recorded use".to_string(), |t| format!("was last used at {}", ts(t)))
+    };
+    let when = n.expires_at.map(ts).unwrap_or_default();
+    let successor = n.successor.as_ref().map(|s| {
+        let state = match s.last_used_at {
+            Some(t) => format!("is in use (last used at {})", ts(t)),
+            None => {
+                format!("has not been used yet: load it into the systems that call with key {}", n.key_id)
+            }
+        };
+        format!("the {} key {} {state}", s.slot, s.key_id)
+    });
+    match n.kind {
+        notify::NON_EXPIRING_KEY => {
+            let policy = policy.map(|p| p.name_any()).unwrap_or_default();
+            format!("{} key {} never expires: KeyPolicy {policy} has expiry disabled", n.slot, n.key_id)
+        }
+        notify::KEY_STILL_IN_USE => format!(
+            "{} key {} {} after consumers moved to {}; it stops verifying at {when} (within {}): someone has not switched",
+            n.slot,
+            n.key_id,
+            used(n.last_used_at),
+            successor.unwrap_or_else(|| "its successor".into()),
+            n.threshold
+        ),
+        _ => {
+            let standby = match successor {
+                Some(s) => s,
+                None if n.standby_ready => "a standby key is ready".into(),
+                None => "no standby key is ready yet".into(),
+            };
+            format!(
+                "{} key {} expires at {when} (within {}) and {}; {standby}",
+                n.slot,
+                n.key_id,
+                n.threshold,
+                used(n.last_used_at)
+            )
+        }
     }
-    let when = n.expires_at.map(|t| t.to_rfc3339_opts(SecondsFormat::Secs, true)).unwrap_or_default();
-    let standby = if n.standby_ready { "a standby key is ready" } else { "no standby key is ready yet" };
-    (
-        "KeyExpiringSoon",
-        format!("{} key {} expires at {when} (within {}); {standby}", n.slot, n.key_id, n.threshold),
-    )
 }
 
 /// How one delivery ended this time.
@@ -163,14 +188,15 @@ pub async fn deliver(
     for (i, n) in status.notified.iter_mut().enumerate().filter(|(_, n)| !n.pending.is_empty()) {
         let Some(notice) = notify::notice_for(old, n) else {
             // Its key left status (regenerated): the warning is moot.
+            let kind = notify::kind_of(n);
             for _ in n.pending.drain(..) {
-                ctx.metrics.count_notification(kind(&n.threshold), "dropped");
+                ctx.metrics.count_notification(kind, "dropped");
             }
             continue;
         };
-        let (kind, note) = describe(&notice, policy);
+        let (kind, note) = (notice.kind, describe(&notice, policy));
         for target in &n.pending {
-            let delivery = format!("{}/{}/{target}", n.key_id, n.threshold);
+            let delivery = format!("{}/{}/{}/{target}", n.key_id, notice.kind, n.threshold);
             match ctx.retries.waiting(&object, &delivery, now) {
                 Some(at) => retry = Some(retry.map_or(at, |r| r.min(at))),
                 None => jobs.push(Job {
@@ -293,8 +319,14 @@ async fn attempt(ctx: &Context, key: &ApiKey, policy: Option<&KeyPolicy>, job: &
             false => Outcome::Failed("the API server refused the Event".into()),
         };
     }
+    // Expiry warnings keep the `<ns>/<apikey>/<keyId>/<threshold>` form; other kinds
+    // name themselves before the threshold.
+    let kind = match job.notice.kind {
+        notify::KEY_STILL_IN_USE => format!("{}/", job.notice.kind),
+        _ => String::new(),
+    };
     let id = format!(
-        "{}/{}/{}/{}",
+        "{}/{}/{}/{kind}{}",
         key.namespace().unwrap_or_default(),
         key.name_any(),
         job.notice.key_id,
@@ -326,6 +358,13 @@ async fn post(
         expires_at: n.expires_at,
         threshold: n.threshold.clone(),
         standby_ready: n.standby_ready,
+        last_used_at: n.last_used_at,
+        successor: n.successor.as_ref().map(|s| webhook::SuccessorRef {
+            key_id: s.key_id.clone(),
+            slot: s.slot.to_string(),
+            last_used_at: s.last_used_at,
+        }),
+        handover: n.handover.clone(),
     };
     let Ok(body) = serde_json::to_vec(&payload) else { return Outcome::Dropped("unserializable".into()) };
     let signing = match signing_key(ctx, hook.secret_ref.as_ref()).await {
@@ -374,6 +413,7 @@ mod tests {
             threshold: "P7D".into(),
             at: t0,
             pending,
+            kind: None,
         };
         let mut status = ApiKeyStatus {
             notified: vec![entry("k1", vec!["http://a/hook".into()]), entry("k2", vec![])],
@@ -385,6 +425,10 @@ mod tests {
             threshold: "P7D".into(),
             expires_at: None,
             standby_ready: false,
+            kind: notify::KEY_EXPIRING_SOON,
+            last_used_at: None,
+            successor: None,
+            handover: None,
         };
         address(&mut status, &[fired("k2")], Some(&policy));
         assert_eq!(status.notified[1].pending, ["Event", "http://a/hook", "http://b/hook"]);

@@ -20,13 +20,19 @@
 //!    at once when a waiting standby would end with or before the active key (a
 //!    retroactive cap can give both the same end) while a fresh one would outlive it;
 //! 8. flip to the newer standby `flipBefore` before the active key's expiry, capped at
-//!    half of the two keys' overlap.
+//!    half of the two keys' overlap;
+//! 9. early retirement (`rotation.retireDrainedAfter`): once the newer key has been used
+//!    and the older one has been quiet that long ([`handover::drained`]), flip to the
+//!    newer key at once if the older one is active, and cap the older key `flipBefore`
+//!    after consumers left it (`Drained`). The cap stays only while that holds: a use of
+//!    the older key before it ends lifts it again.
 //!
 //! While issuance is blocked ([`Input::may_issue`] false) steps 1, 2, 5 (flip to a valid
 //! standby), 6 (flip to a standby whose material is there) and 8 run; nothing is issued.
 //! An ApiKey that lost its place under its owner's limits ([`Input::retire`]) has every
 //! valid key capped at `now` (`OwnerLimit`), so step 2 ends them.
 
+pub mod handover;
 pub mod notify;
 mod rules;
 
@@ -137,6 +143,22 @@ pub enum Happening {
     Repaired {
         /// The slot whose material was missing.
         slot: Slot,
+    },
+    /// A drained key is retired early (`rotation.retireDrainedAfter`): it ends at `at`.
+    Retiring {
+        /// Its slot.
+        slot: Slot,
+        /// Its ID.
+        key_id: String,
+        /// When it stops verifying.
+        at: DateTime<Utc>,
+    },
+    /// A key being retired early was used again: it keeps its scheduled end.
+    RetirementCancelled {
+        /// Its slot.
+        slot: Slot,
+        /// Its ID.
+        key_id: String,
     },
 }
 
@@ -309,6 +331,7 @@ impl Engine<'_, '_> {
             return;
         }
         self.keep_rotated_key_while_held();
+        self.lift_drained_cap_of_a_used_key();
         for k in self.status.keys.iter_mut().filter(|k| is_valid(k)) {
             if rules.enforced {
                 let base = k.created_at.max(rules.max_lifetime_since);
@@ -342,9 +365,34 @@ impl Engine<'_, '_> {
         }
     }
 
-    /// A key a rotation moved consumers off stays valid `flipBefore` after it left
-    /// `api-key`, not after the rotation: when the write that moves `api-key` failed, its
-    /// `Rotated` cap moves with the retry (never past its own end).
+    /// A key being retired early (`Drained`) keeps that cap only while the retirement
+    /// still holds ([`handover::drained`]): once it is used again (or the policy no longer
+    /// retires drained keys), the cap goes and its scheduled end applies.
+    fn lift_drained_cap_of_a_used_key(&mut self) {
+        let after = self.rules().retire_drained_after;
+        let pair = handover::pair(self.status).map(|(o, n)| (o.key_id.clone(), n.clone()));
+        for k in self.status.keys.iter_mut().filter(|k| is_valid(k)) {
+            if k.cap.is_none_or(|c| c.reason != ExpiryReason::Drained) {
+                continue;
+            }
+            let holds = match (&pair, &after) {
+                (Some((older, newer)), Some(after)) => {
+                    *older == k.key_id && handover::drained(k, newer, after)
+                }
+                _ => false,
+            };
+            if !holds {
+                k.cap = None;
+                self.happenings
+                    .push(Happening::RetirementCancelled { slot: k.slot, key_id: k.key_id.clone() });
+            }
+        }
+    }
+
+    /// A key a rotation (or an early retirement) moved consumers off stays valid
+    /// `flipBefore` after it left `api-key`, not after the flip: when the write that
+    /// moves `api-key` failed, its `Rotated` or `Drained` cap moves with the retry (never
+    /// past its own end).
     fn keep_rotated_key_while_held(&mut self) {
         let now = self.now();
         let Some(in_api_key) = self.material.api_key.clone() else { return };
@@ -358,11 +406,16 @@ impl Engine<'_, '_> {
         }) else {
             return;
         };
-        let Some(cap) = k.cap.filter(|c| c.reason == ExpiryReason::Rotated && c.at < until) else { return };
+        let Some(cap) = k
+            .cap
+            .filter(|c| matches!(c.reason, ExpiryReason::Rotated | ExpiryReason::Drained) && c.at < until)
+        else {
+            return;
+        };
         // The policy cap, if lower, is applied again right after (see `refresh`).
         let limit = k.expires_at.map_or(until, |e| e.min(until));
         if limit > cap.at {
-            k.cap = Some(ExpiryCap { at: limit, reason: ExpiryReason::Rotated });
+            k.cap = Some(ExpiryCap { at: limit, reason: cap.reason });
         }
     }
 
@@ -376,7 +429,49 @@ impl Engine<'_, '_> {
                     || self.replace_invalid_active()
                     || self.repair_active()
                     || self.standby()
-                    || self.flip_when_due()))
+                    || self.flip_when_due()
+                    || self.retire_drained()))
+    }
+
+    /// Step 9: retire the older key early once it has drained (see the module docs). The
+    /// cap is `flipBefore` after consumers left it (now, when this flips them), never
+    /// earlier, and only ever shortens its life.
+    fn retire_drained(&mut self) -> bool {
+        let Some(after) = self.rules().retire_drained_after else { return false };
+        let Some((older, newer)) = handover::pair(self.status).map(|(o, n)| (o.clone(), n.clone())) else {
+            return false;
+        };
+        if !handover::drained(&older, &newer, &after)
+            || older.cap.is_some_and(|c| c.reason == ExpiryReason::Drained)
+        {
+            return false;
+        }
+        let now = self.now();
+        let left = if older.state == KeyState::Active {
+            // Consumers still hold the older key: move them first (a newer key that has
+            // been active before, or whose material is gone, cannot take them).
+            if newer.activated_at.is_some() || !has_material(self.material, &newer) {
+                return false;
+            }
+            now
+        } else {
+            // Consumers left it when the newer key became active (while `api-key` still
+            // holds it, the cap follows, see `keep_rotated_key_while_held`).
+            newer.activated_at.unwrap_or(now)
+        };
+        let Ok(end) = self.rules().flip_before.add_to(left) else { return false };
+        let end = end.max(now);
+        if ceiling(&older).is_some_and(|c| c <= end) {
+            return false;
+        }
+        if older.state == KeyState::Active {
+            self.activate(newer.slot);
+        }
+        if let Some(k) = key_mut(self.status, older.slot) {
+            k.cap = Some(ExpiryCap { at: end, reason: ExpiryReason::Drained });
+        }
+        self.happenings.push(Happening::Retiring { slot: older.slot, key_id: older.key_id.clone(), at: end });
+        true
     }
 
     fn revoke(&mut self) -> bool {

@@ -32,6 +32,9 @@ pub struct Rules {
     pub flip_before: IsoDuration,
     /// `rotation.automatic`.
     pub automatic: bool,
+    /// `rotation.retireDrainedAfter`: end the older key early once it has been quiet this
+    /// long while the newer one is used. None: never.
+    pub retire_drained_after: Option<IsoDuration>,
     /// Since when the current `maxLifetime` applies (retroactive tightening counts from here).
     pub max_lifetime_since: DateTime<Utc>,
     /// `notifications.before`, parsed, longest first, with their original text.
@@ -137,6 +140,12 @@ impl Rules {
         let secondary_at = parse_secondary_at(&spec.rotation.secondary_at)?;
         let flip_before = IsoDuration::parse(&spec.rotation.flip_before)
             .map_err(|err| problem(pc::INVALID_DURATION, format!("rotation.flipBefore: {err}")))?;
+        let retire_drained_after = spec
+            .rotation
+            .retire_drained_after
+            .as_deref()
+            .map(|t| positive("rotation.retireDrainedAfter", t))
+            .transpose()?;
         let mut notify_before = Vec::new();
         for (i, text) in spec.notifications.before.iter().enumerate() {
             let d = positive(&format!("notifications.before[{i}]"), text)?;
@@ -197,6 +206,7 @@ impl Rules {
             secondary_at,
             flip_before,
             automatic: spec.rotation.automatic,
+            retire_drained_after,
             max_lifetime_since,
             notify_before,
             format: KeyFormat::from(&spec.key_format),

@@ -819,6 +819,9 @@ enum EdgeOp {
     /// The next reconcile's `api-key` write fails (retried 1 s later).
     FailApiKeyWrite,
     Use,
+    /// A caller uses the older (false) or newer (true) of two valid keys (an external
+    /// system loaded with it).
+    UseKey(bool),
 }
 
 fn edge_op() -> impl Strategy<Value = EdgeOp> {
@@ -830,6 +833,7 @@ fn edge_op() -> impl Strategy<Value = EdgeOp> {
         1 => any::<bool>().prop_map(EdgeOp::LoseSlot),
         1 => Just(EdgeOp::FailApiKeyWrite),
         2 => Just(EdgeOp::Use),
+        3 => any::<bool>().prop_map(EdgeOp::UseKey),
     ]
 }
 
@@ -863,18 +867,26 @@ proptest! {
     /// hold (in `api-key` within the last `flipBefore`) verifies, unless it was revoked
     /// or its ApiKey was retired; a hash leaves status only after its key left
     /// `api-key` (checked in `Sim::once`); at most one key per slot per advance.
+    ///
+    /// With early retirement (`retireDrainedAfter`) in the mix, and callers using either
+    /// key: a key retired early (`Drained`) was quiet for `retireDrainedAfter` before its
+    /// retirement was decided, and not used since.
     #[test]
-    fn a_key_a_consumer_may_hold_always_verifies(ops in proptest::collection::vec(edge_op(), 1..50)) {
-        run_edge_ops(ops)?;
+    fn a_key_a_consumer_may_hold_always_verifies(
+        ops in proptest::collection::vec(edge_op(), 1..50),
+        retire in proptest::option::weighted(0.5, 1u32..15),
+    ) {
+        run_edge_ops(ops, retire)?;
     }
 }
 
 /// The edge property's run (see `a_key_a_consumer_may_hold_always_verifies`).
-fn run_edge_ops(ops: Vec<EdgeOp>) -> Result<(), TestCaseError> {
+fn run_edge_ops(ops: Vec<EdgeOp>, retire: Option<u32>) -> Result<(), TestCaseError> {
     let flip = 5.0;
     let rules_for = |max: Option<u32>, since: DateTime<Utc>| {
         let mut r = rules_with(|s| {
             s.rotation.flip_before = "PT5S".into();
+            s.rotation.retire_drained_after = retire.map(|r| format!("PT{r}S"));
             match max {
                 Some(m) => s.expiry.max_lifetime = format!("PT{m}S"),
                 None => {
@@ -947,6 +959,13 @@ fn run_edge_ops(ops: Vec<EdgeOp>) -> Result<(), TestCaseError> {
                     k.last_used_at = Some(secs(now));
                 }
             }
+            EdgeOp::UseKey(newer) => {
+                let id = super::handover::pair(&sim.status)
+                    .map(|(o, n)| if newer { n.key_id.clone() } else { o.key_id.clone() });
+                for k in sim.status.keys.iter_mut().filter(|k| Some(&k.key_id) == id.as_ref()) {
+                    k.last_used_at = Some(secs(now));
+                }
+            }
         }
         let minted_before = sim.mint.minted;
         eprintln!("op {op_name} at {now}: log so far {:?}", sim.log.iter().rev().take(6).collect::<Vec<_>>());
@@ -963,6 +982,21 @@ fn run_edge_ops(ops: Vec<EdgeOp>) -> Result<(), TestCaseError> {
         consumers.saw(&sim, now);
         prop_assert!(sim.mint.minted - minted_before <= 3, "at most one key per slot and step");
         check(&sim, &consumers, now, flip)?;
+        if let Some(r) = retire {
+            for k in sim.status.keys.iter().filter(|k| k.expiry_reason == Some(ExpiryReason::Drained)) {
+                let decided = sim.log.iter().rev().find_map(|(t, h)| match h {
+                    Happening::Retiring { key_id, .. } if *key_id == k.key_id => Some(*t),
+                    _ => None,
+                });
+                let quiet_since = secs_of(k.last_used_at.unwrap_or(k.created_at));
+                prop_assert!(
+                    decided.is_some_and(|d| quiet_since <= d - f64::from(r) + 1e-6),
+                    "key {} retired early (decided at {decided:?} s) was used at {quiet_since} s: {:#?}",
+                    k.key_id,
+                    sim.status
+                );
+            }
+        }
     }
     Ok(())
 }
@@ -1027,4 +1061,89 @@ fn a_standby_issued_on_schedule_is_never_replaced_for_being_short() {
     sim.at(16.0);
     assert_eq!(sim.slot(Slot::Secondary).key_id, standby);
     assert_eq!(sim.mint.minted, 2);
+}
+
+/// `retireDrainedAfter` PT10S on 60 s keys (flipBefore PT5S): the Secondary exists from
+/// 30 s; a caller that switches to it at once makes the Primary drain.
+fn retiring_sim() -> Sim {
+    let mut sim = Sim::new(rules_with(|s| {
+        s.expiry.max_lifetime = "PT60S".into();
+        s.rotation.flip_before = "PT5S".into();
+        s.rotation.retire_drained_after = Some("PT10S".into());
+    }));
+    sim.at(0.0);
+    sim.at(30.0);
+    assert_eq!(sim.valid_count(), 2);
+    sim
+}
+
+fn use_key(sim: &mut Sim, slot: Slot, at: f64) {
+    sim.status.keys.iter_mut().find(|k| k.slot == slot).unwrap().last_used_at = Some(secs(at));
+}
+
+#[test]
+fn a_drained_active_key_is_flipped_off_at_once_and_ends_flip_before_later() {
+    let mut sim = retiring_sim();
+    use_key(&mut sim, Slot::Primary, 29.0);
+    use_key(&mut sim, Slot::Secondary, 31.0);
+    sim.at(31.0);
+    assert_eq!(sim.status.active_slot, Some(Slot::Primary), "the Primary was used 2 s ago");
+    use_key(&mut sim, Slot::Secondary, 38.9);
+    sim.at(38.9);
+    assert_eq!(sim.status.active_slot, Some(Slot::Primary), "quiet for 9.9 s only");
+    use_key(&mut sim, Slot::Secondary, 39.0);
+    let out = sim.at(39.0);
+    assert_eq!(sim.status.active_slot, Some(Slot::Secondary), "flipped at once: {:?}", out.happenings);
+    assert_eq!(sim.material.api_key.as_deref(), Some(sim.slot(Slot::Secondary).hash.as_str()));
+    let p = sim.slot(Slot::Primary);
+    assert_eq!(
+        p.cap,
+        Some(ExpiryCap { at: secs(44.0), reason: ExpiryReason::Drained }),
+        "flipBefore after the flip"
+    );
+    assert_eq!(p.effective_expires_at, Some(secs(44.0)));
+    assert!(matches!(out.happenings.last(), Some(Happening::Retiring { slot: Slot::Primary, .. })));
+    let out = sim.at(44.0);
+    assert_eq!(sim.slot(Slot::Primary).state, KeyState::Expired);
+    assert_eq!(sim.slot(Slot::Primary).expiry_reason, Some(ExpiryReason::Drained));
+    assert!(out.happenings.iter().all(|h| !matches!(h, Happening::Created { .. })), "{:?}", out.happenings);
+    // Its slot is regenerated on the normal schedule: half-way through the Secondary's life.
+    let next = sim.at(44.0).next.unwrap();
+    assert_eq!((next.action, next.at), (NextAction::Regenerate, secs(60.0)));
+}
+
+#[test]
+fn a_retirement_is_cancelled_when_the_older_key_is_used_again_before_it_ends() {
+    let mut sim = retiring_sim();
+    use_key(&mut sim, Slot::Secondary, 40.0);
+    sim.at(40.0);
+    assert_eq!(
+        sim.slot(Slot::Primary).expiry_reason,
+        Some(ExpiryReason::Drained),
+        "never used: quiet since 0 s"
+    );
+    use_key(&mut sim, Slot::Primary, 42.0);
+    let out = sim.at(42.0);
+    assert!(
+        out.happenings.contains(&Happening::RetirementCancelled { slot: Slot::Primary, key_id: "k1".into() })
+    );
+    let p = sim.slot(Slot::Primary);
+    assert_eq!((p.cap, p.effective_expires_at, p.state), (None, Some(secs(60.0)), KeyState::Standby));
+    assert_eq!(sim.status.active_slot, Some(Slot::Secondary), "consumers stay on the newer key");
+    sim.at(45.0);
+    assert!(is_valid(sim.slot(Slot::Primary)), "it keeps its scheduled end");
+}
+
+#[test]
+fn no_early_retirement_without_the_policy_or_without_usage_data() {
+    let mut sim = retiring_sim();
+    sim.at(50.0);
+    assert_eq!(sim.status.active_slot, Some(Slot::Primary), "no usage data: nothing retired");
+    assert_eq!(sim.slot(Slot::Primary).cap, None);
+    let mut sim = Sim::new(rules_with(|s| s.expiry.max_lifetime = "PT60S".into()));
+    sim.at(0.0);
+    sim.at(30.0);
+    use_key(&mut sim, Slot::Secondary, 44.0);
+    sim.at(44.0);
+    assert_eq!((sim.status.active_slot, sim.slot(Slot::Primary).cap), (Some(Slot::Primary), None));
 }
