@@ -72,6 +72,148 @@ pub fn table(keys: &[ApiKey], with_namespace: bool) -> String {
     out
 }
 
+/// One ApiKey in detail (pure, for `keyward status NAME`): its conditions, each key with
+/// its last use, and a timeline `width` columns wide of both slots' validity windows, the
+/// time each key held `api-key`, the last uses, now and the next step.
+pub fn describe(key: &ApiKey, now: DateTime<Utc>, width: usize) -> String {
+    use std::fmt::Write;
+    let status = key.status.clone().unwrap_or_default();
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "ApiKey {}/{}   owner {}   policy {}",
+        key.namespace().unwrap_or_default(),
+        key.name_any(),
+        key.owner(),
+        key.spec.policy.as_deref().unwrap_or("(default)")
+    );
+    for t in [c::READY, c::HANDOVER, c::EXPIRING, c::STALLED] {
+        if let Some(cond) = find_condition(&status.conditions, t) {
+            let _ = writeln!(out, "{t:<9} {:<7} {}: {}", cond.status, cond.reason, cond.message);
+        }
+    }
+    if let (Some(a), Some(t)) = (&status.next_action, status.next_action_at) {
+        let _ = writeln!(out, "Next      {a} at {}", short(Some(t)));
+    }
+    let _ = writeln!(out);
+    let rows: Vec<[String; 6]> = status
+        .keys
+        .iter()
+        .map(|k| {
+            let state = if k.state == KeyState::Standby && k.activated_at.is_some() {
+                "Draining".to_string()
+            } else {
+                format!("{:?}", k.state)
+            };
+            [
+                format!("{:?}", k.slot),
+                k.key_id.clone(),
+                state,
+                short(Some(k.created_at)),
+                short(k.effective_expires_at)
+                    + &k.expiry_reason.map(|r| format!(" ({r:?})")).unwrap_or_default(),
+                k.last_used_at
+                    .map_or("never".into(), |t| format!("{} ({} ago)", short(Some(t)), ago(now - t))),
+            ]
+        })
+        .collect();
+    let head = ["SLOT", "KEY", "STATE", "CREATED", "ENDS", "LAST USED"].map(String::from);
+    let widths: Vec<usize> = (0..6)
+        .map(|i| std::iter::once(&head).chain(&rows).map(|r| r[i].chars().count()).max().unwrap_or(0))
+        .collect();
+    for row in std::iter::once(&head).chain(&rows) {
+        let cells: Vec<String> = row.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
+        let _ = writeln!(out, "{}", cells.join("  ").trim_end());
+    }
+    if !status.keys.is_empty() {
+        let _ = writeln!(out);
+        out.push_str(&timeline(&status, now, width));
+    }
+    out
+}
+
+fn ago(d: chrono::TimeDelta) -> String {
+    let s = d.num_seconds().max(0);
+    match s {
+        0..60 => format!("{s}s"),
+        60..3600 => format!("{}m", s / 60),
+        3600..86_400 => format!("{}h{}m", s / 3600, s % 3600 / 60),
+        _ => format!("{}d{}h", s / 86_400, s % 86_400 / 3600),
+    }
+}
+
+/// Both slots on one time axis (see [`describe`]): `#` while the key was in `api-key`,
+/// `=` while it was valid otherwise, `-` after its end, `*` its last use, `|` now, `>`
+/// the next step.
+fn timeline(status: &crate::api::ApiKeyStatus, now: DateTime<Utc>, width: usize) -> String {
+    let label = 22;
+    let cols = width.saturating_sub(label + 1).max(20);
+    let end_of = |k: &crate::api::KeyStatus| k.effective_expires_at.or(k.expires_at);
+    let start = status.keys.iter().map(|k| k.created_at).min().unwrap_or(now).min(now);
+    let end = status
+        .keys
+        .iter()
+        .filter_map(end_of)
+        .chain(status.next_action_at)
+        .chain(std::iter::once(now))
+        .max()
+        .unwrap_or(now);
+    let span = (end - start).num_milliseconds().max(1) as f64;
+    let col = |t: DateTime<Utc>| {
+        let x = (t - start).num_milliseconds() as f64 / span * (cols - 1) as f64;
+        (x.round().max(0.0) as usize).min(cols - 1)
+    };
+    let mut out = String::new();
+    for k in &status.keys {
+        let mut bar = vec![' '; cols];
+        let (from, to) = (col(k.created_at), end_of(k).map_or(cols - 1, col));
+        for c in bar.iter_mut().take(cols).skip(from) {
+            *c = '-';
+        }
+        for c in bar.iter_mut().take(to + 1).skip(from) {
+            *c = '=';
+        }
+        if let Some(a) = k.activated_at {
+            // Held api-key from its activation until the other key's later activation.
+            let other =
+                status.keys.iter().find(|o| o.slot != k.slot).and_then(|o| o.activated_at).filter(|o| *o > a);
+            let until = other.map_or(to, |o| col(o).min(to));
+            for c in bar.iter_mut().take(until + 1).skip(col(a)) {
+                *c = '#';
+            }
+        }
+        bar[col(now)] = '|';
+        if let Some(u) = k.last_used_at {
+            bar[col(u)] = '*';
+        }
+        let name = format!("{:?} {}", k.slot, k.key_id.chars().take(10).collect::<String>());
+        out.push_str(&format!("{name:<label$} {}\n", bar.iter().collect::<String>().trim_end()));
+    }
+    let mut axis = vec![' '; cols];
+    axis[col(now)] = '^';
+    let mut marks = format!("now {}", short(Some(now)));
+    if let (Some(a), Some(t)) = (&status.next_action, status.next_action_at) {
+        axis[col(t)] = '>';
+        marks.push_str(&format!("   > next: {a} at {}", short(Some(t))));
+    }
+    out.push_str(&format!("{:<label$} {}\n", "", axis.iter().collect::<String>().trim_end()));
+    out.push_str(&format!("{:<label$} {} … {}\n", "", short(Some(start)), short(Some(end))));
+    out.push_str(&format!("{:<label$} ^ {marks}\n", ""));
+    out.push_str(&format!("{:<label$} # in api-key   = valid   - after its end   * last use   | now\n", ""));
+    out
+}
+
+/// The terminal's width: `COLUMNS`, else `stty size` on the controlling terminal, else 100.
+pub fn terminal_width() -> usize {
+    if let Some(w) = std::env::var("COLUMNS").ok().and_then(|c| c.trim().parse().ok()) {
+        return w;
+    }
+    let tty = std::fs::File::open("/dev/tty").ok();
+    let size = tty.and_then(|t| std::process::Command::new("stty").arg("size").stdin(t).output().ok());
+    size.and_then(|o| String::from_utf8(o.stdout).ok()?.split_whitespace().nth(1)?.parse().ok())
+        .unwrap_or(100)
+}
+
 fn not_found(ns: &str, name: &str) -> impl FnOnce(kube::Error) -> Error {
     let (ns, name) = (ns.to_string(), name.to_string());
     move |e| match &e {
@@ -89,7 +231,8 @@ pub async fn status(
 ) -> Result<String> {
     let ns = namespace.map_or_else(|| client.default_namespace().to_string(), str::to_string);
     let keys = if let Some(name) = name {
-        vec![Api::<ApiKey>::namespaced(client, &ns).get(name).await.map_err(not_found(&ns, name))?]
+        let key = Api::<ApiKey>::namespaced(client, &ns).get(name).await.map_err(not_found(&ns, name))?;
+        return Ok(describe(&key, Utc::now(), terminal_width()));
     } else if all {
         Api::<ApiKey>::all(client)
             .list(&ListParams::default())
@@ -265,6 +408,77 @@ mod tests {
             assert!(lines[1].contains(needle), "{needle} missing: {out}");
         }
         assert!(table(&[], true).starts_with("NAMESPACE"));
+    }
+
+    #[test]
+    fn one_apikey_in_detail_shows_last_uses_the_handover_and_a_timeline_that_fits_the_width() {
+        let t0 = DateTime::from_timestamp(1_800_000_000, 0).unwrap();
+        let h = |n: i64| t0 + chrono::TimeDelta::hours(n);
+        let mut key = ApiKey::new("checkout", ApiKeySpec { owner: "payments".into(), ..Default::default() });
+        key.metadata.namespace = Some("shop".into());
+        let k = |slot, id: &str, created: i64, state, activated: Option<i64>, used: Option<i64>| KeyStatus {
+            slot,
+            key_id: id.into(),
+            hash: "sha256:x".into(),
+            preview: "kw_abcd".into(),
+            created_at: h(created),
+            expires_at: Some(h(created + 90)),
+            effective_expires_at: Some(h(created + 90)),
+            cap: None,
+            activated_at: activated.map(h),
+            last_used_at: used.map(h),
+            state,
+            expiry_reason: Some(crate::api::ExpiryReason::MaxLifetime),
+        };
+        key.status = Some(ApiKeyStatus {
+            active_slot: Some(Slot::Primary),
+            keys: vec![
+                k(Slot::Primary, "p1", 0, KeyState::Active, Some(0), Some(59)),
+                k(Slot::Secondary, "s1", 45, KeyState::Standby, None, None),
+            ],
+            next_action: Some("Flip".into()),
+            next_action_at: Some(h(89)),
+            conditions: vec![Condition::new(
+                "Handover",
+                "False",
+                "NewKeyNotYetUsed",
+                "the Secondary key s1 has not been used yet",
+                None,
+                t0,
+            )],
+            ..Default::default()
+        });
+        for width in [60, 80, 160] {
+            let out = describe(&key, h(60), width);
+            assert!(out.contains("Handover  False   NewKeyNotYetUsed: the Secondary key s1"), "{out}");
+            assert!(out.contains("Next      Flip at 2027-01-19T01:00:00Z"), "{out}");
+            let p1 = out
+                .lines()
+                .find(|l| l.starts_with("Primary ") && l.contains(" p1 ") && l.contains("Active"))
+                .unwrap();
+            assert!(p1.contains("(1h0m ago)"), "last use and how long ago: {p1}");
+            let bars: Vec<&str> = out
+                .lines()
+                .filter(|l| l.starts_with("Primary p1") || l.starts_with("Secondary s1"))
+                .collect();
+            assert_eq!(bars.len(), 2, "{out}");
+            assert!(bars[0].contains('#') && bars[0].contains('*') && !bars[0][23..].contains(' '), "{out}");
+            assert!(
+                bars[1].contains('=') && !bars[1].contains('#') && bars[1][23..].starts_with(' '),
+                "{out}"
+            );
+            let now_col = bars[1].find('|').unwrap();
+            assert_eq!(
+                bars[0].find('|').or(bars[0].find('*')).map(|c| c.abs_diff(now_col) <= 1),
+                Some(true),
+                "{out}"
+            );
+            let axis = out.lines().rev().take(4).collect::<Vec<_>>();
+            assert!(
+                bars.iter().chain(&axis[3..]).all(|l| l.chars().count() <= width.max(43)),
+                "the bars fit {width} columns: {out}"
+            );
+        }
     }
 
     #[test]

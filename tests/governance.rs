@@ -8,16 +8,14 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode};
 use chrono::{TimeDelta, Utc};
+use common::hooks::{Received, events_with_reason, receiver, receiver_on};
 use common::{TestNamespace, active, client, get_key, ready, wait_key};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Secret;
-use k8s_openapi::api::events::v1::Event;
 use keyward::api::{ApiKey, ExpiryReason, KeyPolicy, KeyState, KeyStatus};
 use kube::Client;
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use serde_json::json;
 
 fn reason(key: &ApiKey) -> String {
@@ -41,18 +39,6 @@ async fn mark_used(client: &Client, ns: &str, name: &str) {
             Err(e) => panic!("mark used: {e}"),
         }
     }
-}
-
-async fn events_with_reason(client: &Client, ns: &str, reason: &str) -> Vec<Event> {
-    let events: Api<Event> = Api::namespaced(client.clone(), ns);
-    events
-        .list(&ListParams::default())
-        .await
-        .unwrap()
-        .items
-        .into_iter()
-        .filter(|e| e.reason.as_deref() == Some(reason))
-        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -167,36 +153,6 @@ async fn owner_limits_refuse_a_third_key_and_duplicate_descriptions() {
     wait_key(&client, &ns.name, "a3", Duration::from_secs(30), |k| (reason(k) == "KeyActive").then_some(()))
         .await;
     assert!(!events_with_reason(&client, &ns.name, "OwnerKeyLimitExceeded").await.is_empty());
-}
-
-/// What one webhook receiver saw.
-#[derive(Default)]
-struct Received {
-    /// Requests answered with an error, to simulate an unreliable receiver.
-    fail_first: usize,
-    seen: usize,
-    /// Accepted bodies with their signature header.
-    accepted: Vec<(serde_json::Value, Option<String>)>,
-}
-
-async fn receive(State(state): State<Arc<Mutex<Received>>>, headers: HeaderMap, body: String) -> StatusCode {
-    let mut r = state.lock().unwrap();
-    r.seen += 1;
-    if r.seen <= r.fail_first {
-        return StatusCode::SERVICE_UNAVAILABLE;
-    }
-    let sig = headers.get("x-keyward-signature").and_then(|v| v.to_str().ok()).map(str::to_string);
-    r.accepted.push((serde_json::from_str(&body).expect("JSON body"), sig.map(|s| format!("{s}\n{body}"))));
-    StatusCode::NO_CONTENT
-}
-
-async fn receiver(fail_first: usize) -> (String, Arc<Mutex<Received>>) {
-    let state = Arc::new(Mutex::new(Received { fail_first, ..Default::default() }));
-    let app = axum::Router::new().route("/hook", axum::routing::post(receive)).with_state(state.clone());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}/hook", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    (url, state)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -314,15 +270,6 @@ async fn warnings_fire_once_per_threshold_with_signed_retried_webhooks() {
         let lateness = (k.activated_at.unwrap() - scheduled).num_milliseconds();
         assert!(lateness.abs() < 3000, "flip on time despite a dead receiver: {lateness} ms late");
     }
-}
-
-/// A receiver on `port` (which may have been down until now).
-async fn receiver_on(port: u16) -> Arc<Mutex<Received>> {
-    let state = Arc::new(Mutex::new(Received::default()));
-    let app = axum::Router::new().route("/hook", axum::routing::post(receive)).with_state(state.clone());
-    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await.unwrap();
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    state
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

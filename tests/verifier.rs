@@ -8,7 +8,7 @@ mod common;
 use std::time::Duration;
 
 use chrono::Utc;
-use common::{TestNamespace, client, get_key, http, metric_sum, ready, secret_data, wait_key};
+use common::{TestNamespace, client, get_key, http, metric_sum, ready, secret_data, verify_json, wait_key};
 use keyward::api::KeyState;
 use serde_json::json;
 
@@ -304,16 +304,6 @@ async fn last_use_is_written_at_most_once_a_minute_and_keeps_used_keys_alive() {
     assert_eq!(ready(&used).unwrap().1, "KeyActive");
     let idle = wait_key(&client, &ns.name, "idle", Duration::from_secs(30), |k| ready(k).map(|r| r.1)).await;
     assert_eq!(idle, "KeyExpiredInactive", "the unused key expired for inactivity");
-}
-
-/// POST /v1/verify: the answer as JSON.
-fn verify_json(verifier: &str, key: &str) -> serde_json::Value {
-    let body = json!({"key": key}).to_string();
-    let (code, _, body) =
-        http(verifier, "POST", "/v1/verify", &[("Content-Type", "application/json")], body.as_bytes())
-            .expect("an answer");
-    assert_eq!(code, 200, "{body}");
-    serde_json::from_str(&body).unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

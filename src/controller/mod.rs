@@ -288,32 +288,60 @@ pub async fn shutdown_signal() {
     tracing::info!("shutdown signal received");
 }
 
+/// What of the verifier's `lastUsedAt` writes an ApiKey's reconcile depends on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum UsageView {
+    /// Every last use: the policy expires keys for inactivity (a use moves a deadline
+    /// the verifier reads back from `effectiveExpiresAt`) or retires drained keys early
+    /// (a use decides or cancels a retirement), or the policy is not cached.
+    Every,
+    /// Only the handover state the last uses give at the moment of the event (a new
+    /// key's first use, the old key used after consumers moved, used again after a
+    /// quiet spell); a key going quiet is a timer (`Handover`'s next change).
+    Handover(&'static str),
+}
+
 /// What about an ApiKey should trigger a reconcile: its spec (generation), the rotate
-/// annotation, and, when its policy has an inactivity timeout (`inactivity`), the
-/// verifier's `lastUsedAt` writes (they move an inactivity deadline, which the verifier
-/// reads back from `effectiveExpiresAt`: waiting for the old deadline's timer would
-/// refuse a key in use until then). Without an inactivity timeout a last use changes
-/// nothing the controller computes, so the verifier's writes cost it nothing. This
-/// controller's own status writes do not trigger: their effects are scheduled by
-/// `nextActionAt`.
-fn apikey_trigger(key: &ApiKey, inactivity: bool) -> Option<u64> {
+/// annotation, and as much of the verifier's `lastUsedAt` writes as `usage` says. A
+/// steady stream of uses therefore costs nothing unless the policy makes each use
+/// matter. This controller's own status writes do not trigger: their effects are
+/// scheduled by `nextActionAt`.
+fn apikey_trigger(key: &ApiKey, usage: UsageView) -> Option<u64> {
     use std::hash::{Hash, Hasher};
     let mut h = std::collections::hash_map::DefaultHasher::new();
     key.meta().generation.hash(&mut h);
     key.annotations().get(ROTATE_ANNOTATION).hash(&mut h);
-    if inactivity {
-        for k in key.status.iter().flat_map(|s| &s.keys) {
-            k.last_used_at.map(|t| t.timestamp_micros()).hash(&mut h);
+    match usage {
+        UsageView::Every => {
+            for k in key.status.iter().flat_map(|s| &s.keys) {
+                k.last_used_at.map(|t| t.timestamp_micros()).hash(&mut h);
+            }
         }
+        UsageView::Handover(reason) => reason.hash(&mut h),
     }
     Some(h.finish())
 }
 
-/// Whether `key`'s policy may expire keys for inactivity (true when it is not cached:
-/// a missed deadline costs more than a spare reconcile).
-fn inactivity_applies(policies: &Store<KeyPolicy>, key: &ApiKey) -> bool {
+/// [`UsageView`] of `key` under its cached policy, at `now`.
+fn usage_view(
+    policies: &Store<KeyPolicy>,
+    key: &ApiKey,
+    usage: crate::lifecycle::handover::Usage,
+    now: chrono::DateTime<chrono::Utc>,
+) -> UsageView {
     let found: Vec<_> = policies_of(policies, key).iter().filter_map(|r| policies.get(r)).collect();
-    found.is_empty() || found.iter().any(|p| p.spec.expiry.inactivity_timeout.is_some())
+    let every = |p: &KeyPolicy| {
+        p.spec.expiry.inactivity_timeout.is_some() || p.spec.rotation.retire_drained_after.is_some()
+    };
+    if found.len() != 1 || found.iter().any(|p| every(p)) {
+        return UsageView::Every;
+    }
+    let (Some(status), Ok(rules)) =
+        (key.status.as_ref(), crate::lifecycle::Rules::from_policy(&found[0], now))
+    else {
+        return UsageView::Every;
+    };
+    UsageView::Handover(crate::lifecycle::handover::evaluate(&rules, status, now, usage).reason)
 }
 
 /// Which KeyPolicy events change what ApiKeys do: a new generation, a deletion, and (after
@@ -564,6 +592,7 @@ pub async fn run(client: Client, server: &str, opts: Options) -> Result<()> {
     let key_stream = {
         let (ctx, keys, policies) = (ctx.clone(), keys_reader.clone(), policies.clone());
         let trigger_policies = policies.clone();
+        let trigger_usage = ctx.usage;
         let mut known = Known::<SeenKey>::default();
         watcher(keys_api.clone(), watcher::Config::default())
             .default_backoff()
@@ -625,7 +654,7 @@ pub async fn run(client: Client, server: &str, opts: Options) -> Result<()> {
                 futures::future::ready(out)
             })
             .predicate_filter(
-                move |k: &ApiKey| apikey_trigger(k, inactivity_applies(&trigger_policies, k)),
+                move |k: &ApiKey| apikey_trigger(k, usage_view(&trigger_policies, k, trigger_usage, now())),
                 Default::default(),
             )
     };
@@ -774,11 +803,11 @@ mod tests {
 
     #[test]
     fn last_use_triggers_a_reconcile_and_own_status_writes_do_not() {
-        let trigger = |extra, inactivity| apikey_trigger(&key(active(extra)), inactivity);
-        let base = trigger(serde_json::json!({}), true);
-        let used = trigger(serde_json::json!({"lastUsedAt": "2026-11-23T01:00:00Z"}), true);
-        let later = trigger(serde_json::json!({"lastUsedAt": "2026-11-23T01:01:00Z"}), true);
-        let own = trigger(serde_json::json!({"effectiveExpiresAt": "2026-11-23T02:00:00Z"}), true);
+        let trigger = |extra| apikey_trigger(&key(active(extra)), UsageView::Every);
+        let base = trigger(serde_json::json!({}));
+        let used = trigger(serde_json::json!({"lastUsedAt": "2026-11-23T01:00:00Z"}));
+        let later = trigger(serde_json::json!({"lastUsedAt": "2026-11-23T01:01:00Z"}));
+        let own = trigger(serde_json::json!({"effectiveExpiresAt": "2026-11-23T02:00:00Z"}));
         assert_ne!(base, used);
         assert_ne!(used, later);
         assert_eq!(base, own, "the controller's own status writes do not trigger");
@@ -848,12 +877,52 @@ mod tests {
     }
 
     #[test]
-    fn last_use_triggers_nothing_without_an_inactivity_timeout() {
-        let trigger = |extra| apikey_trigger(&key(active(extra)), false);
-        let base = trigger(serde_json::json!({}));
-        assert_eq!(base, trigger(serde_json::json!({"lastUsedAt": "2026-11-23T01:00:00Z"})));
-        let mut rotated = key(active(serde_json::json!({})));
+    fn last_use_triggers_only_a_change_of_the_handover_state_without_a_policy_that_reads_each_use() {
+        let policies = {
+            let (reader, mut writer) = kube::runtime::reflector::store::<KeyPolicy>();
+            let mut p = policy("p", 1);
+            p.spec.default = true;
+            writer.apply_watcher_event(&watcher::Event::InitApply(p));
+            writer.apply_watcher_event(&watcher::Event::InitDone);
+            reader
+        };
+        let usage = crate::lifecycle::handover::Usage::default();
+        let two = |primary_used: Option<&str>, secondary_used: Option<&str>| {
+            let mut status = active(serde_json::json!({}));
+            let mut standby = status["keys"][0].clone();
+            standby["slot"] = "Secondary".into();
+            standby["keyId"] = "k2".into();
+            standby["state"] = "Standby".into();
+            standby["createdAt"] = "2026-11-23T12:00:00Z".into();
+            if let Some(u) = primary_used {
+                status["keys"][0]["lastUsedAt"] = u.into();
+            }
+            if let Some(u) = secondary_used {
+                standby["lastUsedAt"] = u.into();
+            }
+            status["keys"].as_array_mut().unwrap().push(standby);
+            key(status)
+        };
+        let now = chrono::DateTime::parse_from_rfc3339("2026-11-23T13:00:00Z").unwrap().to_utc();
+        let fire = |k: &ApiKey| apikey_trigger(k, usage_view(&policies, k, usage, now));
+        let base = fire(&two(Some("2026-11-23T12:59:00Z"), None));
+        assert_eq!(base, fire(&two(Some("2026-11-23T12:59:30Z"), None)), "a steady stream of uses: nothing");
+        assert_ne!(
+            base,
+            fire(&two(Some("2026-11-23T12:59:30Z"), Some("2026-11-23T12:59:40Z"))),
+            "a first use"
+        );
+        let mut rotated = two(None, None);
         rotated.annotations_mut().insert(ROTATE_ANNOTATION.into(), "1".into());
-        assert_ne!(base, apikey_trigger(&rotated, false), "a rotation request still does");
+        assert_ne!(fire(&two(None, None)), fire(&rotated), "a rotation request still does");
+        // A policy that reads each use (inactivity, early retirement): every use.
+        let mut every = policy("p", 2);
+        every.spec.default = true;
+        every.spec.rotation.retire_drained_after = Some("P7D".into());
+        let (reader, mut writer) = kube::runtime::reflector::store::<KeyPolicy>();
+        writer.apply_watcher_event(&watcher::Event::InitApply(every));
+        writer.apply_watcher_event(&watcher::Event::InitDone);
+        let k = two(Some("2026-11-23T12:59:00Z"), None);
+        assert_eq!(usage_view(&reader, &k, usage, now), UsageView::Every);
     }
 }

@@ -108,6 +108,7 @@ pub fn evaluate(rules: &Rules, status: &ApiKeyStatus, now: DateTime<Utc>, usage:
     let ids = Some((older.key_id.clone(), newer.key_id.clone()));
     let (o, n) = (older, newer);
     let ends = |k: &KeyStatus| k.effective_expires_at.map(|t| format!(" (it stops verifying at {})", ts(t)));
+    let name = |k: &KeyStatus| format!("the {} key {}", k.slot, k.key_id);
     let moved = moved_at(rules, o, n);
     let state = |reason: &'static str, status: &'static str, message: String| Handover {
         reason,
@@ -124,8 +125,9 @@ pub fn evaluate(rules: &Rules, status: &ApiKeyStatus, now: DateTime<Utc>, usage:
                 c::NO_USAGE_DATA,
                 crate::api::UNKNOWN,
                 format!(
-                    "neither the {} key {} nor the {} key {} has a recorded use: no verifier reports usage for this ApiKey",
-                    o.slot, o.key_id, n.slot, n.key_id
+                    "neither {} nor {} has a recorded use: no verifier reports usage for this ApiKey",
+                    name(o),
+                    name(n)
                 ),
             )
         };
@@ -139,11 +141,9 @@ pub fn evaluate(rules: &Rules, status: &ApiKeyStatus, now: DateTime<Utc>, usage:
                 c::OLD_KEY_STILL_IN_USE,
                 crate::api::FALSE,
                 format!(
-                    "the {} key {} is still used after consumers moved to the {} key {}{}: load the {} key into the systems that still call with the {} key",
-                    o.slot,
-                    o.key_id,
-                    n.slot,
-                    n.key_id,
+                    "{} is still used after consumers moved to {}{}: load the {} key into the systems that still call with the {} key",
+                    name(o),
+                    name(n),
                     ends(o).unwrap_or_default(),
                     n.slot,
                     o.slot
@@ -157,11 +157,9 @@ pub fn evaluate(rules: &Rules, status: &ApiKeyStatus, now: DateTime<Utc>, usage:
             c::NEW_KEY_NOT_YET_USED,
             crate::api::FALSE,
             format!(
-                "the {} key {} has not been used yet; the {} key {}{} {old_use}: load the {} key into the systems that call with it",
-                n.slot,
-                n.key_id,
-                o.slot,
-                o.key_id,
+                "{} has not been used yet; {}{} {old_use}: load the {} key into the systems that call with it",
+                name(n),
+                name(o),
                 ends(o).unwrap_or_default(),
                 n.slot
             ),
@@ -176,11 +174,9 @@ pub fn evaluate(rules: &Rules, status: &ApiKeyStatus, now: DateTime<Utc>, usage:
             c::BOTH_KEYS_IN_USE,
             crate::api::FALSE,
             format!(
-                "both keys are in use: the {} key {} and the {} key {}{}; {when}",
-                n.slot,
-                n.key_id,
-                o.slot,
-                o.key_id,
+                "both keys are in use: {} and {}{}; {when}",
+                name(n),
+                name(o),
                 ends(o).unwrap_or_default()
             ),
         );
@@ -188,10 +184,7 @@ pub fn evaluate(rules: &Rules, status: &ApiKeyStatus, now: DateTime<Utc>, usage:
     state(
         c::NEW_KEY_IN_USE,
         crate::api::TRUE,
-        format!(
-            "the {} key {} is in use and the {} key {} is not: callers have switched",
-            n.slot, n.key_id, o.slot, o.key_id
-        ),
+        format!("{} is in use and {} is not: callers have switched", name(n), name(o)),
     )
 }
 

@@ -317,9 +317,11 @@ impl Engine<'_, '_> {
         if rules.frozen {
             // No usable policy: keep every end as last computed, except an inactivity
             // deadline, which cannot be moved by use without the policy's timeout: a
-            // key in use must not die of a stale one (its ceiling still applies).
+            // key in use must not die of a stale one (its ceiling still applies); and an
+            // early retirement, which without the policy could not be cancelled by use.
+            self.lift_drained_cap_of_a_used_key();
             for k in self.status.keys.iter_mut().filter(|k| is_valid(k)) {
-                if k.expiry_reason == Some(ExpiryReason::Inactivity) {
+                if matches!(k.expiry_reason, Some(ExpiryReason::Inactivity | ExpiryReason::Drained)) {
                     k.effective_expires_at = ceiling(k);
                     k.expiry_reason = k
                         .cap
@@ -447,20 +449,18 @@ impl Engine<'_, '_> {
             return false;
         }
         let now = self.now();
-        let left = if older.state == KeyState::Active {
-            // Consumers still hold the older key: move them first (a newer key that has
-            // been active before, or whose material is gone, cannot take them).
-            if newer.activated_at.is_some() || !has_material(self.material, &newer) {
-                return false;
-            }
-            now
-        } else {
-            // Consumers left it when the newer key became active (while `api-key` still
-            // holds it, the cap follows, see `keep_rotated_key_while_held`).
-            newer.activated_at.unwrap_or(now)
-        };
-        let Ok(end) = self.rules().flip_before.add_to(left) else { return false };
-        let end = end.max(now);
+        // Consumers still hold an active older key: move them first (a newer key that has
+        // been active before, or whose material is gone, cannot take them).
+        if older.state == KeyState::Active
+            && (newer.activated_at.is_some() || !has_material(self.material, &newer))
+        {
+            return false;
+        }
+        // A whole `flipBefore` from now, also for a key consumers left long ago: the
+        // drain of a flip made now, and for a caller that still uses the key the time in
+        // which its use cancels the retirement (while `api-key` still holds the key, the
+        // end follows, see `keep_rotated_key_while_held`).
+        let Ok(end) = self.rules().flip_before.add_to(now) else { return false };
         if ceiling(&older).is_some_and(|c| c <= end) {
             return false;
         }

@@ -174,9 +174,13 @@ pub fn evaluate(
         out.expiring = Some((text.clone(), end));
         let born_inside =
             d.sub_from(end).ok().is_some_and(|t| t <= active.activated_at.unwrap_or(active.created_at));
-        // Nothing to do: callers already use the successor and this key is quiet.
+        // Nothing to do: callers already use the successor, and nobody has used this key
+        // since the successor was issued (a few quiet minutes prove nothing about a
+        // caller that calls once a month).
         let moot = handover.reason == c::NEW_KEY_IN_USE
-            && handover.pair.as_ref().is_some_and(|(older, _)| *older == active.key_id);
+            && handover::pair(status).is_some_and(|(older, newer)| {
+                older.key_id == active.key_id && older.last_used_at.is_none_or(|u| u < newer.created_at)
+            });
         if !already(rules, &recorded, text, d) && (!born_inside || !successor_on_schedule) && !moot {
             out.fire.push(notice(status, active, KEY_EXPIRING_SOON, text));
         }
@@ -376,11 +380,17 @@ mod tests {
     fn no_expiry_warning_when_the_successor_is_in_use_and_the_expiring_key_is_quiet() {
         let rules = rules();
         let mut status = with_standby(status_expiring_in(10, 80), 35);
-        status.keys[0].last_used_at = Some(t0() - TimeDelta::days(3));
+        status.keys[0].last_used_at = Some(t0() - TimeDelta::days(40));
         status.keys[1].last_used_at = Some(t0() - TimeDelta::seconds(10));
         let w = ev(&rules, &mut status, t0(), true);
         assert!(w.fire.is_empty(), "nothing to do: {:?}", w.fire);
         assert_eq!(w.expiring.as_ref().unwrap().0, "P30D", "the condition still says where the key stands");
+        // A caller that calls once a month used the key after its successor was issued:
+        // quiet for days proves nothing, so it is warned.
+        let mut monthly = with_standby(status_expiring_in(10, 80), 35);
+        monthly.keys[0].last_used_at = Some(t0() - TimeDelta::days(3));
+        monthly.keys[1].last_used_at = Some(t0() - TimeDelta::seconds(10));
+        assert_eq!(ev(&rules, &mut monthly, t0(), true).fire.len(), 1);
         // The expiring key is used again: the warning is news after all, with the facts.
         status.keys[0].last_used_at = Some(t0() + TimeDelta::hours(1));
         let w = ev(&rules, &mut status, t0() + TimeDelta::hours(1), true);

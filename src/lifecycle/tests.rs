@@ -1147,3 +1147,39 @@ fn no_early_retirement_without_the_policy_or_without_usage_data() {
     sim.at(44.0);
     assert_eq!((sim.status.active_slot, sim.slot(Slot::Primary).cap), (Some(Slot::Primary), None));
 }
+
+#[test]
+fn an_early_retirement_without_a_usable_policy_is_lifted() {
+    let mut sim = retiring_sim();
+    use_key(&mut sim, Slot::Secondary, 40.0);
+    sim.at(40.0);
+    assert_eq!(sim.slot(Slot::Primary).expiry_reason, Some(ExpiryReason::Drained));
+    // The policy is deleted: the retirement could no longer be cancelled by a use, so it
+    // is lifted and the key keeps its scheduled end.
+    sim.rules = Rules::frozen();
+    let out = sim.at(41.0);
+    assert!(
+        out.happenings.contains(&Happening::RetirementCancelled { slot: Slot::Primary, key_id: "k1".into() })
+    );
+    let p = sim.slot(Slot::Primary);
+    assert_eq!((p.cap, p.effective_expires_at), (None, Some(secs(60.0))));
+    sim.at(46.0);
+    assert!(is_valid(sim.slot(Slot::Primary)));
+}
+
+#[test]
+fn a_retirement_decided_again_gives_a_returning_caller_a_whole_flip_before() {
+    let mut sim = retiring_sim();
+    use_key(&mut sim, Slot::Secondary, 40.0);
+    sim.at(40.0);
+    use_key(&mut sim, Slot::Primary, 42.0);
+    sim.at(42.0);
+    assert_eq!(sim.slot(Slot::Primary).cap, None, "cancelled");
+    // Quiet again for 10 s while the Secondary is used: retired again, flipBefore from now
+    // (not from the flip at 40 s, which would end it at once).
+    use_key(&mut sim, Slot::Secondary, 52.0);
+    sim.at(52.0);
+    let p = sim.slot(Slot::Primary);
+    assert_eq!(p.cap, Some(ExpiryCap { at: secs(57.0), reason: ExpiryReason::Drained }));
+    assert!(is_valid(p));
+}

@@ -10,6 +10,13 @@
 //! the patch fails, and the decision is made again from the newer state. Errors back
 //! off per ApiKey (1 s doubling to the interval); every map holds only ApiKeys with
 //! something to write or written within the last interval.
+//!
+//! Two exceptions keep the handover state (which reads these writes) honest: the first
+//! use of a key, or its first use after two intervals without one, is written at once,
+//! even when this replica wrote the ApiKey's other key less than an interval ago
+//! (callers starting on a new key, or coming back to a quiet one, are news: the latter
+//! cancels an early retirement); and on shutdown every pending use is written, interval or not, so a restart
+//! never makes a key look unused (only a crash loses the last interval's uses).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
@@ -61,8 +68,9 @@ pub fn decide(
 struct State {
     /// Latest use per key ID, per ApiKey.
     pending: HashMap<Id, HashMap<String, DateTime<Utc>>>,
-    /// When this replica last wrote each ApiKey (kept for one interval).
-    written: HashMap<Id, Instant>,
+    /// When this replica last wrote each ApiKey, and the keys that write recorded a use
+    /// of (kept for one interval).
+    written: HashMap<Id, (Instant, Vec<String>)>,
     /// After a failed write: not before, and the delay that led there.
     retry: HashMap<Id, (Instant, Duration)>,
 }
@@ -131,15 +139,23 @@ impl Usage {
         let now = Instant::now();
         let wall = Utc::now();
         let interval = self.interval;
-        state.written.retain(|_, t| t.elapsed() < interval);
+        state.written.retain(|_, (t, _)| t.elapsed() < interval);
         state.retry.retain(|id, _| index.contains(&id.0, &id.1));
         let State { pending, written, retry } = &mut *state;
         let mut planned = Vec::new();
         pending.retain(|id, uses| {
-            if !all && (written.contains_key(id) || retry.get(id).is_some_and(|(at, _)| now < *at)) {
+            let keys = index.keys_of(&id.0, &id.1);
+            // News about a key: its first use, or a use after it was quiet (no use recorded
+            // for two intervals), that this replica has not just written.
+            let quiet = TimeDelta::from_std(interval * 2).unwrap_or(TimeDelta::MAX);
+            let first_use = |key_id: &String| {
+                keys.iter().any(|e| e.key_id == *key_id && e.last_used_at.is_none_or(|t| wall - t > quiet))
+                    && written.get(id).is_none_or(|(_, ids)| !ids.contains(key_id))
+            };
+            let backing_off = retry.get(id).is_some_and(|(at, _)| now < *at);
+            if !all && (backing_off || (written.contains_key(id) && !uses.keys().any(first_use))) {
                 return true;
             }
-            let keys = index.keys_of(&id.0, &id.1);
             let Some(version) = keys.first().and_then(|e| e.apikey.resource_version.clone()) else {
                 return false;
             };
@@ -151,6 +167,8 @@ impl Usage {
                 let Some(e) = keys.iter().find(|e| e.key_id == *key_id) else { return false };
                 match decide(*used, e.last_used_at, wall, interval) {
                     Decision::Drop => return false,
+                    // Shutting down: the newest use is written now or lost.
+                    Decision::Later if all => {}
                     Decision::Later => {
                         later.insert(key_id.clone(), *used);
                         return false;
@@ -178,7 +196,7 @@ impl Usage {
             match self.write(&id, ops).await {
                 Ok(true) => {
                     let mut state = self.state();
-                    state.written.insert(id.clone(), Instant::now());
+                    state.written.insert(id.clone(), (Instant::now(), uses.into_keys().collect()));
                     state.retry.remove(&id);
                     self.vm.usage_writes.inc();
                 }

@@ -4,6 +4,8 @@
 //! timeouts on conditions (never bare sleeps).
 #![allow(dead_code)]
 
+pub mod hooks;
+
 use std::future::Future;
 use std::time::Duration;
 
@@ -487,4 +489,14 @@ pub async fn shrink_policy(
     })
     .await;
     (changed, capped)
+}
+
+/// POST /v1/verify: the answer as JSON.
+pub fn verify_json(verifier: &str, key: &str) -> serde_json::Value {
+    let body = serde_json::json!({"key": key}).to_string();
+    let (code, _, body) =
+        http(verifier, "POST", "/v1/verify", &[("Content-Type", "application/json")], body.as_bytes())
+            .expect("an answer");
+    assert_eq!(code, 200, "{body}");
+    serde_json::from_str(&body).unwrap()
 }
