@@ -390,7 +390,7 @@ pub mod conditions {
     /// Expiring reason: no threshold has passed.
     pub const NOT_EXPIRING: &str = "NotExpiring";
 
-    /// Handover reason (True): one valid key; nothing to hand over.
+    /// Handover reason (True): fewer than two valid keys; nothing to hand over.
     pub const SINGLE_KEY: &str = "SingleKey";
     /// Handover reason (True): the newer key is in use and the older one is quiet.
     pub const NEW_KEY_IN_USE: &str = "NewKeyInUse";

@@ -97,7 +97,7 @@ pub fn evaluate(rules: &Rules, status: &ApiKeyStatus, now: DateTime<Utc>, usage:
         return Handover {
             reason: c::SINGLE_KEY,
             status: crate::api::TRUE,
-            message: "one valid key: nothing to hand over".into(),
+            message: "fewer than two valid keys: nothing to hand over".into(),
             still_in_use: None,
             pair: None,
             next: None,

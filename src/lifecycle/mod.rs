@@ -502,8 +502,16 @@ impl Engine<'_, '_> {
         k.state = KeyState::Expired;
         self.happenings.push(Happening::Expired { slot: k.slot, key_id: k.key_id.clone(), reason });
         if was_active && reason == ExpiryReason::Inactivity {
-            // An abandoned ApiKey is retired whole: its other key goes too.
-            for other in self.status.keys.iter_mut().filter(|k| is_valid(k)) {
+            // An abandoned ApiKey is retired whole: its other key goes too, unless callers
+            // use that one (an external system loaded with the standby early): then the
+            // ApiKey is not abandoned, and consumers flip to it (step 5).
+            let timeout = self.input.rules.inactivity_timeout;
+            let material = &*self.material;
+            let in_use = |k: &KeyStatus| {
+                has_material(material, k)
+                    && k.last_used_at.zip(timeout).is_some_and(|(u, t)| t.add_to(u).is_ok_and(|d| d > now))
+            };
+            for other in self.status.keys.iter_mut().filter(|k| is_valid(k) && !in_use(k)) {
                 other.state = KeyState::Expired;
                 other.effective_expires_at = Some(now);
                 other.expiry_reason = Some(ExpiryReason::Inactivity);
@@ -521,11 +529,12 @@ impl Engine<'_, '_> {
         self.status.active_slot.and_then(|s| key(self.status, s))
     }
 
-    /// The active key died of inactivity: nothing more until a rotation is requested.
+    /// The active key died of inactivity and no other key is left (it went too, unless
+    /// in use): nothing more until a rotation is requested.
     fn retired(&self) -> bool {
         self.active().is_some_and(|k| {
             k.state == KeyState::Expired && k.expiry_reason == Some(ExpiryReason::Inactivity)
-        })
+        }) && !self.status.keys.iter().any(is_valid)
     }
 
     fn rotate_on_request(&mut self) -> bool {

@@ -1183,3 +1183,36 @@ fn a_retirement_decided_again_gives_a_returning_caller_a_whole_flip_before() {
     assert_eq!(p.cap, Some(ExpiryCap { at: secs(57.0), reason: ExpiryReason::Drained }));
     assert!(is_valid(p));
 }
+
+#[test]
+fn an_idle_active_key_does_not_take_a_standby_in_use_with_it() {
+    // 60 s keys, the Secondary from 30 s, 10 s inactivity: the Primary is idle from 12 s
+    // (flipBefore PT2S after its activation) but the Secondary, loaded early into an
+    // external system, is in use.
+    let mut sim = Sim::new(rules_with(|s| {
+        s.expiry.max_lifetime = "PT60S".into();
+        s.expiry.inactivity_timeout = Some("PT10S".into());
+        s.rotation.flip_before = "PT2S".into();
+        s.rotation.secondary_at = "PT5S".into();
+    }));
+    sim.at(0.0);
+    sim.at(5.0);
+    assert_eq!(sim.valid_count(), 2);
+    use_key(&mut sim, Slot::Secondary, 9.0);
+    let out = sim.at(12.0);
+    assert_eq!(out.health, Health::Ready, "{:?}", out.happenings);
+    assert!(out.happenings.contains(&Happening::Expired {
+        slot: Slot::Primary,
+        key_id: "k1".into(),
+        reason: ExpiryReason::Inactivity
+    }));
+    assert_eq!(sim.status.active_slot, Some(Slot::Secondary), "consumers moved to the key in use");
+    assert_ne!(sim.slot(Slot::Primary).key_id, "k1", "its slot is regenerated on schedule");
+    assert!(is_valid(sim.slot(Slot::Secondary)));
+    // Nobody uses the standby: the ApiKey is abandoned and retired whole, as before.
+    let mut idle = Sim::new(sim.rules.clone());
+    idle.at(0.0);
+    idle.at(5.0);
+    assert_eq!(idle.at(12.0).health, Health::ExpiredInactive);
+    assert_eq!(idle.valid_count(), 0);
+}
