@@ -14,6 +14,10 @@ use chrono::{DateTime, SecondsFormat, TimeDelta, Utc};
 use super::{Rules, is_valid};
 use crate::api::{ApiKeyStatus, KeyStatus, conditions as c};
 
+/// Before consumers move, how often at most the handover state is looked at again only
+/// to see whether the older key went quiet.
+pub const RECHECK_BEFORE_FLIP: TimeDelta = TimeDelta::hours(1);
+
 /// The most the propagation allowance after a flip is.
 pub const MAX_ALLOWANCE: TimeDelta = TimeDelta::minutes(5);
 
@@ -104,12 +108,18 @@ pub fn evaluate(rules: &Rules, status: &ApiKeyStatus, now: DateTime<Utc>, usage:
         };
     };
     let in_use = |k: &KeyStatus| k.last_used_at.filter(|t| now - *t <= usage.quiet);
-    let quiet_at = |t: DateTime<Utc>| t + usage.quiet + TimeDelta::milliseconds(1);
+    let moved = moved_at(rules, older, newer);
+    // When to look again whether the older key went quiet: after consumers moved, as soon
+    // as it can have (it decides `OldKeyStillInUse` and the drain); before that at most
+    // hourly, since each look is a reconcile and both keys are in use for half of every
+    // key's life (any usage event that changes the state, and every lifecycle step and
+    // warning threshold, look anyway).
+    let recheck = if moved.is_some() { usage.quiet } else { usage.quiet.max(RECHECK_BEFORE_FLIP) };
+    let quiet_at = |t: DateTime<Utc>| t + recheck + TimeDelta::milliseconds(1);
     let ids = Some((older.key_id.clone(), newer.key_id.clone()));
     let (o, n) = (older, newer);
     let ends = |k: &KeyStatus| k.effective_expires_at.map(|t| format!(" (it stops verifying at {})", ts(t)));
     let name = |k: &KeyStatus| format!("the {} key {}", k.slot, k.key_id);
-    let moved = moved_at(rules, o, n);
     let state = |reason: &'static str, status: &'static str, message: String| Handover {
         reason,
         status,
@@ -280,7 +290,11 @@ mod tests {
             "{}",
             h.message
         );
-        assert_eq!(h.next, Some(min(601) + TimeDelta::milliseconds(1)), "the old key goes quiet then");
+        assert_eq!(
+            h.next,
+            Some(min(599 + 60) + TimeDelta::milliseconds(1)),
+            "looked at again within the hour"
+        );
         used(&mut s, "s1", min(600));
         assert_eq!(evaluate(&r, &s, min(600), u).reason, c::BOTH_KEYS_IN_USE, "expected before the flip");
         let h = evaluate(&r, &s, min(700), u);
