@@ -236,6 +236,34 @@ async fn json_api_answers_codes_and_refuses_bad_requests() {
     let (code, head, _) = http(&verifier.addr, "GET", "/v1/auth", &[], b"").unwrap();
     assert_eq!(code, 401);
     assert!(head.contains("x-keyward-code: malformed"), "{head}");
+    assert!(head.contains(r#"www-authenticate: bearer realm="keyward", error="invalid_token""#), "{head}");
+    // The forward-auth contract (Traefik, Caddy, nginx, Envoy HTTP): any method, every
+    // path under /v1/auth/ (Envoy appends the original path), either key header, any body.
+    let bearer = format!("Bearer {key}");
+    let unknown = keyward::keys::KeyFormat::default().generate().expose().to_string();
+    let unknown_bearer = format!("Bearer {unknown}");
+    for method in ["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"] {
+        for path in ["/v1/auth", "/v1/auth/", "/v1/auth/orders/42", "/v1/auth/a/b/c?x=1&y=%2F"] {
+            for (header, good, bad) in [
+                ("Authorization", bearer.as_str(), unknown_bearer.as_str()),
+                ("X-Api-Key", key.as_str(), unknown.as_str()),
+            ] {
+                let what = format!("{method} {path} {header}");
+                let (code, head, _) =
+                    http(&verifier.addr, method, path, &[(header, good)], b"{\"ignored\": true}")
+                        .expect(&what);
+                assert_eq!(code, 200, "{what}: {head}");
+                assert!(head.contains(&format!("x-keyward-namespace: {}", ns.name)), "{what}: {head}");
+                let (code, head, _) = http(&verifier.addr, method, path, &[(header, bad)], b"").expect(&what);
+                assert_eq!(code, 401, "{what}: {head}");
+                assert!(
+                    head.contains("www-authenticate: bearer realm=\"keyward\"")
+                        && head.contains("x-keyward-code: not_found"),
+                    "{what}: {head}"
+                );
+            }
+        }
+    }
     // Oversized and repeated key headers: a decision (401 MALFORMED), not a dropped
     // connection; the same key sent twice is refused too (a proxy and its upstream could
     // read different copies).

@@ -1,6 +1,12 @@
 //! The verifier's HTTP API. Limits: request bodies of `POST /v1/verify` up to
 //! [`super::MAX_BODY`] bytes (413 beyond), keys up to `MAX_KEY_LEN` characters
-//! (`MALFORMED` beyond); hyper's own header limits apply to `GET /v1/auth`.
+//! (`MALFORMED` beyond); hyper's own header limits apply to `/v1/auth`.
+//!
+//! `/v1/auth` is the forward-auth contract nginx `auth_request`, Traefik `ForwardAuth`,
+//! Caddy `forward_auth` and Envoy's HTTP `ext_authz` share: any method, at `/v1/auth` and
+//! every path under `/v1/auth/` (Envoy appends the original path), the body ignored; 200
+//! with the identity headers, 401 with `WWW-Authenticate` otherwise, 503 only while the
+//! index cannot be trusted. Never 404/429/5xx as a decision.
 
 use std::sync::{Arc, RwLock};
 use std::time::Instant;
@@ -8,9 +14,10 @@ use std::time::Instant;
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, State};
+use axum::http::Uri;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{any, post};
 use chrono::{SecondsFormat, Utc};
 use serde::Serialize;
 
@@ -42,7 +49,9 @@ pub fn router(
 ) -> Router {
     let api = Router::new()
         .route("/v1/verify", post(verify))
-        .route("/v1/auth", get(auth))
+        .route("/v1/auth", any(auth))
+        .route("/v1/auth/", any(auth))
+        .route("/v1/auth/{*original}", any(auth))
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .with_state(AppState { index, usage, vm, trusted });
     api.merge(crate::health::router(metrics, ready))
@@ -128,12 +137,26 @@ async fn verify(State(s): State<AppState>, body: Bytes) -> Response {
     axum::Json(body).into_response()
 }
 
-async fn auth(State(s): State<AppState>, headers: HeaderMap) -> Response {
+/// The request the proxy asks about: `X-Forwarded-Uri` (Traefik, Caddy), `X-Original-URI`
+/// (nginx), else the path after `/v1/auth` (Envoy's HTTP mode appends it), else `/`.
+pub fn original_uri<'a>(headers: &'a HeaderMap, uri: &'a Uri) -> &'a str {
+    ["x-forwarded-uri", "x-original-uri"]
+        .iter()
+        .find_map(|h| headers.get(*h).and_then(|v| v.to_str().ok()))
+        .or_else(|| uri.path().strip_prefix("/v1/auth").filter(|p| !p.is_empty()))
+        .unwrap_or("/")
+}
+
+/// `WWW-Authenticate` of a refusal (RFC 6750).
+const CHALLENGE: &str = r#"Bearer realm="keyward", error="invalid_token""#;
+
+async fn auth(State(s): State<AppState>, uri: Uri, headers: HeaderMap) -> Response {
     if !s.trusted.get() {
         return not_synced();
     }
     let started = Instant::now();
     let verdict = s.check("auth", key_from_headers(&headers).unwrap_or_default(), started);
+    tracing::debug!(uri = original_uri(&headers, &uri), code = verdict.code.as_str(), "forward-auth");
     let code = HeaderValue::from_static(verdict.code.as_str());
     match (verdict.code, &verdict.entry) {
         (Code::Valid, Some(e)) => {
@@ -157,9 +180,26 @@ async fn auth(State(s): State<AppState>, headers: HeaderMap) -> Response {
         }
         _ => {
             let mut resp = StatusCode::UNAUTHORIZED.into_response();
-            resp.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            resp.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static(CHALLENGE));
             resp.headers_mut().insert("x-keyward-code", code);
             resp
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_original_uri_comes_from_the_proxys_header_else_the_path_under_v1_auth() {
+        let uri = |u: &str| u.parse::<Uri>().unwrap();
+        let mut h = HeaderMap::new();
+        assert_eq!(original_uri(&h, &uri("/v1/auth")), "/");
+        assert_eq!(original_uri(&h, &uri("/v1/auth/orders/42?x=1")), "/orders/42");
+        h.insert("x-original-uri", HeaderValue::from_static("/nginx/path"));
+        assert_eq!(original_uri(&h, &uri("/v1/auth")), "/nginx/path");
+        h.insert("x-forwarded-uri", HeaderValue::from_static("/traefik/path"));
+        assert_eq!(original_uri(&h, &uri("/v1/auth/envoy")), "/traefik/path");
     }
 }
