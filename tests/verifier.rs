@@ -674,3 +674,76 @@ async fn a_stopping_verifier_goes_unready_first_and_keeps_answering_for_the_shut
     assert!(status.success(), "{status:?}");
     assert!(stopping.elapsed() >= Duration::from_secs(4), "stopped only after the delay");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scopes_are_returned_required_per_route_and_changes_take_effect_within_five_seconds() {
+    let client = client().await;
+    let ns = TestNamespace::new(&client, "scopes").await;
+    let policy = ns.policy(&client, "p", json!({"expiry": {"maxLifetime": "P1D"}})).await;
+    let _controller = common::controller_for(&ns.name, &[], "info");
+    let verifier = common::verifier_for(&ns.name);
+    verifier.wait_ready().await;
+    // The schema refuses a malformed scope (no CEL needed).
+    let bad: keyward::api::ApiKey = serde_json::from_value(json!({
+        "apiVersion": "keyward.dev/v1alpha1", "kind": "ApiKey", "metadata": {"name": "bad"},
+        "spec": {"owner": "x", "scopes": ["orders read"]}
+    }))
+    .unwrap();
+    let refused = kube::Api::<keyward::api::ApiKey>::namespaced(client.clone(), &ns.name)
+        .create(&Default::default(), &bad)
+        .await;
+    assert!(refused.is_err_and(|e| e.to_string().contains("scopes")), "a malformed scope is refused");
+    ns.apikey(
+        &client,
+        "svc",
+        json!({"policy": policy, "owner": "team-a", "scopes": ["orders:read", "audit"]}),
+    )
+    .await;
+    let key = common::eventually("the key", Duration::from_secs(30), || async {
+        secret_data(&client, &ns.name, "svc").await?.get("api-key").cloned()
+    })
+    .await;
+    let v = common::eventually("the verifier to know the key", Duration::from_secs(10), || async {
+        let v = verify_json(&verifier.addr, &key);
+        (v["code"] == "VALID").then_some(v)
+    })
+    .await;
+    assert_eq!(v["scopes"], json!(["audit", "orders:read"]));
+    let auth = |path: &str, require: Option<&str>| {
+        let mut headers = vec![("Authorization", format!("Bearer {key}"))];
+        headers.extend(require.map(|r| ("X-Keyward-Require-Scope", r.to_string())));
+        let headers: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        http(&verifier.addr, "GET", path, &headers, b"").expect("an answer")
+    };
+    let (code, head, _) = auth("/v1/auth", None);
+    assert_eq!(code, 200, "no scope required: as before");
+    assert!(head.contains("x-keyward-scopes: audit orders:read"), "{head}");
+    for (path, require) in
+        [("/v1/auth?scope=orders:read", None), ("/v1/auth/orders", Some("orders:read, audit"))]
+    {
+        assert_eq!(auth(path, require).0, 200, "{path} {require:?}");
+    }
+    for (path, require) in [
+        ("/v1/auth?scope=orders:write", None),
+        ("/v1/auth/orders?scope=orders%3Aread", Some("orders:write")),
+        ("/v1/auth", Some("not a scope")),
+    ] {
+        let (code, head, _) = auth(path, require);
+        assert_eq!(code, 403, "{path} {require:?}");
+        assert!(head.contains("x-keyward-code: insufficient_scope"), "{head}");
+        assert!(head.contains(r#"error="insufficient_scope""#), "{head}");
+    }
+    // A scope added, then all removed: each visible within 5 s.
+    common::patch_key(&client, &ns.name, "svc", json!({"spec": {"scopes": ["orders:read", "orders:write"]}}))
+        .await;
+    common::eventually("the added scope", Duration::from_secs(5), || async {
+        (auth("/v1/auth?scope=orders:write", None).0 == 200).then_some(())
+    })
+    .await;
+    common::patch_key(&client, &ns.name, "svc", json!({"spec": {"scopes": null}})).await;
+    common::eventually("the removed scope", Duration::from_secs(5), || async {
+        (auth("/v1/auth?scope=orders:read", None).0 == 403).then_some(())
+    })
+    .await;
+    assert_eq!(auth("/v1/auth", None).0, 200, "the key itself still verifies");
+}

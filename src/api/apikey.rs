@@ -85,6 +85,14 @@ pub struct ApiKeySpec {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(schema_with = "revoked_schema")]
     pub revoked_keys: Vec<String>,
+    /// What the keys may do (`orders:read`, `billing/write`): 1 to 128 characters of
+    /// `[A-Za-z0-9_.:/-]`, starting with a letter or digit; at most 64. Returned by the
+    /// verifier on allow (`X-Keyward-Scopes`, JSON `scopes`); a proxy that requires a
+    /// scope for a route refuses keys without it (403 `INSUFFICIENT_SCOPE`). A change
+    /// takes effect in the verifier as soon as its watch delivers it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(schema_with = "scopes_schema")]
+    pub scopes: Vec<String>,
 }
 
 /// Extra metadata for the consumer Secret.
@@ -326,6 +334,25 @@ fn owner_schema(generator: &mut schemars::SchemaGenerator) -> schemars::Schema {
 fn revoked_schema(generator: &mut schemars::SchemaGenerator) -> schemars::Schema {
     let mut schema = <Vec<String>>::json_schema(generator);
     schema.insert("x-kubernetes-list-type".into(), "set".into());
+    schema
+}
+
+/// The format of one scope (also checked by the verifier, which ignores others).
+pub const SCOPE_PATTERN: &str = "^[A-Za-z0-9][A-Za-z0-9_.:/-]{0,127}$";
+
+/// Whether `scope` matches [`SCOPE_PATTERN`].
+pub fn valid_scope(scope: &str) -> bool {
+    let b = scope.as_bytes();
+    (1..=128).contains(&b.len())
+        && b[0].is_ascii_alphanumeric()
+        && b.iter().all(|c| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'.' | b':' | b'/' | b'-'))
+}
+
+fn scopes_schema(generator: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    let mut schema = <Vec<String>>::json_schema(generator);
+    schema.insert("x-kubernetes-list-type".into(), "set".into());
+    schema.insert("maxItems".into(), 64.into());
+    schema.insert("items".into(), serde_json::json!({"type": "string", "pattern": SCOPE_PATTERN}));
     schema
 }
 

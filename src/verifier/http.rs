@@ -21,7 +21,7 @@ use axum::routing::{any, post};
 use chrono::{SecondsFormat, Utc};
 use serde::Serialize;
 
-use super::request::{key_from_body, key_from_headers};
+use super::request::{key_from_body, key_from_headers, required_scopes};
 use super::usage::Usage;
 use super::{Code, Index, MAX_BODY, RequestLabels, Verdict, VerifierMetrics};
 use crate::health::Readiness;
@@ -80,6 +80,8 @@ struct VerifyResponse<'a> {
     slot: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     expires_at: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    scopes: Option<&'a [String]>,
 }
 
 fn error(status: StatusCode, message: &str) -> Response {
@@ -87,9 +89,18 @@ fn error(status: StatusCode, message: &str) -> Response {
 }
 
 impl AppState {
-    fn check(&self, endpoint: &'static str, key: &str, started: Instant) -> Verdict {
+    /// Verify `key`, requiring `scopes` of a valid key (else `INSUFFICIENT_SCOPE`); a
+    /// valid key's use is recorded either way (the caller did hold a working key).
+    fn check(&self, endpoint: &'static str, key: &str, scopes: &[String], started: Instant) -> Verdict {
         let now = Utc::now();
-        let verdict = self.index.read().unwrap_or_else(|p| p.into_inner()).verify(key, now);
+        let mut verdict = self.index.read().unwrap_or_else(|p| p.into_inner()).verify(key, now);
+        if verdict.code == Code::Valid
+            && let Some(e) = &verdict.entry
+            && scopes.iter().any(|s| e.apikey.scopes.binary_search(s).is_err())
+        {
+            self.usage.record(e, now);
+            verdict.code = Code::InsufficientScope;
+        }
         if verdict.code == Code::Valid
             && let Some(e) = &verdict.entry
         {
@@ -122,7 +133,7 @@ async fn verify(State(s): State<AppState>, body: Bytes) -> Response {
         Ok(key) => key,
         Err(e) => return error(StatusCode::BAD_REQUEST, &e.to_string()),
     };
-    let verdict = s.check("verify", &key, started);
+    let verdict = s.check("verify", &key, &[], started);
     let e = verdict.entry.as_ref();
     let body = VerifyResponse {
         valid: verdict.code == Code::Valid,
@@ -133,6 +144,7 @@ async fn verify(State(s): State<AppState>, body: Bytes) -> Response {
         key_id: e.map(|e| e.key_id.as_str()),
         slot: e.map(|e| e.slot.to_string()),
         expires_at: e.and_then(|e| e.expires_at).map(|t| t.to_rfc3339_opts(SecondsFormat::Secs, true)),
+        scopes: e.filter(|_| verdict.code == Code::Valid).map(|e| e.apikey.scopes.as_slice()),
     };
     axum::Json(body).into_response()
 }
@@ -155,7 +167,8 @@ async fn auth(State(s): State<AppState>, uri: Uri, headers: HeaderMap) -> Respon
         return not_synced();
     }
     let started = Instant::now();
-    let verdict = s.check("auth", key_from_headers(&headers).unwrap_or_default(), started);
+    let required = required_scopes(&headers, uri.query());
+    let verdict = s.check("auth", key_from_headers(&headers).unwrap_or_default(), &required, started);
     tracing::debug!(uri = original_uri(&headers, &uri), code = verdict.code.as_str(), "forward-auth");
     let code = HeaderValue::from_static(verdict.code.as_str());
     match (verdict.code, &verdict.entry) {
@@ -175,7 +188,24 @@ async fn auth(State(s): State<AppState>, uri: Uri, headers: HeaderMap) -> Respon
                     h.insert(name, v);
                 }
             }
+            if let Ok(v) = HeaderValue::from_str(&e.apikey.scopes.join(" "))
+                && !e.apikey.scopes.is_empty()
+            {
+                h.insert("x-keyward-scopes", v);
+            }
             h.insert("x-keyward-code", code);
+            resp
+        }
+        (Code::InsufficientScope, _) => {
+            let mut resp = StatusCode::FORBIDDEN.into_response();
+            let challenge = format!(
+                r#"Bearer realm="keyward", error="insufficient_scope", scope="{}""#,
+                required.join(" ")
+            );
+            if let Ok(v) = HeaderValue::from_str(&challenge) {
+                resp.headers_mut().insert(header::WWW_AUTHENTICATE, v);
+            }
+            resp.headers_mut().insert("x-keyward-code", code);
             resp
         }
         _ => {

@@ -31,6 +31,8 @@ pub struct Holder {
     pub client_id: String,
     /// Its `spec.revokedKeys`.
     pub revoked: Vec<String>,
+    /// Its `spec.scopes` (sorted, well-formed ones only).
+    pub scopes: Vec<String>,
     /// The ApiKey's resourceVersion this view was built from.
     pub resource_version: Option<String>,
 }
@@ -77,6 +79,8 @@ pub enum Code {
     /// Not a key of any policy's format (prefix, length, encoding, checksum), or sent
     /// ambiguously (two different keys in one request).
     Malformed,
+    /// Valid, but without a scope the caller (the proxy, per route) requires.
+    InsufficientScope,
 }
 
 impl Code {
@@ -88,6 +92,7 @@ impl Code {
             Code::Expired => "EXPIRED",
             Code::Revoked => "REVOKED",
             Code::Malformed => "MALFORMED",
+            Code::InsufficientScope => "INSUFFICIENT_SCOPE",
         }
     }
 }
@@ -197,6 +202,13 @@ impl Index {
             owner: key.owner().to_string(),
             client_id: status.client_id.clone().unwrap_or_default(),
             revoked,
+            scopes: {
+                let mut scopes: Vec<String> =
+                    key.spec.scopes.iter().filter(|s| crate::api::valid_scope(s)).cloned().collect();
+                scopes.sort();
+                scopes.dedup();
+                scopes
+            },
             resource_version: key.metadata.resource_version.clone(),
         });
         let mut hashes = Vec::new();

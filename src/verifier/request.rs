@@ -105,3 +105,66 @@ mod tests {
         assert_eq!(BodyError::NotJson.to_string(), r#"body must be JSON: {"key": "..."}"#);
     }
 }
+
+/// The scopes a forward-auth request requires: every `scope` query parameter and every
+/// `X-Keyward-Require-Scope` header, each a list separated by spaces or commas (the
+/// union: a party that adds a requirement can only make the answer stricter). Sorted,
+/// without repeats. Percent-encoded values are decoded (`orders%3Aread`); a value that
+/// is not a well-formed scope is kept, so no key satisfies it (refused, never ignored).
+pub fn required_scopes(headers: &HeaderMap, query: Option<&str>) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    let mut add = |list: &str| {
+        out.extend(list.split([' ', ',']).map(str::trim).filter(|s| !s.is_empty()).map(str::to_owned));
+    };
+    for v in headers.get_all("x-keyward-require-scope") {
+        add(&String::from_utf8_lossy(v.as_bytes()));
+    }
+    for pair in query.unwrap_or_default().split('&') {
+        if let Some(("scope", value)) = pair.split_once('=') {
+            add(&percent_decode(&value.replace('+', " ")));
+        }
+    }
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// `%XX` decoded (invalid escapes are kept as they are).
+fn percent_decode(text: &str) -> String {
+    let b = text.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = |c: u8| (c as char).to_digit(16);
+        match (b[i], b.get(i + 1).copied().and_then(hex), b.get(i + 2).copied().and_then(hex)) {
+            (b'%', Some(h), Some(l)) => {
+                out.push((h * 16 + l) as u8);
+                i += 3;
+            }
+            (c, _, _) => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[cfg(test)]
+mod scope_tests {
+    use axum::http::HeaderValue;
+
+    use super::*;
+
+    #[test]
+    fn required_scopes_are_the_union_of_query_and_headers() {
+        let mut h = HeaderMap::new();
+        assert!(required_scopes(&h, None).is_empty());
+        assert!(required_scopes(&h, Some("x=1&scope=")).is_empty());
+        h.append("x-keyward-require-scope", HeaderValue::from_static("orders:write, billing/read"));
+        h.append("x-keyward-require-scope", HeaderValue::from_static("orders:write"));
+        let got = required_scopes(&h, Some("scope=orders%3Aread+audit&y=2&scope=orders:read"));
+        assert_eq!(got, ["audit", "billing/read", "orders:read", "orders:write"]);
+        assert_eq!(percent_decode("%zz%41"), "%zzA");
+    }
+}
