@@ -27,9 +27,10 @@ else
   export PATH="$(hack/cluster.sh tools):$PATH"
 fi
 
-# nginx (the verifier's end-to-end test) and wrk (its benchmark) from Debian.
+# nginx and Caddy (the verifier's proxy tests) and wrk (its benchmark) from Debian.
 need=()
 command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || need+=(nginx)
+command -v caddy >/dev/null || need+=(caddy)
 command -v wrk >/dev/null || need+=(wrk)
 if [ ${#need[@]} -gt 0 ]; then
   echo "== installing ${need[*]} from Debian"

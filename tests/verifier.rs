@@ -747,3 +747,115 @@ async fn scopes_are_returned_required_per_route_and_changes_take_effect_within_f
     .await;
     assert_eq!(auth("/v1/auth", None).0, 200, "the key itself still verifies");
 }
+
+/// Caddy (from Debian) running `examples/proxies/Caddyfile` (addresses replaced) in front
+/// of an upstream (a second Caddy site) that echoes the identity headers it receives.
+struct Caddy {
+    child: std::process::Child,
+    front: String,
+    _dir: std::path::PathBuf,
+}
+
+impl Drop for Caddy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn caddy(verifier: &str) -> Caddy {
+    let dir = std::env::temp_dir().join(format!("keyward-caddy-{}", rand::random::<u64>()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (front, upstream) = (common::free_port(), common::free_port());
+    let mut site =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/proxies/Caddyfile")).unwrap();
+    for (from, to) in [
+        ("keyward-verifier.keyward-system.svc:8081", verifier.to_string()),
+        ("payments.payments.svc:8080", format!("127.0.0.1:{upstream}")),
+        (":8080 {", format!("http://127.0.0.1:{front} {{")),
+    ] {
+        assert!(site.contains(from), "the example has {from}");
+        site = site.replace(from, &to);
+    }
+    let echo = ["Owner", "Namespace", "ApiKey", "Key-Id", "Client-Id", "Scopes"]
+        .map(|h| format!("{}={{http.request.header.X-Keyward-{h}}}", h.to_lowercase()))
+        .join(" ");
+    let conf = format!(
+        "{{\n\tadmin off\n\tauto_https off\n}}\n{site}\nhttp://127.0.0.1:{upstream} {{\n\trespond \"upstream ok {echo} authorization={{http.request.header.Authorization}} x-api-key={{http.request.header.X-Api-Key}}\"\n}}\n"
+    );
+    std::fs::write(dir.join("Caddyfile"), conf).unwrap();
+    let child = std::process::Command::new("caddy")
+        .args(["run", "--adapter", "caddyfile", "--config"])
+        .arg(dir.join("Caddyfile"))
+        .env("XDG_DATA_HOME", &dir)
+        .env("XDG_CONFIG_HOME", &dir)
+        .env("HOME", &dir)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(dir.join("caddy.log")).unwrap())
+        .spawn()
+        .expect("caddy from Debian (hack/test.sh installs it)");
+    let front = format!("127.0.0.1:{front}");
+    let f = front.clone();
+    common::eventually("caddy to listen", Duration::from_secs(20), || {
+        let f = f.clone();
+        async move { std::net::TcpStream::connect(&f).ok().map(|_| ()) }
+    })
+    .await;
+    Caddy { child, front, _dir: dir }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn caddy_forward_auth_passes_only_the_verifiers_identity_and_never_the_key() {
+    let client = client().await;
+    let ns = TestNamespace::new(&client, "caddy").await;
+    let policy = ns.policy(&client, "p", json!({"expiry": {"maxLifetime": "P1D"}})).await;
+    let _controller = common::controller_for(&ns.name, &[], "info");
+    let verifier = common::verifier_for(&ns.name);
+    verifier.wait_ready().await;
+    ns.apikey(&client, "svc", json!({"policy": policy, "owner": "team-a", "scopes": ["orders:read"]})).await;
+    let key = common::eventually("the key", Duration::from_secs(30), || async {
+        secret_data(&client, &ns.name, "svc").await?.get("api-key").cloned()
+    })
+    .await;
+    common::eventually("the verifier to know the key", Duration::from_secs(10), || async {
+        (verify_json(&verifier.addr, &key)["code"] == "VALID").then_some(())
+    })
+    .await;
+    let caddy = caddy(&verifier.addr).await;
+    let forged = [
+        ("X-Keyward-Owner", "someone-else"),
+        ("X-Keyward-Namespace", "other"),
+        ("X-Keyward-Scopes", "admin"),
+        ("X-Keyward-Key-Id", "forged"),
+    ];
+    let bearer = format!("Bearer {key}");
+    for (method, key_header) in
+        [("GET", ("Authorization", bearer.as_str())), ("POST", ("X-Api-Key", key.as_str()))]
+    {
+        let mut headers = vec![key_header];
+        headers.extend_from_slice(&forged);
+        let (code, _, body) = http(&caddy.front, method, "/orders/42", &headers, b"{}").expect("an answer");
+        assert_eq!(code, 200, "{method}: {body}");
+        assert!(
+            body.starts_with(&format!("upstream ok owner=team-a namespace={} apikey=svc key-id=", ns.name)),
+            "{body}"
+        );
+        assert!(
+            body.contains("scopes=orders:read ") && !body.contains("forged") && !body.contains("admin"),
+            "{body}"
+        );
+        assert!(body.contains("authorization= x-api-key="), "the key does not reach the upstream: {body}");
+        assert!(!body.contains(&key), "{body}");
+    }
+    let unknown = keyward::keys::KeyFormat::default().generate().expose().to_string();
+    for headers in [vec![("Authorization", format!("Bearer {unknown}"))], vec![]] {
+        let mut h: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        h.extend_from_slice(&forged);
+        let (code, head, body) = http(&caddy.front, "GET", "/orders/42", &h, b"").expect("an answer");
+        assert_eq!(code, 401, "{head}");
+        assert!(
+            head.contains(r#"www-authenticate: bearer realm="keyward""#) && !body.contains("upstream ok"),
+            "{body}"
+        );
+    }
+}
