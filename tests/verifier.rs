@@ -12,17 +12,44 @@ use common::{TestNamespace, client, get_key, http, metric_sum, ready, secret_dat
 use keyward::api::KeyState;
 use serde_json::json;
 
-struct Nginx {
+/// A proxy (nginx, Caddy) running from a scratch directory, listening on `front`.
+struct Proxy {
     child: std::process::Child,
     front: String,
     _dir: std::path::PathBuf,
 }
 
-impl Drop for Nginx {
+impl Drop for Proxy {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+impl Proxy {
+    /// `child`, once it accepts connections on 127.0.0.1:`port`.
+    async fn listening(what: &str, child: std::process::Child, port: u16, dir: std::path::PathBuf) -> Proxy {
+        let front = format!("127.0.0.1:{port}");
+        let f = front.clone();
+        common::eventually(&format!("{what} to listen"), Duration::from_secs(20), || {
+            let f = f.clone();
+            async move { std::net::TcpStream::connect(&f).ok().map(|_| ()) }
+        })
+        .await;
+        Proxy { child, front, _dir: dir }
+    }
+}
+
+/// The example file `name` under `examples/` with each (from, to) replaced (each `from`
+/// must be there: the test runs the example as users read it).
+fn example_with(name: &str, replace: &[(&str, String)]) -> String {
+    let mut text =
+        std::fs::read_to_string(format!("{}/examples/{name}", env!("CARGO_MANIFEST_DIR"))).unwrap();
+    for (from, to) in replace {
+        assert!(text.contains(from), "the example has {from}");
+        text = text.replace(from, to);
+    }
+    text
 }
 
 fn nginx_binary() -> String {
@@ -35,22 +62,18 @@ fn nginx_binary() -> String {
 
 /// nginx running `examples/nginx-auth-request.conf` itself (its upstream addresses and
 /// port replaced) in front of an upstream that echoes the identity headers it receives.
-async fn nginx(verifier: &str) -> Nginx {
+async fn nginx(verifier: &str) -> Proxy {
     let dir = std::env::temp_dir().join(format!("keyward-nginx-{}", rand::random::<u64>()));
     std::fs::create_dir_all(dir.join("tmp")).unwrap();
     let (front, upstream) = (common::free_port(), common::free_port());
-    let example =
-        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/nginx-auth-request.conf"))
-            .unwrap();
-    let mut server = example.clone();
-    for (from, to) in [
-        ("keyward-verifier.keyward-system.svc:8081", verifier.to_string()),
-        ("payments.payments.svc:8080", format!("127.0.0.1:{upstream}")),
-        ("listen 8080;", format!("listen 127.0.0.1:{front};")),
-    ] {
-        assert!(server.contains(from), "the example has {from}");
-        server = server.replace(from, &to);
-    }
+    let server = example_with(
+        "nginx-auth-request.conf",
+        &[
+            ("keyward-verifier.keyward-system.svc:8081", verifier.to_string()),
+            ("payments.payments.svc:8080", format!("127.0.0.1:{upstream}")),
+            ("listen 8080;", format!("listen 127.0.0.1:{front};")),
+        ],
+    );
     let d = dir.display();
     let conf = format!(
         r#"daemon off; master_process off; worker_processes 1;
@@ -75,14 +98,7 @@ http {{
         .args(["-p", &dir.display().to_string(), "-c", &dir.join("nginx.conf").display().to_string()])
         .spawn()
         .expect("start nginx");
-    let front = format!("127.0.0.1:{front}");
-    let f = front.clone();
-    common::eventually("nginx to listen", Duration::from_secs(20), || {
-        let f = f.clone();
-        async move { std::net::TcpStream::connect(&f).ok().map(|_| ()) }
-    })
-    .await;
-    Nginx { child, front, _dir: dir }
+    Proxy::listening("nginx", child, front, dir).await
 }
 
 /// A request through nginx with `key` (and `extra` headers): status and the upstream's echo.
@@ -750,33 +766,18 @@ async fn scopes_are_returned_required_per_route_and_changes_take_effect_within_f
 
 /// Caddy (from Debian) running `examples/proxies/Caddyfile` (addresses replaced) in front
 /// of an upstream (a second Caddy site) that echoes the identity headers it receives.
-struct Caddy {
-    child: std::process::Child,
-    front: String,
-    _dir: std::path::PathBuf,
-}
-
-impl Drop for Caddy {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-async fn caddy(verifier: &str) -> Caddy {
+async fn caddy(verifier: &str) -> Proxy {
     let dir = std::env::temp_dir().join(format!("keyward-caddy-{}", rand::random::<u64>()));
     std::fs::create_dir_all(&dir).unwrap();
     let (front, upstream) = (common::free_port(), common::free_port());
-    let mut site =
-        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/proxies/Caddyfile")).unwrap();
-    for (from, to) in [
-        ("keyward-verifier.keyward-system.svc:8081", verifier.to_string()),
-        ("payments.payments.svc:8080", format!("127.0.0.1:{upstream}")),
-        (":8080 {", format!("http://127.0.0.1:{front} {{")),
-    ] {
-        assert!(site.contains(from), "the example has {from}");
-        site = site.replace(from, &to);
-    }
+    let site = example_with(
+        "proxies/Caddyfile",
+        &[
+            ("keyward-verifier.keyward-system.svc:8081", verifier.to_string()),
+            ("payments.payments.svc:8080", format!("127.0.0.1:{upstream}")),
+            (":8080 {", format!("http://127.0.0.1:{front} {{")),
+        ],
+    );
     let echo = ["Owner", "Namespace", "ApiKey", "Key-Id", "Client-Id", "Scopes"]
         .map(|h| format!("{}={{http.request.header.X-Keyward-{h}}}", h.to_lowercase()))
         .join(" ");
@@ -794,14 +795,7 @@ async fn caddy(verifier: &str) -> Caddy {
         .stderr(std::fs::File::create(dir.join("caddy.log")).unwrap())
         .spawn()
         .expect("caddy from Debian (hack/test.sh installs it)");
-    let front = format!("127.0.0.1:{front}");
-    let f = front.clone();
-    common::eventually("caddy to listen", Duration::from_secs(20), || {
-        let f = f.clone();
-        async move { std::net::TcpStream::connect(&f).ok().map(|_| ()) }
-    })
-    .await;
-    Caddy { child, front, _dir: dir }
+    Proxy::listening("caddy", child, front, dir).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

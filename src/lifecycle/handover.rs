@@ -54,8 +54,6 @@ pub struct Handover {
     /// The older key, when it is still used after callers should have moved: (key ID,
     /// its last use).
     pub still_in_use: Option<(String, DateTime<Utc>)>,
-    /// The successor of the key `(older, newer)` key IDs, when there are two valid keys.
-    pub pair: Option<(String, String)>,
     /// When this state changes with time alone (a key in use goes quiet).
     pub next: Option<DateTime<Utc>>,
 }
@@ -103,7 +101,6 @@ pub fn evaluate(rules: &Rules, status: &ApiKeyStatus, now: DateTime<Utc>, usage:
             status: crate::api::TRUE,
             message: "fewer than two valid keys: nothing to hand over".into(),
             still_in_use: None,
-            pair: None,
             next: None,
         };
     };
@@ -116,7 +113,6 @@ pub fn evaluate(rules: &Rules, status: &ApiKeyStatus, now: DateTime<Utc>, usage:
     // warning threshold, look anyway).
     let recheck = if moved.is_some() { usage.quiet } else { usage.quiet.max(RECHECK_BEFORE_FLIP) };
     let quiet_at = |t: DateTime<Utc>| t + recheck + TimeDelta::milliseconds(1);
-    let ids = Some((older.key_id.clone(), newer.key_id.clone()));
     let (o, n) = (older, newer);
     let ends = |k: &KeyStatus| k.effective_expires_at.map(|t| format!(" (it stops verifying at {})", ts(t)));
     let name = |k: &KeyStatus| format!("the {} key {}", k.slot, k.key_id);
@@ -125,7 +121,6 @@ pub fn evaluate(rules: &Rules, status: &ApiKeyStatus, now: DateTime<Utc>, usage:
         status,
         message,
         still_in_use: None,
-        pair: ids.clone(),
         next: in_use(o).map(quiet_at),
     };
     if o.last_used_at.is_none() && n.last_used_at.is_none() {
