@@ -61,6 +61,10 @@ pub enum Command {
         /// Address for /v1/verify, /v1/auth, /metrics, /healthz and /readyz.
         #[arg(long, env = "KEYWARD_LISTEN", default_value = "0.0.0.0:8081")]
         listen: String,
+        /// Address for Envoy's gRPC `ext_authz` (`envoy.service.auth.v3.Authorization`)
+        /// and `grpc.health.v1` (default: no gRPC listener; the chart uses 0.0.0.0:9001).
+        #[arg(long, env = "KEYWARD_GRPC_LISTEN")]
+        grpc_listen: Option<String>,
         /// Index ApiKeys of this namespace only (default: all namespaces).
         #[arg(long, env = "KEYWARD_NAMESPACE")]
         namespace: Option<String>,

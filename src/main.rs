@@ -43,11 +43,19 @@ async fn run(cli: Cli) -> error::Result<()> {
             print!("{}", keyward::ops::revoke(client, namespace.as_deref(), &name, &key_id).await?);
             Ok(())
         }
-        Command::Verifier { listen, namespace, usage_flush_interval, max_staleness, shutdown_delay } => {
+        Command::Verifier {
+            listen,
+            grpc_listen,
+            namespace,
+            usage_flush_interval,
+            max_staleness,
+            shutdown_delay,
+        } => {
             telemetry::init();
             let (client, server) = connect(cli.kubeconfig.as_ref(), cli.context.as_deref()).await?;
             let opts = keyward::verifier::Options {
                 listen,
+                grpc_listen,
                 namespace,
                 usage_interval: usage_flush_interval,
                 max_staleness,

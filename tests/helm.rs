@@ -124,12 +124,25 @@ fn chart_lints_and_renders_every_option() {
         ),
         ("1.31.0", vec!["watchNamespace=payments,crds.enabled=false,verifier.enabled=false"]),
         ("1.31.0", vec!["watchNamespace=payments,verifier.replicas=1,controller.leaderElect=false"]),
+        ("1.31.0", vec!["verifier.grpcPort=null"]),
     ] {
         let (out, docs) = render(version, &sets);
         let scoped = sets.iter().any(|s| s.contains("watchNamespace"));
         let verifier = !sets.iter().any(|s| s.contains("verifier.enabled=false"));
         let crds = !sets.iter().any(|s| s.contains("crds.enabled=false"));
         let cel = out.contains("x-kubernetes-validations");
+        // gRPC ext_authz: on by default, on the verifier's Service as port "grpc".
+        let grpc = verifier && !sets.iter().any(|s| s.contains("grpcPort=null"));
+        assert_eq!(out.contains("--grpc-listen=0.0.0.0:9001"), grpc, "{sets:?}");
+        if verifier {
+            let svc = object(&docs, "Service", "t-keyward-verifier").unwrap();
+            let grpc_port = svc["spec"]["ports"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|p| p["name"] == "grpc" && p["appProtocol"] == "grpc" && p["targetPort"] == "grpc");
+            assert_eq!(grpc_port, grpc, "{svc:#}");
+        }
         assert_eq!(cel, version != "1.20.2" && crds, "CEL rules by version");
         assert_eq!(out.contains("kind: CustomResourceDefinition"), crds, "crds.enabled");
         if scoped {

@@ -19,6 +19,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use common::{TestNamespace, client, eventually, get_key, secret_data, wait_key};
+use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Pod, Service};
 use kube::api::{Api, ListParams};
@@ -121,12 +122,18 @@ async fn install(client: &Client, ns: &TestNamespace, image: &str, extra: &[&str
 
 /// The verifier Service's ClusterIP address (kube-proxy routes it from this host too).
 async fn verifier_addr(client: &Client, release: &Release) -> String {
+    verifier_port(client, release, "verifier").await
+}
+
+/// The verifier Service's ClusterIP and its port `name`.
+async fn verifier_port(client: &Client, release: &Release, name: &str) -> String {
     let svc = Api::<Service>::namespaced(client.clone(), &release.ns)
         .get(&format!("{}-verifier", release.fullname()))
         .await
         .unwrap();
     let ip = svc.spec.as_ref().and_then(|s| s.cluster_ip.clone()).expect("ClusterIP");
-    let port = svc.spec.as_ref().and_then(|s| s.ports.as_ref()?.first().map(|p| p.port)).expect("port");
+    let ports = svc.spec.as_ref().and_then(|s| s.ports.clone()).unwrap_or_default();
+    let port = ports.iter().find(|p| p.name.as_deref() == Some(name)).map(|p| p.port).expect(name);
     format!("{ip}:{port}")
 }
 
@@ -262,6 +269,13 @@ async fn the_chart_runs_a_rotation_in_pods_upgrades_without_a_failed_request_and
     let first = wait_key(&client, &ns.name, "svc", Duration::from_secs(60), common::active).await;
     let addr = verifier_addr(&client, &release).await;
     verifier_answers(&client, &ns.name, "svc", &addr).await;
+    // Envoy's gRPC ext_authz through the Service's "grpc" port (appProtocol grpc).
+    let grpc = verifier_port(&client, &release, "grpc").await;
+    let key = secret_data(&client, &ns.name, "svc").await.unwrap()["api-key"].clone();
+    let channel = tonic::transport::Channel::from_shared(format!("http://{grpc}")).unwrap();
+    let mut authz = AuthorizationClient::new(channel.connect().await.expect("the gRPC port"));
+    let answer = authz.check(common::check_request(&[("X-Api-Key", &key)], false, None)).await;
+    assert_eq!(answer.expect("a Check answer").into_inner().status.map(|s| s.code), Some(0), "OK over gRPC");
     let sampler = Sampler::start(&client, &ns.name, &["svc"], addr.clone());
     let mut seen = BTreeSet::from([first.key_id.clone()]);
     // Primary → standby → flip → the primary slot regenerated: three keys, two flips.

@@ -8,7 +8,7 @@
 //! with the identity headers, 401 with `WWW-Authenticate` otherwise, 503 only while the
 //! index cannot be trusted. Never 404/429/5xx as a decision.
 
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::Instant;
 
 use axum::Router;
@@ -18,20 +18,18 @@ use axum::http::Uri;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, post};
-use chrono::{SecondsFormat, Utc};
+use chrono::SecondsFormat;
 use serde::Serialize;
 
+use super::decision::decide;
 use super::request::{key_from_body, key_from_headers, required_scopes};
-use super::usage::Usage;
-use super::{Code, Index, MAX_BODY, RequestLabels, Verdict, VerifierMetrics};
+use super::{Checker, Code, HTTP, MAX_BODY};
 use crate::health::Readiness;
 use crate::metrics::Metrics;
 
 #[derive(Clone)]
 struct AppState {
-    index: Arc<RwLock<Index>>,
-    usage: Arc<Usage>,
-    vm: Arc<VerifierMetrics>,
+    checker: Checker,
     /// Whether the index may be answered from (its watches are current).
     trusted: Readiness,
 }
@@ -39,21 +37,14 @@ struct AppState {
 /// `/v1/verify`, `/v1/auth` (answering 503 unless `trusted`), and the health and
 /// metrics routes (`/readyz` follows `ready`: it goes false first when stopping, while
 /// the API still answers).
-pub fn router(
-    index: Arc<RwLock<Index>>,
-    usage: Arc<Usage>,
-    vm: Arc<VerifierMetrics>,
-    metrics: Arc<Metrics>,
-    ready: Readiness,
-    trusted: Readiness,
-) -> Router {
+pub fn router(checker: Checker, metrics: Arc<Metrics>, ready: Readiness, trusted: Readiness) -> Router {
     let api = Router::new()
         .route("/v1/verify", post(verify))
         .route("/v1/auth", any(auth))
         .route("/v1/auth/", any(auth))
         .route("/v1/auth/{*original}", any(auth))
         .layer(DefaultBodyLimit::max(MAX_BODY))
-        .with_state(AppState { index, usage, vm, trusted });
+        .with_state(AppState { checker, trusted });
     api.merge(crate::health::router(metrics, ready))
 }
 
@@ -88,38 +79,11 @@ fn error(status: StatusCode, message: &str) -> Response {
     (status, axum::Json(serde_json::json!({ "error": message }))).into_response()
 }
 
-impl AppState {
-    /// Verify `key`, requiring `scopes` of a valid key (else `INSUFFICIENT_SCOPE`); a
-    /// valid key's use is recorded either way (the caller did hold a working key).
-    fn check(&self, endpoint: &'static str, key: &str, scopes: &[String], started: Instant) -> Verdict {
-        let now = Utc::now();
-        let mut verdict = self.index.read().unwrap_or_else(|p| p.into_inner()).verify(key, now);
-        if verdict.code == Code::Valid
-            && let Some(e) = &verdict.entry
-            && scopes.iter().any(|s| e.apikey.scopes.binary_search(s).is_err())
-        {
-            self.usage.record(e, now);
-            verdict.code = Code::InsufficientScope;
-        }
-        if verdict.code == Code::Valid
-            && let Some(e) = &verdict.entry
-        {
-            self.usage.record(e, now);
-        }
-        self.vm.requests.get_or_create(&RequestLabels { endpoint, code: verdict.code.as_str() }).inc();
-        self.vm.latency.observe(started.elapsed().as_secs_f64());
-        verdict
-    }
-}
-
 /// Before the index has synced the verifier cannot tell a valid key from an unknown
 /// one, and while a watch has been failing for longer than `--max-staleness` it may miss
 /// revocations: it says so (503) instead of answering from an index it cannot trust.
 fn not_synced() -> Response {
-    let mut resp = error(
-        StatusCode::SERVICE_UNAVAILABLE,
-        "the verifier's index is not current (not synced yet, or its watch is failing)",
-    );
+    let mut resp = error(StatusCode::SERVICE_UNAVAILABLE, super::decision::NOT_CURRENT);
     resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
     resp
 }
@@ -133,7 +97,7 @@ async fn verify(State(s): State<AppState>, body: Bytes) -> Response {
         Ok(key) => key,
         Err(e) => return error(StatusCode::BAD_REQUEST, &e.to_string()),
     };
-    let verdict = s.check("verify", &key, &[], started);
+    let verdict = s.checker.check(HTTP, "verify", &key, &[], started);
     let e = verdict.entry.as_ref();
     let body = VerifyResponse {
         valid: verdict.code == Code::Valid,
@@ -159,62 +123,28 @@ pub fn original_uri<'a>(headers: &'a HeaderMap, uri: &'a Uri) -> &'a str {
         .unwrap_or("/")
 }
 
-/// `WWW-Authenticate` of a refusal (RFC 6750).
-const CHALLENGE: &str = r#"Bearer realm="keyward", error="invalid_token""#;
-
 async fn auth(State(s): State<AppState>, uri: Uri, headers: HeaderMap) -> Response {
     if !s.trusted.get() {
         return not_synced();
     }
     let started = Instant::now();
     let required = required_scopes(&headers, uri.query());
-    let verdict = s.check("auth", key_from_headers(&headers).unwrap_or_default(), &required, started);
+    let key = key_from_headers(&headers).unwrap_or_default();
+    let verdict = s.checker.check(HTTP, "auth", key, &required, started);
     tracing::debug!(uri = original_uri(&headers, &uri), code = verdict.code.as_str(), "forward-auth");
-    let code = HeaderValue::from_static(verdict.code.as_str());
-    match (verdict.code, &verdict.entry) {
-        (Code::Valid, Some(e)) => {
-            let mut resp = StatusCode::OK.into_response();
-            let h = resp.headers_mut();
-            // The namespace and ApiKey name are what no other namespace can claim; the
-            // owner is free text, unique only within its namespace.
-            for (name, value) in [
-                ("x-keyward-namespace", e.apikey.namespace.as_str()),
-                ("x-keyward-apikey", e.apikey.name.as_str()),
-                ("x-keyward-owner", e.apikey.owner.as_str()),
-                ("x-keyward-client-id", e.apikey.client_id.as_str()),
-                ("x-keyward-key-id", e.key_id.as_str()),
-            ] {
-                if let Ok(v) = HeaderValue::from_str(value) {
-                    h.insert(name, v);
-                }
-            }
-            if let Ok(v) = HeaderValue::from_str(&e.apikey.scopes.join(" "))
-                && !e.apikey.scopes.is_empty()
-            {
-                h.insert("x-keyward-scopes", v);
-            }
-            h.insert("x-keyward-code", code);
-            resp
-        }
-        (Code::InsufficientScope, _) => {
-            let mut resp = StatusCode::FORBIDDEN.into_response();
-            let challenge = format!(
-                r#"Bearer realm="keyward", error="insufficient_scope", scope="{}""#,
-                required.join(" ")
-            );
-            if let Ok(v) = HeaderValue::from_str(&challenge) {
-                resp.headers_mut().insert(header::WWW_AUTHENTICATE, v);
-            }
-            resp.headers_mut().insert("x-keyward-code", code);
-            resp
-        }
-        _ => {
-            let mut resp = StatusCode::UNAUTHORIZED.into_response();
-            resp.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static(CHALLENGE));
-            resp.headers_mut().insert("x-keyward-code", code);
-            resp
+    let decision = decide(&verdict, &required);
+    let status = StatusCode::from_u16(decision.status).unwrap_or(StatusCode::UNAUTHORIZED);
+    let mut resp = if decision.allowed() {
+        status.into_response()
+    } else {
+        (status, [(header::CONTENT_TYPE, "application/json")], decision.body()).into_response()
+    };
+    for (name, value) in decision.headers {
+        if let Ok(v) = HeaderValue::from_str(&value) {
+            resp.headers_mut().insert(name, v);
         }
     }
+    resp
 }
 
 #[cfg(test)]

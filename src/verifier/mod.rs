@@ -4,6 +4,8 @@
 //! key's last use to `status.keys[].lastUsedAt` at most once per flush interval (a
 //! minute by default) per ApiKey.
 
+pub mod decision;
+mod grpc;
 mod http;
 pub mod index;
 pub mod request;
@@ -39,6 +41,8 @@ pub const VERIFIER_MANAGER: &str = "keyward/verifier";
 pub struct Options {
     /// Listen address (API, health, metrics).
     pub listen: String,
+    /// gRPC `ext_authz` and health listen address (None: no gRPC listener).
+    pub grpc_listen: Option<String>,
     /// Only index ApiKeys of this namespace.
     pub namespace: Option<String>,
     /// Least time between two `lastUsedAt` writes for one ApiKey.
@@ -54,7 +58,9 @@ pub struct Options {
 /// Labels of the request counter.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
 pub struct RequestLabels {
-    /// `verify` or `auth`.
+    /// `http` or `grpc`.
+    pub protocol: &'static str,
+    /// `verify`, `auth` (HTTP) or `check` (gRPC `ext_authz`).
     pub endpoint: &'static str,
     /// The result code.
     pub code: &'static str,
@@ -127,6 +133,50 @@ impl VerifierMetrics {
     }
 }
 
+/// `protocol` label of HTTP requests.
+pub const HTTP: &str = "http";
+/// `protocol` label of gRPC requests.
+pub const GRPC: &str = "grpc";
+
+/// Answers a key (and the scopes a route requires) from the index, records a valid
+/// key's use and counts the request: what every endpoint of every protocol shares.
+#[derive(Clone)]
+pub struct Checker {
+    index: Arc<RwLock<Index>>,
+    usage: Arc<usage::Usage>,
+    vm: Arc<VerifierMetrics>,
+}
+
+impl Checker {
+    /// Verify `key`, requiring `scopes` of a valid key (else `INSUFFICIENT_SCOPE`); a
+    /// valid key's use is recorded either way (the caller did hold a working key).
+    pub fn check(
+        &self,
+        protocol: &'static str,
+        endpoint: &'static str,
+        key: &str,
+        scopes: &[String],
+        started: Instant,
+    ) -> Verdict {
+        let now = chrono::Utc::now();
+        let mut verdict = self.index.read().unwrap_or_else(|p| p.into_inner()).verify(key, now);
+        if verdict.code == Code::Valid
+            && let Some(e) = &verdict.entry
+        {
+            self.usage.record(e, now);
+            if scopes.iter().any(|s| e.apikey.scopes.binary_search(s).is_err()) {
+                verdict.code = Code::InsufficientScope;
+            }
+        }
+        self.vm
+            .requests
+            .get_or_create(&RequestLabels { protocol, endpoint, code: verdict.code.as_str() })
+            .inc();
+        self.vm.latency.observe(started.elapsed().as_secs_f64());
+        verdict
+    }
+}
+
 /// `resource` label of the ApiKey watch.
 const APIKEYS: &str = "apikeys";
 /// `resource` label of the KeyPolicy watch.
@@ -161,20 +211,19 @@ pub async fn run(client: Client, server: &str, opts: Options) -> Result<()> {
         vm.clone(),
     );
     let flusher = usage.clone().run();
-    let app = http::router(
-        index.clone(),
-        usage.clone(),
-        vm.clone(),
-        metrics.clone(),
-        ready.clone(),
-        trusted.clone(),
-    );
+    let checker = Checker { index: index.clone(), usage: usage.clone(), vm: vm.clone() };
+    let app = http::router(checker.clone(), metrics.clone(), ready.clone(), trusted.clone());
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let stopped = async move {
-        let mut rx = stop_rx;
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
-    let server = crate::health::serve(&opts.listen, app, stopped).await?;
+    let server = crate::health::serve(&opts.listen, app, stopped(stop_rx.clone())).await?;
+    let grpc_server = match &opts.grpc_listen {
+        Some(addr) => {
+            Some(grpc::serve(addr, checker, ready.clone(), trusted.clone(), stopped(stop_rx)).await?)
+        }
+        None => None,
+    };
     tokio::pin!(key_feed, policy_feed);
     let signalled = tokio::select! {
         _ = crate::controller::shutdown_signal() => true,
@@ -199,6 +248,9 @@ pub async fn run(client: Client, server: &str, opts: Options) -> Result<()> {
     }
     let _ = stop_tx.send(true);
     let _ = server.await;
+    if let Some(g) = grpc_server {
+        let _ = g.await;
+    }
     usage.flush_all().await;
     tracing::info!("verifier stopped");
     Ok(())

@@ -112,21 +112,83 @@ mod tests {
 /// without repeats. Percent-encoded values are decoded (`orders%3Aread`); a value that
 /// is not a well-formed scope is kept, so no key satisfies it (refused, never ignored).
 pub fn required_scopes(headers: &HeaderMap, query: Option<&str>) -> Vec<String> {
-    let mut out: Vec<String> = Vec::new();
-    let mut add = |list: &str| {
-        out.extend(list.split([' ', ',']).map(str::trim).filter(|s| !s.is_empty()).map(str::to_owned));
-    };
-    for v in headers.get_all("x-keyward-require-scope") {
-        add(&String::from_utf8_lossy(v.as_bytes()));
-    }
+    let mut lists: Vec<String> = headers
+        .get_all("x-keyward-require-scope")
+        .iter()
+        .map(|v| String::from_utf8_lossy(v.as_bytes()).into())
+        .collect();
     for pair in query.unwrap_or_default().split('&') {
         if let Some(("scope", value)) = pair.split_once('=') {
-            add(&percent_decode(&value.replace('+', " ")));
+            lists.push(percent_decode(&value.replace('+', " ")));
         }
     }
+    scope_union(lists.iter().map(String::as_str))
+}
+
+/// The scopes of lists separated by spaces or commas: sorted, without repeats.
+fn scope_union<'a>(lists: impl Iterator<Item = &'a str>) -> Vec<String> {
+    let mut out: Vec<String> = lists
+        .flat_map(|l| l.split([' ', ',']))
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(str::to_owned)
+        .collect();
     out.sort();
     out.dedup();
     out
+}
+
+/// The `context_extensions` entry (Envoy's per-route `check_settings`) in which a route
+/// lists the scopes it requires of a gRPC `Check`.
+pub const SCOPE_EXTENSION: &str = "scope";
+
+/// What an Envoy gRPC `Check` asks, in the terms `/v1/auth` reads.
+#[derive(Debug, Default)]
+pub struct CheckAsk {
+    /// The client request's headers, from `headers` and from `header_map` (Envoy sends
+    /// the raw form with `encode_raw_headers`): a name or value HTTP cannot carry is left
+    /// out, as hyper would refuse it, and a header sent in both forms counts twice (so a
+    /// key header seen twice is refused, as over HTTP).
+    pub headers: HeaderMap,
+    /// The client request's path (with its query), for logs.
+    pub path: String,
+    /// The scopes the route requires: `context_extensions["scope"]` and any
+    /// `X-Keyward-Require-Scope` headers (the client's own query string is not read: the
+    /// route, not the caller, says what it requires).
+    pub required: Vec<String>,
+}
+
+/// Map a `Check` request. Pure, total: any request gives an ask (at worst one with no
+/// key, refused as `MALFORMED`).
+pub fn ask_of_check(req: &envoy_types::pb::envoy::service::auth::v3::CheckRequest) -> CheckAsk {
+    let mut ask = CheckAsk::default();
+    let Some(attributes) = &req.attributes else { return ask };
+    let mut add = |name: &[u8], value: &[u8]| {
+        if let (Ok(n), Ok(v)) = (header::HeaderName::from_bytes(name), header::HeaderValue::from_bytes(value))
+        {
+            ask.headers.append(n, v);
+        }
+    };
+    if let Some(http) = attributes.request.as_ref().and_then(|r| r.http.as_ref()) {
+        for (name, value) in &http.headers {
+            add(name.as_bytes(), value.as_bytes());
+        }
+        for h in http.header_map.iter().flat_map(|m| &m.headers) {
+            let value = if h.raw_value.is_empty() { h.value.as_bytes() } else { &h.raw_value };
+            add(h.key.as_bytes(), value);
+        }
+        ask.path = http.path.clone();
+    }
+    let route = attributes.context_extensions.get(SCOPE_EXTENSION).map(String::as_str);
+    let mut lists: Vec<String> = ask
+        .headers
+        .get_all("x-keyward-require-scope")
+        .iter()
+        .map(|v| String::from_utf8_lossy(v.as_bytes()).into())
+        .collect();
+    lists.extend(route.map(str::to_owned));
+    ask.required = scope_union(lists.iter().map(String::as_str));
+    ask
 }
 
 /// `%XX` decoded (invalid escapes are kept as they are).
@@ -166,5 +228,39 @@ mod scope_tests {
         let got = required_scopes(&h, Some("scope=orders%3Aread+audit&y=2&scope=orders:read"));
         assert_eq!(got, ["audit", "billing/read", "orders:read", "orders:write"]);
         assert_eq!(percent_decode("%zz%41"), "%zzA");
+    }
+
+    #[test]
+    fn a_check_request_maps_headers_raw_headers_path_and_route_scopes() {
+        use envoy_types::pb::envoy::config::core::v3::{HeaderMap as PbHeaderMap, HeaderValue as PbHeader};
+        use envoy_types::pb::envoy::service::auth::v3::attribute_context::{HttpRequest, Request};
+        use envoy_types::pb::envoy::service::auth::v3::{AttributeContext, CheckRequest};
+
+        assert!(ask_of_check(&CheckRequest::default()).headers.is_empty());
+        let raw = |k: &str, v: &[u8]| PbHeader { key: k.into(), raw_value: v.to_vec(), ..Default::default() };
+        let http = HttpRequest {
+            path: "/orders/42?scope=ignored".into(),
+            headers: [
+                ("authorization".to_string(), "Bearer kw_a".to_string()),
+                (":authority".into(), "shop".into()),
+                ("x-keyward-require-scope".into(), "audit".into()),
+            ]
+            .into(),
+            header_map: Some(PbHeaderMap { headers: vec![raw("X-Api-Key", b"kw_b"), raw("x-bad", b"\x00")] }),
+            ..Default::default()
+        };
+        let req = CheckRequest {
+            attributes: Some(AttributeContext {
+                request: Some(Request { http: Some(http), ..Default::default() }),
+                context_extensions: [("scope".to_string(), "orders:write, orders:read".to_string())].into(),
+                ..Default::default()
+            }),
+        };
+        let ask = ask_of_check(&req);
+        assert_eq!(ask.path, "/orders/42?scope=ignored");
+        assert_eq!(key_from_headers(&ask.headers), Some("kw_a"));
+        assert_eq!(ask.headers.get("x-api-key").unwrap(), "kw_b");
+        assert!(ask.headers.get("x-bad").is_none() && ask.headers.len() == 3, "{:?}", ask.headers);
+        assert_eq!(ask.required, ["audit", "orders:read", "orders:write"]);
     }
 }

@@ -9,6 +9,9 @@ pub mod hooks;
 use std::future::Future;
 use std::time::Duration;
 
+use envoy_types::pb::envoy::config::core::v3::{HeaderMap as PbHeaderMap, HeaderValue as PbHeader};
+use envoy_types::pb::envoy::service::auth::v3::attribute_context::{HttpRequest, Request as PbRequest};
+use envoy_types::pb::envoy::service::auth::v3::{AttributeContext, CheckRequest};
 use k8s_openapi::api::core::v1::Namespace;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
@@ -499,4 +502,30 @@ pub fn verify_json(verifier: &str, key: &str) -> serde_json::Value {
             .expect("an answer");
     assert_eq!(code, 200, "{body}");
     serde_json::from_str(&body).unwrap()
+}
+
+/// An Envoy gRPC `Check` of a request with `headers`, sent as Envoy's header map or (`raw`) as
+/// `header_map` entries, for a route requiring `scope` (context extension).
+pub fn check_request(headers: &[(&str, &str)], raw: bool, scope: Option<&str>) -> CheckRequest {
+    let mut http = HttpRequest { method: "POST".into(), path: "/orders/42?x=1".into(), ..Default::default() };
+    if raw {
+        let headers = headers
+            .iter()
+            .map(|(k, v)| PbHeader {
+                key: k.to_lowercase(),
+                raw_value: v.as_bytes().to_vec(),
+                ..Default::default()
+            })
+            .collect();
+        http.header_map = Some(PbHeaderMap { headers });
+    } else {
+        http.headers = headers.iter().map(|(k, v)| (k.to_lowercase(), v.to_string())).collect();
+    }
+    CheckRequest {
+        attributes: Some(AttributeContext {
+            request: Some(PbRequest { http: Some(http), ..Default::default() }),
+            context_extensions: scope.map(|s| ("scope".to_string(), s.to_string())).into_iter().collect(),
+            ..Default::default()
+        }),
+    }
 }
