@@ -749,11 +749,28 @@ async fn scopes_are_returned_required_per_route_and_changes_take_effect_within_f
         assert!(head.contains("x-keyward-code: insufficient_scope"), "{head}");
         assert!(head.contains(r#"error="insufficient_scope""#), "{head}");
     }
+    // Through nginx running the example: the upstream gets the key's scopes (never a
+    // client's forged list), and /admin/ requires the scope "admin".
+    let nginx = nginx(&verifier.addr).await;
+    let get = |path: &str, extra: &[(&str, &str)]| {
+        let bearer = format!("Bearer {key}");
+        let mut headers = vec![("Authorization", bearer.as_str())];
+        headers.extend_from_slice(extra);
+        http(&nginx.front, "GET", path, &headers, b"").map_or((0, String::new()), |(c, _, b)| (c, b))
+    };
+    let (code, body) = get("/orders", &[("X-Keyward-Scopes", "admin")]);
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("scopes=audit orders:read authorization=\n"), "{body}");
+    assert_eq!(get("/admin/users", &[]).0, 403, "/admin/ requires the scope admin");
     // A scope added, then all removed: each visible within 5 s.
-    common::patch_key(&client, &ns.name, "svc", json!({"spec": {"scopes": ["orders:read", "orders:write"]}}))
-        .await;
+    let scopes = json!({"spec": {"scopes": ["orders:read", "orders:write", "admin"]}});
+    common::patch_key(&client, &ns.name, "svc", scopes).await;
     common::eventually("the added scope", Duration::from_secs(5), || async {
         (auth("/v1/auth?scope=orders:write", None).0 == 200).then_some(())
+    })
+    .await;
+    common::eventually("the added scope through nginx", Duration::from_secs(5), || async {
+        (get("/admin/users", &[]).0 == 200).then_some(())
     })
     .await;
     common::patch_key(&client, &ns.name, "svc", json!({"spec": {"scopes": null}})).await;
