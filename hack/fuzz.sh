@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Fuzz keyward's parsers: hack/fuzz.sh [SECONDS_PER_TARGET] (default 30).
 #
-# Builds the cargo-fuzz targets in fuzz/ (duration, key_format, verify_request) and runs
+# Builds the cargo-fuzz targets in fuzz/ (duration, key_format, verify_request,
+# check_request) and runs
 # each for SECONDS_PER_TARGET seconds, starting from the seeds in fuzz/seeds/<target>/,
 # copied into fuzz/corpus/<target>/ (git-ignored; it grows from run to run, so longer
 # runs pick up where the last one stopped). Exits non-zero if any target crashes, panics,
@@ -25,7 +26,7 @@ case "$seconds" in
     ;;
 esac
 sanitizer="${FUZZ_SANITIZER:-address}"
-read -r -a targets <<<"${FUZZ_TARGETS:-duration key_format verify_request}"
+read -r -a targets <<<"${FUZZ_TARGETS:-duration key_format verify_request check_request}"
 for t in "${targets[@]}"; do
   [ -d "fuzz/seeds/$t" ] || { echo "unknown fuzz target $t (see fuzz/fuzz_targets/)" >&2; exit 2; }
 done
