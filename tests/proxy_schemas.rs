@@ -2,12 +2,14 @@
 //! the Envoy bootstraps (`examples/proxies/envoy-*.yaml`) against Envoy's v3 API, the
 //! `.proto` files the `envoy-types` crate ships, compiled here with `protox` and read
 //! with `prost-reflect` (every `@type` resolved, unknown fields and bad enum names
-//! refused, as `envoy --mode validate` would for these). Field-level rules of
-//! protoc-gen-validate (required fields, ranges) are not checked.
+//! refused, as `envoy --mode validate` would for these; field-level rules of
+//! protoc-gen-validate, such as required fields, are not checked); the Traefik and Istio
+//! examples against the JSON schemas vendored in `tests/schemas/` (see its README).
 
 use std::path::PathBuf;
 
 use prost_reflect::{DescriptorPool, DeserializeOptions, DynamicMessage, ReflectMessage};
+use serde::Deserialize;
 
 /// The `proto/` directory of the `envoy-types` crate this build uses.
 fn envoy_protos() -> PathBuf {
@@ -106,4 +108,58 @@ fn the_envoy_examples_are_valid_envoy_v3_bootstraps_and_ask_keyward_its_way() {
         let err = parse(&pool, BOOTSTRAP, &broken).expect_err(to);
         eprintln!("{to}: refused: {err}");
     }
+}
+
+/// The documents of a multi-document YAML file.
+fn documents(text: &str) -> Vec<serde_json::Value> {
+    serde_yaml::Deserializer::from_str(text)
+        .map(|d| serde_json::to_value(serde_yaml::Value::deserialize(d).unwrap()).unwrap())
+        .filter(|v: &serde_json::Value| !v.is_null())
+        .collect()
+}
+
+/// A validator for `tests/schemas/<file>`.
+fn schema(file: &str) -> jsonschema::Validator {
+    let path = format!("{}/tests/schemas/{file}", env!("CARGO_MANIFEST_DIR"));
+    let schema: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    jsonschema::validator_for(&schema).expect(file)
+}
+
+fn errors(v: &jsonschema::Validator, doc: &serde_json::Value) -> Vec<String> {
+    v.iter_errors(doc).map(|e| format!("{} at {}", e, e.instance_path())).collect()
+}
+
+#[test]
+fn the_traefik_and_istio_examples_match_their_published_schemas() {
+    let traefik = schema("traefik-middlewarespec.schema.json");
+    let docs = documents(&example("traefik.yaml"));
+    assert_eq!(docs.len(), 3);
+    for doc in &docs {
+        assert_eq!(
+            (doc["apiVersion"].as_str(), doc["kind"].as_str()),
+            (Some("traefik.io/v1alpha1"), Some("Middleware"))
+        );
+        assert_eq!(errors(&traefik, &doc["spec"]), Vec::<String>::new(), "{doc}");
+        if let Some(address) = doc["spec"]["forwardAuth"]["address"].as_str() {
+            assert!(
+                address.starts_with("http://keyward-verifier.keyward-system.svc:8081/v1/auth"),
+                "{address}"
+            );
+            assert_eq!(doc["spec"]["forwardAuth"]["trustForwardHeader"], false);
+        }
+    }
+    let istio = schema("istio-authorizationpolicy.schema.json");
+    let docs = documents(&example("istio.yaml"));
+    assert_eq!(docs.len(), 2);
+    for doc in &docs {
+        assert_eq!(errors(&istio, doc), Vec::<String>::new(), "{doc}");
+        assert_eq!(doc["spec"]["action"], "CUSTOM");
+    }
+    // A misspelled field is refused by both.
+    let mut bad = documents(&example("traefik.yaml")).remove(0);
+    bad["spec"]["forwardAuth"]["adress"] = bad["spec"]["forwardAuth"]["address"].take();
+    assert!(!errors(&traefik, &bad["spec"]).is_empty(), "adress refused");
+    let mut bad = documents(&example("istio.yaml")).remove(0);
+    bad["spec"]["provider"]["nmae"] = serde_json::json!("keyward-grpc");
+    assert!(!errors(&istio, &bad).is_empty(), "nmae refused");
 }
