@@ -77,7 +77,8 @@ async fn grpc_ext_authz_answers_the_http_matrix_with_identity_headers_and_never_
     let grpc_addr = format!("127.0.0.1:{}", common::free_port());
     let verifier = common::KeywardProcess::start(
         &["verifier", "--namespace", &ns.name, "--grpc-listen", &grpc_addr],
-        "info",
+        // Debug: the requests' URIs are logged, and must carry no key.
+        "info,keyward=debug",
     );
     verifier.wait_ready().await;
     let channel =
@@ -135,6 +136,13 @@ async fn grpc_ext_authz_answers_the_http_matrix_with_identity_headers_and_never_
             assert!(!said.headers.iter().any(|(_, v)| v.contains(&key)), "the key is never echoed: {what}");
         }
     }
+    // A client that puts its key in its URL: the verifier logs the URI without it.
+    let mut in_url = check_request(&[("Authorization", &bearer)], false, None);
+    let http_request = in_url.attributes.as_mut().unwrap().request.as_mut().unwrap().http.as_mut().unwrap();
+    http_request.path = format!("/keys/{key}/x?api_key={key}");
+    assert_eq!(check(&mut authz, in_url).await.status, 200);
+    let over_http = format!("/v1/auth/keys/{key}?api_key={key}");
+    assert_eq!(http(&verifier.addr, "GET", &over_http, &[("Authorization", &bearer)], b"").unwrap().0, 200);
     // The first use over gRPC is recorded (written at once, like HTTP's).
     common::eventually("lastUsedAt from the gRPC use", Duration::from_secs(10), || async {
         let k = get_key(&client, &ns.name, "svc").await;
@@ -231,4 +239,5 @@ async fn grpc_ext_authz_answers_the_http_matrix_with_identity_headers_and_never_
     for secret in [&key, &idle, &gone] {
         assert!(!log.contains(secret.as_str()), "key material in the verifier's log");
     }
+    assert!(log.contains("/keys/<redacted>/x") && log.contains("ext_authz"), "the URIs are logged");
 }

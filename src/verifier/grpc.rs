@@ -43,7 +43,7 @@ impl Authorization for ExtAuthz {
         let ask = ask_of_check(request.get_ref());
         let key = key_from_headers(&ask.headers).unwrap_or_default();
         let verdict = self.checker.check(GRPC, "check", key, &ask.required, started);
-        tracing::debug!(uri = ask.path, code = verdict.code.as_str(), "ext_authz");
+        tracing::debug!(uri = self.checker.loggable(&ask.path), code = verdict.code.as_str(), "ext_authz");
         Ok(Response::new(check_response(&decide(&verdict, &ask.required))))
     }
 }

@@ -131,7 +131,11 @@ async fn auth(State(s): State<AppState>, uri: Uri, headers: HeaderMap) -> Respon
     let required = required_scopes(&headers, uri.query());
     let key = key_from_headers(&headers).unwrap_or_default();
     let verdict = s.checker.check(HTTP, "auth", key, &required, started);
-    tracing::debug!(uri = original_uri(&headers, &uri), code = verdict.code.as_str(), "forward-auth");
+    tracing::debug!(
+        uri = s.checker.loggable(original_uri(&headers, &uri)),
+        code = verdict.code.as_str(),
+        "forward-auth"
+    );
     let decision = decide(&verdict, &required);
     let status = StatusCode::from_u16(decision.status).unwrap_or(StatusCode::UNAUTHORIZED);
     let mut resp = if decision.allowed() {

@@ -175,6 +175,15 @@ impl Checker {
         self.vm.latency.observe(started.elapsed().as_secs_f64());
         verdict
     }
+
+    /// The original request's URI as it may be logged: without its query (a client may
+    /// send `?api_key=…`), and with any path segment that starts with a known key
+    /// prefix replaced by `<redacted>`.
+    pub fn loggable(&self, uri: &str) -> String {
+        let index = self.index.read().unwrap_or_else(|p| p.into_inner());
+        let prefixes: Vec<&str> = index.formats().iter().map(|f| f.prefix.as_str()).collect();
+        request::loggable_uri(uri, &prefixes)
+    }
 }
 
 /// `resource` label of the ApiKey watch.

@@ -138,6 +138,15 @@ fn scope_union<'a>(lists: impl Iterator<Item = &'a str>) -> Vec<String> {
     out
 }
 
+/// `uri` without its query and fragment, each path segment that starts with one of
+/// `prefixes` (the key formats' prefixes) replaced by `<redacted>`: what may be logged of
+/// a request a client made, whose URL may carry its key.
+pub fn loggable_uri(uri: &str, prefixes: &[&str]) -> String {
+    let path = uri.split(['?', '#']).next().unwrap_or_default();
+    let looks_like_key = |s: &str| prefixes.iter().any(|p| !p.is_empty() && s.starts_with(p));
+    path.split('/').map(|s| if looks_like_key(s) { "<redacted>" } else { s }).collect::<Vec<_>>().join("/")
+}
+
 /// The `context_extensions` entry (Envoy's per-route `check_settings`) in which a route
 /// lists the scopes it requires of a gRPC `Check`.
 pub const SCOPE_EXTENSION: &str = "scope";
@@ -228,6 +237,14 @@ mod scope_tests {
         let got = required_scopes(&h, Some("scope=orders%3Aread+audit&y=2&scope=orders:read"));
         assert_eq!(got, ["audit", "billing/read", "orders:read", "orders:write"]);
         assert_eq!(percent_decode("%zz%41"), "%zzA");
+    }
+
+    #[test]
+    fn what_is_logged_of_a_uri_has_no_query_and_no_key_like_segment() {
+        let key = "kw_2bBbumlcWNIwiRMY8fBK4h4l6DsIRIFKsOpaOPWnBiZ4MA8LS";
+        assert_eq!(loggable_uri(&format!("/orders/42?api_key={key}#x"), &["kw_"]), "/orders/42");
+        assert_eq!(loggable_uri(&format!("/keys/{key}/use"), &["kw_"]), "/keys/<redacted>/use");
+        assert_eq!(loggable_uri("/", &[""]), "/");
     }
 
     #[test]
