@@ -45,6 +45,11 @@ pub struct Decision {
     /// value is a valid HTTP header value; one that would not be (an owner with
     /// characters HTTP cannot carry) is left out, never mangled.
     pub headers: Vec<(&'static str, String)>,
+    /// Allow: the headers a proxy must remove from the request before the upstream: the
+    /// key headers and every identity header not set (a client's forged copy). gRPC
+    /// sends them as `headers_to_remove`, `/v1/auth` as `x-envoy-auth-headers-to-remove`
+    /// (Envoy's HTTP mode and Istio apply it; other proxies ignore it).
+    pub remove: Vec<&'static str>,
 }
 
 impl Decision {
@@ -98,7 +103,13 @@ pub fn decide(verdict: &Verdict, required: &[String]) -> Decision {
         }
     };
     headers.push(("x-keyward-code", verdict.code.as_str().to_string()));
-    Decision { status, code: verdict.code, headers }
+    let remove = if status == 200 {
+        let set: Vec<&str> = headers.iter().map(|(n, _)| *n).collect();
+        KEY_HEADERS.iter().chain(IDENTITY_HEADERS.iter().filter(|h| !set.contains(h))).copied().collect()
+    } else {
+        Vec::new()
+    };
+    Decision { status, code: verdict.code, headers, remove }
 }
 
 /// gRPC status codes (`google.rpc.Code`) of a `CheckResponse`.
@@ -126,13 +137,11 @@ pub fn check_response(decision: &Decision) -> CheckResponse {
             .collect()
     };
     if decision.allowed() {
-        let set: Vec<&str> = decision.headers.iter().map(|(n, _)| *n).collect();
-        let remove = KEY_HEADERS.iter().chain(IDENTITY_HEADERS.iter().filter(|h| !set.contains(h)));
         return CheckResponse {
             status: Some(RpcStatus { code: rpc_code::OK, ..Default::default() }),
             http_response: Some(HttpResponse::OkResponse(OkHttpResponse {
                 headers: headers(&decision.headers),
-                headers_to_remove: remove.map(|h| (*h).into()).collect(),
+                headers_to_remove: decision.remove.iter().map(|h| (*h).into()).collect(),
                 ..Default::default()
             })),
             ..Default::default()
@@ -217,12 +226,13 @@ mod tests {
         let names: Vec<_> = d.headers.iter().map(|(n, _)| *n).collect();
         assert_eq!(names, IDENTITY_HEADERS);
         assert!(d.headers.contains(&("x-keyward-scopes", "a:read b".into())));
+        assert_eq!(d.remove, KEY_HEADERS);
 
         let d = decide(&Verdict { code: Code::Valid, entry: Some(entry("Zoë \u{7f}", &[])) }, &[]);
         assert!(!d.headers.iter().any(|(n, _)| *n == "x-keyward-owner" || *n == "x-keyward-scopes"), "{d:?}");
 
         let d = decide(&Verdict { code: Code::Expired, entry: Some(entry("p", &[])) }, &[]);
-        assert_eq!((d.status, d.headers.len()), (401, 2));
+        assert_eq!((d.status, d.headers.len(), d.remove.len()), (401, 2, 0));
         assert_eq!(d.headers[0], ("www-authenticate", CHALLENGE.into()));
         assert_eq!(d.body(), r#"{"code":"EXPIRED","error":"invalid_token"}"#);
 

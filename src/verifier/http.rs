@@ -148,6 +148,12 @@ async fn auth(State(s): State<AppState>, uri: Uri, headers: HeaderMap) -> Respon
             resp.headers_mut().insert(name, v);
         }
     }
+    if !decision.remove.is_empty() {
+        // Envoy's HTTP ext_authz (and so Istio's envoyExtAuthzHttp) removes these from the
+        // request before the upstream, whatever its allowed_upstream_headers say.
+        let remove = HeaderValue::from_str(&decision.remove.join(", ")).expect("header names");
+        resp.headers_mut().insert("x-envoy-auth-headers-to-remove", remove);
+    }
     resp
 }
 

@@ -138,13 +138,30 @@ fn scope_union<'a>(lists: impl Iterator<Item = &'a str>) -> Vec<String> {
     out
 }
 
-/// `uri` without its query and fragment, each path segment that starts with one of
-/// `prefixes` (the key formats' prefixes) replaced by `<redacted>`: what may be logged of
-/// a request a client made, whose URL may carry its key.
+/// What may be logged of the URI of a request a client made, whose URL may carry its
+/// key: the path without its query and fragment, percent-decoded, with every run of
+/// key characters (`A-Z a-z 0-9 _ -`) that is 16 or more long (a key has at least 16
+/// random bytes) or starts with one of `prefixes` (the key formats') replaced by
+/// `<redacted>`.
 pub fn loggable_uri(uri: &str, prefixes: &[&str]) -> String {
-    let path = uri.split(['?', '#']).next().unwrap_or_default();
-    let looks_like_key = |s: &str| prefixes.iter().any(|p| !p.is_empty() && s.starts_with(p));
-    path.split('/').map(|s| if looks_like_key(s) { "<redacted>" } else { s }).collect::<Vec<_>>().join("/")
+    let path = percent_decode(uri.split(['?', '#']).next().unwrap_or_default());
+    let mut out = String::with_capacity(path.len());
+    let mut token = String::new();
+    let flush = |token: &mut String, out: &mut String| {
+        let keyish = token.len() >= 16 || prefixes.iter().any(|p| !p.is_empty() && token.starts_with(p));
+        out.push_str(if keyish { "<redacted>" } else { token });
+        token.clear();
+    };
+    for c in path.chars() {
+        if c.is_ascii_alphanumeric() || c == '_' || c == '-' {
+            token.push(c);
+        } else {
+            flush(&mut token, &mut out);
+            out.push(c);
+        }
+    }
+    flush(&mut token, &mut out);
+    out
 }
 
 /// The `context_extensions` entry (Envoy's per-route `check_settings`) in which a route
@@ -245,6 +262,14 @@ mod scope_tests {
         assert_eq!(loggable_uri(&format!("/orders/42?api_key={key}#x"), &["kw_"]), "/orders/42");
         assert_eq!(loggable_uri(&format!("/keys/{key}/use"), &["kw_"]), "/keys/<redacted>/use");
         assert_eq!(loggable_uri("/", &[""]), "/");
+        // Percent-encoded, inside a segment, or of a format without a prefix.
+        let bare = &key[3..];
+        for uri in [format!("/k/kw%5F{bare}"), format!("/x;key={key}"), format!("/token:{bare}/a")] {
+            let logged = loggable_uri(&uri, &["kw_", ""]);
+            assert!(!logged.contains(bare) && logged.contains("<redacted>"), "{uri} → {logged}");
+        }
+        assert_eq!(loggable_uri("/orders/42/kw_x", &["kw_"]), "/orders/42/<redacted>");
+        assert_eq!(loggable_uri("/orders/2026-11-24/items", &["kw_"]), "/orders/2026-11-24/items");
     }
 
     #[test]
