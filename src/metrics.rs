@@ -103,6 +103,9 @@ pub struct Metrics {
     pub reconcile_failures: Family<FailureLabels, Counter>,
     /// Reconcile durations in seconds, by kind.
     pub reconcile_duration: Family<KindLabels, Histogram, fn() -> Histogram>,
+    /// ApiKeys the controller's indexes handed out (owner limits, policy changes): one
+    /// reconcile or event adds what it concerns, never every ApiKey.
+    pub index_visits: Counter,
 }
 
 impl Metrics {
@@ -160,7 +163,14 @@ impl Metrics {
             "Time spent in one reconcile",
             reconcile_duration.clone(),
         );
+        let index_visits = Counter::default();
+        registry.register(
+            "controller_index_visits",
+            "ApiKeys handed out by the controller's indexes (owner, policy)",
+            index_visits.clone(),
+        );
         Arc::new(Metrics {
+            index_visits,
             leader,
             key_expiry,
             key_last_used,

@@ -236,12 +236,14 @@ async fn owner_limits(
     key: &ApiKey,
     policy: &crate::api::KeyPolicy,
 ) -> Result<(Option<Blocked>, bool)> {
-    let cached = owner_verdict(ctx.apikeys.state().iter().map(|k| k.as_ref()), key, policy);
+    let ns = key.namespace().unwrap_or_default();
+    let owned: Vec<_> =
+        ctx.keys_of_owner(&ns, key.owner()).iter().filter_map(|r| ctx.apikeys.get(r)).collect();
+    let cached = owner_verdict(owned.iter().map(|k| k.as_ref()), key, policy);
     let holds_keys = key.status.iter().flat_map(|s| &s.keys).any(lifecycle::is_valid);
     if cached.is_none() || !holds_keys {
         return Ok((cached, false));
     }
-    let ns = key.namespace().unwrap_or_default();
     let listed = Api::<ApiKey>::namespaced(ctx.client.clone(), &ns)
         .list(&Default::default())
         .await

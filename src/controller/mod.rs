@@ -3,6 +3,7 @@
 
 mod apikey;
 mod consumers;
+pub mod index;
 pub mod policy;
 pub mod secret;
 mod warnings;
@@ -83,6 +84,39 @@ pub struct Context {
     pub own_writes: OwnWrites,
     /// How the verifier's usage data is read (handover).
     pub usage: crate::lifecycle::handover::Usage,
+    /// ApiKeys by owner and by policy, kept by the ApiKey watch.
+    index: std::sync::Mutex<index::KeyIndex>,
+}
+
+impl Context {
+    fn index(&self) -> std::sync::MutexGuard<'_, index::KeyIndex> {
+        self.index.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The ApiKeys of `owner` in `namespace`.
+    pub fn keys_of_owner(&self, namespace: &str, owner: &str) -> Vec<ObjectRef<ApiKey>> {
+        let refs = self.index().same_owner(namespace, owner);
+        self.metrics.index_visits.inc_by(refs.len() as u64);
+        refs
+    }
+
+    /// The ApiKeys that use `policy`: those naming it, and when it is a default those
+    /// naming none.
+    pub fn keys_using(&self, policy: &KeyPolicy) -> Vec<ObjectRef<ApiKey>> {
+        let index = self.index();
+        let mut refs = index.naming(Some(&policy.name_any()));
+        if policy.spec.default {
+            refs.extend(index.naming(None));
+        }
+        self.metrics.index_visits.inc_by(refs.len() as u64);
+        refs
+    }
+
+    /// How many ApiKeys name `policy`, with (`and_unnamed`) those naming none.
+    pub fn count_using(&self, policy: &str, and_unnamed: bool) -> usize {
+        let index = self.index();
+        index.count_naming(Some(policy)) + if and_unnamed { index.count_naming(None) } else { 0 }
+    }
 }
 
 /// The resourceVersion this controller last wrote, per object. Its own writes then cost
@@ -379,15 +413,6 @@ impl PolicyChanges {
     }
 }
 
-/// The ApiKeys of `owner` in `namespace`.
-fn same_owner(keys: &Store<ApiKey>, namespace: &Option<String>, owner: &str) -> Vec<ObjectRef<ApiKey>> {
-    keys.state()
-        .iter()
-        .filter(|k| k.namespace() == *namespace && k.owner() == owner)
-        .map(|k| ObjectRef::from_obj(k.as_ref()))
-        .collect()
-}
-
 /// What is remembered of each ApiKey seen, to act on its deletion (also one that happened
 /// while the watch was down, when the cache no longer has it) and on a move between
 /// policies.
@@ -400,6 +425,15 @@ struct SeenKey {
 }
 
 impl SeenKey {
+    fn indexed(&self) -> index::Indexed {
+        index::Indexed {
+            namespace: self.namespace.clone().unwrap_or_default(),
+            name: self.name.clone(),
+            owner: self.owner.clone(),
+            policy: self.policy.clone(),
+        }
+    }
+
     fn of(k: &ApiKey) -> Self {
         SeenKey {
             name: k.name_any(),
@@ -569,6 +603,7 @@ pub async fn run(client: Client, server: &str, opts: Options) -> Result<()> {
         own_writes: Default::default(),
         retries: Default::default(),
         usage: crate::lifecycle::handover::Usage::for_flush_interval(opts.usage_flush_interval),
+        index: Default::default(),
         delivering: tokio::sync::Semaphore::new(warnings::DELIVERING),
         webhooks: crate::webhook::Sender::new().map_err(|e| {
             Error::Config(format!("cannot load the system's CA certificates for webhooks: {e}"))
@@ -584,13 +619,13 @@ pub async fn run(client: Client, server: &str, opts: Options) -> Result<()> {
             .reflect(policies_writer)
             .flat_map(move |ev| futures::stream::iter(changes.on(ev)))
     };
-    let keys_for_policy = keys_reader.clone();
+    let keys_for_policy = ctx.clone();
     let owned = watcher::Config::default().labels(&format!("app.kubernetes.io/managed-by={MANAGED_BY}"));
     // One watch on ApiKeys feeds the cache, the ApiKey controller (see `apikey_trigger`),
     // the owner-limit re-check when an ApiKey is deleted, and (cluster-wide) keyCount
     // when ApiKeys are created, deleted or move between policies.
     let key_stream = {
-        let (ctx, keys, policies) = (ctx.clone(), keys_reader.clone(), policies.clone());
+        let (ctx, policies) = (ctx.clone(), policies.clone());
         let trigger_policies = policies.clone();
         let trigger_usage = ctx.usage;
         let mut known = Known::<SeenKey>::default();
@@ -620,12 +655,13 @@ pub async fn run(client: Client, server: &str, opts: Options) -> Result<()> {
                 let out = match ev {
                     watcher::Event::Apply(k) | watcher::Event::InitApply(k) => {
                         let now = SeenKey::of(&k);
+                        ctx.index().apply(&object_id(&k), now.indexed());
                         let created_or_edited =
                             before.as_ref().is_none_or(|b| b.generation != now.generation);
                         // A new or edited ApiKey can take another's place under the owner's
                         // limits (older, or same second and name first): re-check the others.
                         if created_or_edited && live {
-                            same_owner(&keys, &now.namespace, &now.owner)
+                            ctx.keys_of_owner(now.namespace.as_deref().unwrap_or_default(), &now.owner)
                                 .into_iter()
                                 .filter(|r| r.name != now.name)
                                 .for_each(|r| drop(owner_tx.unbounded_send(r)));
@@ -645,8 +681,9 @@ pub async fn run(client: Client, server: &str, opts: Options) -> Result<()> {
                 // is free, keyCount drops, and the per-object state is forgotten.
                 for (id, g) in gone {
                     ctx.forget(&id);
+                    ctx.index().remove(&id);
                     ctx.metrics.forget_apikey(g.namespace.as_deref().unwrap_or_default(), &g.name);
-                    same_owner(&keys, &g.namespace, &g.owner)
+                    ctx.keys_of_owner(g.namespace.as_deref().unwrap_or_default(), &g.owner)
                         .into_iter()
                         .for_each(|r| drop(owner_tx.unbounded_send(r)));
                     count(g.policy.as_deref());
@@ -679,15 +716,7 @@ pub async fn run(client: Client, server: &str, opts: Options) -> Result<()> {
         .with_config(kube::runtime::controller::Config::default().concurrency(opts.concurrency))
         .owns_stream(owned_secrets)
         .reconcile_on(owner_rx)
-        .watches_stream(policy_changes, move |p: KeyPolicy| {
-            let name = p.name_any();
-            keys_for_policy
-                .state()
-                .iter()
-                .filter(|k| k.spec.policy.as_ref().map_or(p.spec.default, |n| *n == name))
-                .map(|k| ObjectRef::from_obj(k.as_ref()))
-                .collect::<Vec<_>>()
-        })
+        .watches_stream(policy_changes, move |p: KeyPolicy| keys_for_policy.keys_using(&p))
         .graceful_shutdown_on(stop.clone())
         .run(reconcile_apikey, error_policy_apikey, ctx.clone())
         .for_each(|res| async move {

@@ -272,15 +272,7 @@ pub async fn reconcile(obj: Arc<KeyPolicy>, ctx: Arc<Context>) -> Result<Action>
         != Some((&accepted.reason, &accepted.message));
     set_condition(&mut status.conditions, accepted.clone());
     status.observed_generation = generation;
-    status.key_count = ctx
-        .apikeys
-        .state()
-        .iter()
-        .filter(|k| match &k.spec.policy {
-            Some(p) => *p == name,
-            None => policy.spec.default && other_defaults.is_empty(),
-        })
-        .count() as u32;
+    status.key_count = ctx.count_using(&name, policy.spec.default && other_defaults.is_empty()) as u32;
     if status != old {
         let mut updated = policy.clone();
         updated.status = Some(status);
