@@ -185,6 +185,11 @@ impl Index {
         let namespace = key.namespace().unwrap_or_default();
         let name = key.name_any();
         self.remove(&namespace, &name);
+        // Being deleted: its keys end now. Its place under the owner's limit is already
+        // free (the controller skips it), so a finalizer holding it must not keep them.
+        if key.metadata.deletion_timestamp.is_some() {
+            return;
+        }
         let id = (namespace.clone(), name.clone());
         let mut revoked = key.spec.revoked_keys.clone();
         revoked.sort();
@@ -345,6 +350,24 @@ mod tests {
         index.upsert(&revoked);
         assert_eq!(index.verify(&m[0], now).code, Code::Revoked);
         index.remove("ns", "svc");
+        assert!(index.is_empty());
+    }
+
+    #[test]
+    fn an_apikey_being_deleted_holds_no_valid_key() {
+        // Its place under the owner's limit is already free (the controller skips it),
+        // so a finalizer holding it in deletion must not keep its keys working.
+        let now = Utc::now();
+        let (mut key, m) = apikey(vec![("a", KeyState::Active, Some(now + TimeDelta::seconds(60)))], vec![]);
+        let mut index = Index::default();
+        index.set_formats(vec![KeyFormat::default()]);
+        index.upsert(&key);
+        assert_eq!(index.verify(&m[0], now).code, Code::Valid);
+        key.metadata.deletion_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+            k8s_openapi::jiff::Timestamp::now(),
+        ));
+        index.upsert(&key);
+        assert_eq!(index.verify(&m[0], now).code, Code::NotFound);
         assert!(index.is_empty());
         assert_eq!(index.verify(&m[0], now).code, Code::NotFound);
     }
