@@ -55,6 +55,11 @@ pub enum Command {
         /// use is older than twice this counts as quiet in the handover state.
         #[arg(long, env = "KEYWARD_USAGE_FLUSH_INTERVAL", default_value = "PT1M", value_parser = parse_interval)]
         usage_flush_interval: std::time::Duration,
+        /// Watch pods (needs get/list/watch on pods) and warn, on each ApiKey, about pods
+        /// that read its Secret in a way no rotation reaches: a subPath mount, or env
+        /// vars in a workload not listed in spec.consumers.
+        #[arg(long, env = "KEYWARD_WATCH_CONSUMERS")]
+        watch_consumers: bool,
     },
     /// Run the verifier: answer "is this key valid?" over HTTP and record last use.
     Verifier {

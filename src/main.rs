@@ -72,6 +72,7 @@ async fn run(cli: Cli) -> error::Result<()> {
             lease_duration,
             concurrency,
             usage_flush_interval,
+            watch_consumers,
         } => {
             let leader = leader_elect.then(|| {
                 keyward::cli::lease_config(namespace.as_deref(), lease_name, lease_namespace, lease_duration)
@@ -81,7 +82,14 @@ async fn run(cli: Cli) -> error::Result<()> {
             controller::run(
                 client,
                 &server,
-                controller::Options { metrics_addr, namespace, leader, concurrency, usage_flush_interval },
+                controller::Options {
+                    metrics_addr,
+                    namespace,
+                    leader,
+                    concurrency,
+                    usage_flush_interval,
+                    watch_consumers,
+                },
             )
             .await
         }

@@ -52,6 +52,15 @@ pub struct NotifyLabels {
     pub result: &'static str,
 }
 
+/// Labels of a per-ApiKey gauge.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ApiKeyLabels {
+    /// The ApiKey's namespace.
+    pub namespace: String,
+    /// The ApiKey's name.
+    pub apikey: String,
+}
+
 /// Labels of the per-key expiry gauge.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct KeyLabels {
@@ -103,6 +112,8 @@ pub struct Metrics {
     pub reconcile_failures: Family<FailureLabels, Counter>,
     /// Reconcile durations in seconds, by kind.
     pub reconcile_duration: Family<KindLabels, Histogram, fn() -> Histogram>,
+    /// Workloads reading an ApiKey's Secret in a way no rotation reaches (absent at 0).
+    pub consumers_not_following: Family<ApiKeyLabels, prometheus_client::metrics::gauge::Gauge>,
     /// ApiKeys the controller's indexes handed out (owner limits, policy changes): one
     /// reconcile or event adds what it concerns, never every ApiKey.
     pub index_visits: Counter,
@@ -163,6 +174,12 @@ impl Metrics {
             "Time spent in one reconcile",
             reconcile_duration.clone(),
         );
+        let consumers_not_following = Family::default();
+        registry.register(
+            "apikey_consumers_not_following",
+            "Workloads reading an ApiKey's Secret through a subPath mount, or as env vars outside spec.consumers",
+            consumers_not_following.clone(),
+        );
         let index_visits = Counter::default();
         registry.register(
             "controller_index_visits",
@@ -171,6 +188,7 @@ impl Metrics {
         );
         Arc::new(Metrics {
             index_visits,
+            consumers_not_following,
             leader,
             key_expiry,
             key_last_used,
@@ -229,6 +247,17 @@ impl Metrics {
             self.key_last_used.remove(&SlotLabels { namespace: namespace.into(), apikey: name.into(), slot });
         }
         self.set_old_key_in_use(namespace, name, false);
+        self.set_consumers_not_following(namespace, name, 0);
+    }
+
+    /// Set (or, at 0, drop) the ApiKey's count of consumers that cannot follow a rotation.
+    pub fn set_consumers_not_following(&self, namespace: &str, name: &str, n: usize) {
+        let labels = ApiKeyLabels { namespace: namespace.into(), apikey: name.into() };
+        if n == 0 {
+            self.consumers_not_following.remove(&labels);
+        } else {
+            self.consumers_not_following.get_or_create(&labels).set(n as i64);
+        }
     }
 
     /// The registry, for components that add their own metrics at start-up.

@@ -439,7 +439,8 @@ async fn service_accounts_can_do_their_job_and_nothing_more() {
         // KeyPolicy Events go to kube-system (see src/controller/mod.rs).
         row("events.events.k8s.io", Some("kube-system"), &["create", "patch"], NONE),
         row("configmaps", ns, NONE, NONE),
-        row("pods", ns, NONE, NONE),
+        // controller.watchConsumers (default on): the pod watch.
+        row("pods", ns, &["list", "watch"], NONE),
         row("pods/exec", ns, NONE, NONE),
         row("deployments.apps", ns, &["get", "patch"], NONE),
         row("statefulsets.apps", ns, &["get", "patch"], NONE),
@@ -474,6 +475,8 @@ async fn service_accounts_can_do_their_job_and_nothing_more() {
         row("events.events.k8s.io", Some("kube-system"), NONE, NONE),
         row("deployments.apps", w, &["get", "patch"], NONE),
         row("deployments.apps", home, NONE, NONE),
+        row("pods", w, &["list", "watch"], NONE),
+        row("pods", home, NONE, NONE),
         row("namespaces", None, &["get"], NONE),
         row("leases.coordination.k8s.io", home, &["get", "create", "update"], NONE),
         row("leases.coordination.k8s.io", w, NONE, NONE),

@@ -379,6 +379,15 @@ pub mod conditions {
     /// Whether callers have moved to the newest key, from the verifier's usage data
     /// (True: nothing to do; False: someone has not switched yet; Unknown: no usage data).
     pub const HANDOVER: &str = "Handover";
+    /// Whether every pod that reads the Secret does so in a way a rotation reaches (set
+    /// only by a controller that watches pods, `--watch-consumers`).
+    pub const CONSUMERS_FOLLOW: &str = "ConsumersFollowRotation";
+    /// ConsumersFollowRotation reason (True): no pod reads the Secret through a subPath
+    /// mount, nor as env vars outside `spec.consumers`.
+    pub const CONSUMERS_FOLLOW_ROTATION: &str = "ConsumersFollowRotation";
+    /// ConsumersFollowRotation reason (False), also the Warning Event's: a pod reads the
+    /// Secret in a way no rotation reaches (the message names each workload and the fix).
+    pub const CONSUMER_CANNOT_FOLLOW: &str = "ConsumerCannotFollowRotation";
 
     /// Ready reason: the Secret holds a valid active key.
     pub const KEY_ACTIVE: &str = "KeyActive";

@@ -83,6 +83,8 @@ struct Prepared {
     retire: bool,
     /// How the verifier's usage data is read (handover).
     usage: handover::Usage,
+    /// Pods reading the Secret in a way no rotation reaches (None: pods not watched).
+    consumers: Option<Vec<super::pods::Problem>>,
 }
 
 /// Dereference and validate. Whatever the user has to fix becomes `blocked` (the first
@@ -129,6 +131,8 @@ async fn prepare(ctx: &Context, key: &ApiKey, now: DateTime<Utc>) -> Result<Prep
             )));
         }
     }
+    // A foreign Secret is not this ApiKey's key: its readers are none of its business.
+    let consumers = if foreign_secret { None } else { ctx.consumer_problems(key, &secret_name) };
     Ok(Prepared {
         policy: resolved.policy,
         rules,
@@ -139,6 +143,7 @@ async fn prepare(ctx: &Context, key: &ApiKey, now: DateTime<Utc>) -> Result<Prep
         blocked: block,
         retire,
         usage: ctx.usage,
+        consumers,
     })
 }
 
@@ -386,6 +391,9 @@ struct Plan {
     happenings: Vec<Happening>,
     /// Warning Events for conditions that are news.
     news: Vec<(&'static str, String)>,
+    /// Consumers newly found unable to follow a rotation (a Warning each, related to the
+    /// workload).
+    consumer_news: Vec<super::pods::Problem>,
     /// Warnings that fired (metrics; their delivery is recorded in `status`).
     fired: Vec<notify::Notice>,
     /// The next lifecycle step, the next warning threshold, and when the handover state
@@ -525,6 +533,24 @@ fn plan(key: &ApiKey, p: &Prepared, now: DateTime<Utc>) -> Plan {
             now,
         ),
     );
+    // Pods that read the Secret in a way no rotation reaches: a Warning per new one.
+    let mut consumer_news = Vec::new();
+    if let Some(problems) = &p.consumers {
+        let before = find_condition(&old.conditions, c::CONSUMERS_FOLLOW)
+            .filter(|b| b.reason == c::CONSUMER_CANNOT_FOLLOW)
+            .map(|b| b.message.split("; ").map(str::to_owned).collect::<Vec<_>>())
+            .unwrap_or_default();
+        consumer_news.extend(problems.iter().filter(|p| !before.contains(&p.message)).cloned());
+        let condition = if problems.is_empty() {
+            let message =
+                "no pod reads the Secret through a subPath mount or as env vars outside spec.consumers";
+            Condition::new(c::CONSUMERS_FOLLOW, TRUE, c::CONSUMERS_FOLLOW_ROTATION, message, generation, now)
+        } else {
+            let message = problems.iter().map(|p| p.message.as_str()).collect::<Vec<_>>().join("; ");
+            Condition::new(c::CONSUMERS_FOLLOW, FALSE, c::CONSUMER_CANNOT_FOLLOW, message, generation, now)
+        };
+        set_condition(&mut status.conditions, condition);
+    }
     let on_schedule = p.blocked.is_none() && p.rules.automatic && p.rules.enforced && !p.rules.frozen;
     let warnings = notify::evaluate(&p.rules, &mut status, now, on_schedule, &handover);
     super::warnings::address(&mut status, &warnings.fire, p.policy.as_ref());
@@ -586,6 +612,7 @@ fn plan(key: &ApiKey, p: &Prepared, now: DateTime<Utc>) -> Plan {
         roll,
         happenings: outcome.happenings,
         news,
+        consumer_news,
         fired: warnings.fire,
         step_at: outcome.next.as_ref().map(|n| n.at),
         warn_at: warnings.next,
@@ -652,9 +679,22 @@ async fn apply(
     }
     export_expiry(ctx, key, &plan.status);
     export_usage(ctx, key, &plan.status, plan.old_key_in_use);
+    if let Some(problems) = &p.consumers {
+        ctx.metrics.set_consumers_not_following(
+            &key.namespace().unwrap_or_default(),
+            &key.name_any(),
+            problems.len(),
+        );
+    }
     record(ctx, key, &plan.happenings).await;
     for (reason, message) in &plan.news {
         ctx.warn(key, reason, message).await;
+    }
+    let ns = key.namespace().unwrap_or_default();
+    for problem in &plan.consumer_news {
+        let related = Some(problem.reference(&ns));
+        ctx.event_related(key, EventType::Warning, c::CONSUMER_CANNOT_FOLLOW, &problem.message, related)
+            .await;
     }
     for n in &plan.fired {
         ctx.metrics.count_notification(n.kind, "raised");
@@ -927,6 +967,7 @@ mod tests {
                 blocked: None,
                 retire: false,
                 usage: Default::default(),
+                consumers: None,
             }
         }
 

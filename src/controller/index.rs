@@ -20,6 +20,8 @@ pub struct Indexed {
     pub name: String,
     /// `spec.owner`.
     pub owner: String,
+    /// The Secret it writes (`spec.secretName`, else its name).
+    pub secret: String,
     /// `spec.policy` (None: the default policy).
     pub policy: Option<String>,
 }
@@ -30,6 +32,7 @@ pub struct KeyIndex {
     of: HashMap<String, Indexed>,
     by_owner: HashMap<(String, String), BTreeSet<String>>,
     by_policy: HashMap<Option<String>, BTreeSet<(String, String)>>,
+    by_secret: HashMap<(String, String), BTreeSet<String>>,
 }
 
 impl KeyIndex {
@@ -44,6 +47,10 @@ impl KeyIndex {
             .entry(now.policy.clone())
             .or_default()
             .insert((now.namespace.clone(), now.name.clone()));
+        self.by_secret
+            .entry((now.namespace.clone(), now.secret.clone()))
+            .or_default()
+            .insert(now.name.clone());
         self.of.insert(id.to_string(), now);
     }
 
@@ -57,6 +64,13 @@ impl KeyIndex {
                 self.by_owner.remove(&owner);
             }
         }
+        let secret = (old.namespace.clone(), old.secret.clone());
+        if let Some(names) = self.by_secret.get_mut(&secret) {
+            names.remove(&old.name);
+            if names.is_empty() {
+                self.by_secret.remove(&secret);
+            }
+        }
         if let Some(keys) = self.by_policy.get_mut(&old.policy) {
             keys.remove(&(old.namespace, old.name));
             if keys.is_empty() {
@@ -68,6 +82,13 @@ impl KeyIndex {
     /// The ApiKeys of `owner` in `namespace`.
     pub fn same_owner(&self, namespace: &str, owner: &str) -> Vec<ObjectRef<ApiKey>> {
         let names = self.by_owner.get(&(namespace.to_string(), owner.to_string()));
+        names.into_iter().flatten().map(|n| ObjectRef::new(n).within(namespace)).collect()
+    }
+
+    /// The ApiKeys that write Secret `secret` in `namespace` (one, unless two ApiKeys
+    /// name the same Secret, of which only the owner writes it).
+    pub fn using_secret(&self, namespace: &str, secret: &str) -> Vec<ObjectRef<ApiKey>> {
+        let names = self.by_secret.get(&(namespace.to_string(), secret.to_string()));
         names.into_iter().flatten().map(|n| ObjectRef::new(n).within(namespace)).collect()
     }
 
@@ -102,6 +123,7 @@ mod tests {
             namespace: ns.into(),
             name: name.into(),
             owner: owner.into(),
+            secret: name.into(),
             policy: policy.map(str::to_owned),
         }
     }
@@ -123,6 +145,7 @@ mod tests {
         assert_eq!(names(ix.naming(Some("p"))), ["a/k1", "b/k1"]);
         assert_eq!(names(ix.naming(None)), ["a/k2"]);
         assert_eq!((ix.count_naming(Some("q")), ix.count_naming(Some("p"))), (1000, 2));
+        assert_eq!(names(ix.using_secret("a", "k2")), ["a/k2"]);
 
         // A move between policies and owners, then a deletion.
         ix.apply("a/k1", key("a", "k1", "other", None));

@@ -4,6 +4,7 @@
 mod apikey;
 mod consumers;
 pub mod index;
+pub mod pods;
 pub mod policy;
 pub mod secret;
 mod warnings;
@@ -53,6 +54,8 @@ pub struct Options {
     /// The verifier's usage flush interval: a key whose last recorded use is older than
     /// twice this is quiet (handover state, see [`crate::lifecycle::handover`]).
     pub usage_flush_interval: Duration,
+    /// Watch pods and warn about consumers that cannot follow a rotation ([`pods`]).
+    pub watch_consumers: bool,
 }
 
 /// Shared state of every reconcile.
@@ -86,6 +89,8 @@ pub struct Context {
     pub usage: crate::lifecycle::handover::Usage,
     /// ApiKeys by owner and by policy, kept by the ApiKey watch.
     index: std::sync::Mutex<index::KeyIndex>,
+    /// What pods do with Secrets, kept by the pod watch (None: not watching pods).
+    consumers: Option<std::sync::Mutex<pods::ConsumerIndex>>,
 }
 
 impl Context {
@@ -110,6 +115,12 @@ impl Context {
         }
         self.metrics.index_visits.inc_by(refs.len() as u64);
         refs
+    }
+
+    /// What cannot follow a rotation of `key`'s Secret `secret` (None: pods not watched).
+    pub fn consumer_problems(&self, key: &ApiKey, secret: &str) -> Option<Vec<pods::Problem>> {
+        let index = self.consumers.as_ref()?.lock().unwrap_or_else(|p| p.into_inner());
+        Some(index.problems(&key.namespace().unwrap_or_default(), secret, &key.spec.consumers))
     }
 
     /// How many ApiKeys name `policy`, with (`and_unnamed`) those naming none.
@@ -193,12 +204,26 @@ impl Context {
         reason: &str,
         note: &str,
     ) -> bool {
+        self.event_related(obj, type_, reason, note, None).await
+    }
+
+    /// [`Self::event`] with a `related` object. The recorder folds Events of one object,
+    /// reason and related object into a series within minutes (keeping the first note):
+    /// Events that must each be seen, such as one per workload, differ in `related`.
+    pub async fn event_related<K: Resource<DynamicType = ()>>(
+        &self,
+        obj: &K,
+        type_: EventType,
+        reason: &str,
+        note: &str,
+        related: Option<k8s_openapi::api::core::v1::ObjectReference>,
+    ) -> bool {
         let event = Event {
             type_,
             reason: reason.into(),
             note: Some(note.chars().take(1000).collect()),
             action: "Reconcile".into(),
-            secondary: None,
+            secondary: related,
         };
         let reference = obj.object_ref(&());
         let published = match reference.namespace {
@@ -420,6 +445,7 @@ struct SeenKey {
     name: String,
     namespace: Option<String>,
     owner: String,
+    secret: String,
     policy: Option<String>,
     generation: Option<i64>,
 }
@@ -430,6 +456,7 @@ impl SeenKey {
             namespace: self.namespace.clone().unwrap_or_default(),
             name: self.name.clone(),
             owner: self.owner.clone(),
+            secret: self.secret.clone(),
             policy: self.policy.clone(),
         }
     }
@@ -439,6 +466,7 @@ impl SeenKey {
             name: k.name_any(),
             namespace: k.namespace(),
             owner: k.owner().to_string(),
+            secret: k.spec.secret_name.clone().unwrap_or_else(|| k.name_any()),
             policy: k.spec.policy.clone(),
             generation: k.meta().generation,
         }
@@ -581,6 +609,9 @@ pub async fn run(client: Client, server: &str, opts: Options) -> Result<()> {
     // Fed by the one ApiKey watch below: the ApiKeys of a deleted ApiKey's owner (a place
     // is free), and (cluster-wide) the policies whose keyCount an ApiKey changed.
     let (owner_tx, owner_rx) = futures::channel::mpsc::unbounded::<ObjectRef<ApiKey>>();
+    // And by the pod watch: the ApiKeys whose Secret a pod started or stopped reading in
+    // a way no rotation reaches.
+    let consumer_tx = owner_tx.clone();
     let (count_tx, count_rx) = futures::channel::mpsc::unbounded::<ObjectRef<KeyPolicy>>();
     let count_keys = opts.namespace.is_none();
     if count_keys {
@@ -604,6 +635,7 @@ pub async fn run(client: Client, server: &str, opts: Options) -> Result<()> {
         retries: Default::default(),
         usage: crate::lifecycle::handover::Usage::for_flush_interval(opts.usage_flush_interval),
         index: Default::default(),
+        consumers: opts.watch_consumers.then(Default::default),
         delivering: tokio::sync::Semaphore::new(warnings::DELIVERING),
         webhooks: crate::webhook::Sender::new().map_err(|e| {
             Error::Config(format!("cannot load the system's CA certificates for webhooks: {e}"))
@@ -737,9 +769,15 @@ pub async fn run(client: Client, server: &str, opts: Options) -> Result<()> {
                 tracing::debug!(error = %crate::error::chain(&e), "KeyPolicy reconcile error");
             }
         });
+    let pod_watch = opts
+        .watch_consumers
+        .then(|| tokio::spawn(watch_pods(ctx.clone(), opts.namespace.clone(), consumer_tx)));
     ready.set(true);
     tracing::info!(namespace = ?opts.namespace, "controller started");
     futures::join!(apikeys, keypolicies);
+    if let Some(w) = pod_watch {
+        w.abort();
+    }
     if let Some(h) = holding {
         h.abort();
         let _ = h.await;
@@ -753,6 +791,47 @@ pub async fn run(client: Client, server: &str, opts: Options) -> Result<()> {
     let _ = server.await;
     tracing::info!("controller stopped");
     Ok(())
+}
+
+/// Follow the pods (of the watched namespace, or all) and keep [`Context::consumers`]:
+/// what each pod does with Secrets, never the pods themselves. A change for a Secret
+/// triggers the ApiKeys that write it.
+async fn watch_pods(
+    ctx: Arc<Context>,
+    namespace: Option<String>,
+    trigger: futures::channel::mpsc::UnboundedSender<ObjectRef<ApiKey>>,
+) {
+    let api: Api<k8s_openapi::api::core::v1::Pod> = match &namespace {
+        Some(ns) => Api::namespaced(ctx.client.clone(), ns),
+        None => Api::all(ctx.client.clone()),
+    };
+    let mut known = Known::<()>::default();
+    let mut events = std::pin::pin!(watcher(api, watcher::Config::default()).default_backoff());
+    while let Some(ev) = events.next().await {
+        let ev = match ev {
+            Ok(ev) => ev,
+            Err(e) => {
+                tracing::warn!(error = %e, "pod watch failed; retrying (consumer warnings may lag)");
+                continue;
+            }
+        };
+        let (_, gone) = known.on(&ev, |_| ());
+        let Some(index) = ctx.consumers.as_ref() else { return };
+        let mut changed = Vec::new();
+        {
+            let mut index = index.lock().unwrap_or_else(|p| p.into_inner());
+            if let watcher::Event::Apply(pod) | watcher::Event::InitApply(pod) = &ev {
+                let ns = pod.namespace().unwrap_or_default();
+                changed.extend(index.apply(&object_id(pod), &ns, pods::findings(pod)));
+            }
+            for (id, ()) in gone {
+                changed.extend(index.remove(&id));
+            }
+        }
+        for (ns, secret) in changed {
+            ctx.index().using_secret(&ns, &secret).into_iter().for_each(|r| drop(trigger.unbounded_send(r)));
+        }
+    }
 }
 
 async fn timed<F: std::future::Future<Output = Result<Action>>>(
