@@ -63,6 +63,10 @@ pub async fn reconcile(obj: Arc<ApiKey>, ctx: Arc<Context>) -> Result<Action> {
     run(&ctx, &api, &key, prepared, now).await
 }
 
+/// Workloads named in `ConsumersFollowRotation` (and warned about one by one); more are
+/// counted. Bounds the status and the Events whatever a namespace's pods do.
+const MAX_LISTED_CONSUMERS: usize = 10;
+
 /// What a reconcile works with. A blocked ApiKey (`blocked`) is still run: its keys are
 /// revoked, capped, expired and flipped to as usual; only new keys are not issued.
 struct Prepared {
@@ -540,16 +544,25 @@ fn plan(key: &ApiKey, p: &Prepared, now: DateTime<Utc>) -> Plan {
             .filter(|b| b.reason == c::CONSUMER_CANNOT_FOLLOW)
             .map(|b| b.message.split("; ").map(str::to_owned).collect::<Vec<_>>())
             .unwrap_or_default();
-        consumer_news.extend(problems.iter().filter(|p| !before.contains(&p.message)).cloned());
+        // The first MAX_LISTED are named (and warned about) one by one; the rest counted,
+        // so neither the status nor the Events grow with what a namespace's pods do.
+        let listed = &problems[..problems.len().min(MAX_LISTED_CONSUMERS)];
+        consumer_news.extend(listed.iter().filter(|p| !before.contains(&p.message)).cloned());
         let condition = if problems.is_empty() {
             let message =
                 "no pod reads the Secret through a subPath mount or as env vars outside spec.consumers";
             Condition::new(c::CONSUMERS_FOLLOW, TRUE, c::CONSUMERS_FOLLOW_ROTATION, message, generation, now)
         } else {
-            let message = problems.iter().map(|p| p.message.as_str()).collect::<Vec<_>>().join("; ");
+            let mut message = listed.iter().map(|p| p.message.as_str()).collect::<Vec<_>>().join("; ");
+            if problems.len() > listed.len() {
+                message.push_str(&format!("; and {} more", problems.len() - listed.len()));
+            }
             Condition::new(c::CONSUMERS_FOLLOW, FALSE, c::CONSUMER_CANNOT_FOLLOW, message, generation, now)
         };
         set_condition(&mut status.conditions, condition);
+    } else {
+        // Pods not watched (any more): nothing is known, so nothing is claimed.
+        status.conditions.retain(|c| c.type_ != c::CONSUMERS_FOLLOW);
     }
     let on_schedule = p.blocked.is_none() && p.rules.automatic && p.rules.enforced && !p.rules.frozen;
     let warnings = notify::evaluate(&p.rules, &mut status, now, on_schedule, &handover);
@@ -1080,6 +1093,49 @@ mod tests {
         // 100 s of 30 s keys with a standby each half-life and one rotation: each key
         // once, and nothing issued twice for one step (a rotation adds one).
         assert!((7..=9).contains(&issued.len()), "{} keys issued: {issued:?}", issued.len());
+    }
+
+    #[test]
+    fn consumers_that_cannot_follow_are_named_up_to_a_bound_and_warned_about_once() {
+        let mut spec = crate::api::KeyPolicySpec::default();
+        spec.expiry.max_lifetime = "P1D".into();
+        let now = DateTime::parse_from_rfc3339("2026-11-23T00:00:00Z").unwrap().to_utc();
+        let rules = lifecycle::Rules::from_spec(&spec, now).unwrap();
+        let key: ApiKey = serde_json::from_value(serde_json::json!({
+            "apiVersion": "keyward.dev/v1alpha1", "kind": "ApiKey",
+            "metadata": {"name": "svc", "namespace": "n", "uid": "u-1", "generation": 1},
+            "spec": {"owner": "team"},
+        }))
+        .unwrap();
+        let mut world = World { key, secret: None };
+        let problem = |i: usize| super::super::pods::Problem {
+            workload: super::super::pods::Workload { kind: "Pod".into(), name: format!("p{i:02}") },
+            message: format!("Pod n/p{i:02} (container c) mounts the Secret with subPath at /k"),
+        };
+        let mut prepared = world.prepared(&rules);
+        prepared.consumers = Some((0..12).map(problem).collect());
+        let first = plan(&world.key, &prepared, now);
+        assert_eq!(first.consumer_news.len(), MAX_LISTED_CONSUMERS, "a Warning each for the named ones");
+        let c = find_condition(&first.status.conditions, c::CONSUMERS_FOLLOW).unwrap();
+        assert_eq!((c.status.as_str(), c.reason.as_str()), (FALSE, c::CONSUMER_CANNOT_FOLLOW));
+        assert!(
+            c.message.contains("p09") && !c.message.contains("p10") && c.message.ends_with("; and 2 more")
+        );
+        // The next reconcile (status stored): the same problems are no news.
+        world.key.status = Some(first.status.clone());
+        assert!(plan(&world.key, &prepared, now).consumer_news.is_empty());
+        // One fixed, a new one: only the new one is news; all fixed: True.
+        prepared.consumers = Some((1..13).map(problem).collect());
+        let news: Vec<String> =
+            plan(&world.key, &prepared, now).consumer_news.iter().map(|p| p.workload.name.clone()).collect();
+        assert_eq!(news, ["p10"]);
+        prepared.consumers = Some(vec![]);
+        let c = plan(&world.key, &prepared, now).status.conditions;
+        assert_eq!(find_condition(&c, c::CONSUMERS_FOLLOW).unwrap().status, TRUE);
+        // A controller that does not watch pods claims nothing.
+        prepared.consumers = None;
+        let c = plan(&world.key, &prepared, now).status.conditions;
+        assert!(find_condition(&c, c::CONSUMERS_FOLLOW).is_none());
     }
 
     fn plan_of(world: &World, rules: &lifecycle::Rules, now: DateTime<Utc>) -> Plan {
