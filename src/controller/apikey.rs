@@ -87,8 +87,8 @@ struct Prepared {
     retire: bool,
     /// How the verifier's usage data is read (handover).
     usage: handover::Usage,
-    /// Pods reading the Secret in a way no rotation reaches (None: pods not watched).
-    consumers: Option<Vec<super::pods::Problem>>,
+    /// Pods reading the Secret in a way no rotation reaches.
+    consumers: super::pods::Consumers,
 }
 
 /// Dereference and validate. Whatever the user has to fix becomes `blocked` (the first
@@ -136,7 +136,11 @@ async fn prepare(ctx: &Context, key: &ApiKey, now: DateTime<Utc>) -> Result<Prep
         }
     }
     // A foreign Secret is not this ApiKey's key: its readers are none of its business.
-    let consumers = if foreign_secret { None } else { ctx.consumer_problems(key, &secret_name) };
+    let consumers = if foreign_secret {
+        super::pods::Consumers::NotWatched
+    } else {
+        ctx.consumer_problems(key, &secret_name)
+    };
     Ok(Prepared {
         policy: resolved.policy,
         rules,
@@ -539,7 +543,7 @@ fn plan(key: &ApiKey, p: &Prepared, now: DateTime<Utc>) -> Plan {
     );
     // Pods that read the Secret in a way no rotation reaches: a Warning per new one.
     let mut consumer_news = Vec::new();
-    if let Some(problems) = &p.consumers {
+    if let super::pods::Consumers::Known(problems) = &p.consumers {
         let before = find_condition(&old.conditions, c::CONSUMERS_FOLLOW)
             .filter(|b| b.reason == c::CONSUMER_CANNOT_FOLLOW)
             .map(|b| b.message.split("; ").map(str::to_owned).collect::<Vec<_>>())
@@ -560,8 +564,9 @@ fn plan(key: &ApiKey, p: &Prepared, now: DateTime<Utc>) -> Plan {
             Condition::new(c::CONSUMERS_FOLLOW, FALSE, c::CONSUMER_CANNOT_FOLLOW, message, generation, now)
         };
         set_condition(&mut status.conditions, condition);
-    } else {
-        // Pods not watched (any more): nothing is known, so nothing is claimed.
+    } else if p.consumers == super::pods::Consumers::NotWatched {
+        // Pods not watched (any more), or a foreign Secret: nothing is claimed. (While
+        // the pod watch has not listed, what was said before stands.)
         status.conditions.retain(|c| c.type_ != c::CONSUMERS_FOLLOW);
     }
     let on_schedule = p.blocked.is_none() && p.rules.automatic && p.rules.enforced && !p.rules.frozen;
@@ -692,7 +697,7 @@ async fn apply(
     }
     export_expiry(ctx, key, &plan.status);
     export_usage(ctx, key, &plan.status, plan.old_key_in_use);
-    if let Some(problems) = &p.consumers {
+    if let super::pods::Consumers::Known(problems) = &p.consumers {
         ctx.metrics.set_consumers_not_following(
             &key.namespace().unwrap_or_default(),
             &key.name_any(),
@@ -980,7 +985,7 @@ mod tests {
                 blocked: None,
                 retire: false,
                 usage: Default::default(),
-                consumers: None,
+                consumers: Default::default(),
             }
         }
 
@@ -1108,12 +1113,13 @@ mod tests {
         }))
         .unwrap();
         let mut world = World { key, secret: None };
-        let problem = |i: usize| super::super::pods::Problem {
-            workload: super::super::pods::Workload { kind: "Pod".into(), name: format!("p{i:02}") },
+        use super::super::pods::{Consumers, Problem, Workload};
+        let problem = |i: usize| Problem {
+            workload: Workload { api_version: "v1".into(), kind: "Pod".into(), name: format!("p{i:02}") },
             message: format!("Pod n/p{i:02} (container c) mounts the Secret with subPath at /k"),
         };
         let mut prepared = world.prepared(&rules);
-        prepared.consumers = Some((0..12).map(problem).collect());
+        prepared.consumers = Consumers::Known((0..12).map(problem).collect());
         let first = plan(&world.key, &prepared, now);
         assert_eq!(first.consumer_news.len(), MAX_LISTED_CONSUMERS, "a Warning each for the named ones");
         let c = find_condition(&first.status.conditions, c::CONSUMERS_FOLLOW).unwrap();
@@ -1125,15 +1131,21 @@ mod tests {
         world.key.status = Some(first.status.clone());
         assert!(plan(&world.key, &prepared, now).consumer_news.is_empty());
         // One fixed, a new one: only the new one is news; all fixed: True.
-        prepared.consumers = Some((1..13).map(problem).collect());
+        prepared.consumers = Consumers::Known((1..13).map(problem).collect());
         let news: Vec<String> =
             plan(&world.key, &prepared, now).consumer_news.iter().map(|p| p.workload.name.clone()).collect();
         assert_eq!(news, ["p10"]);
-        prepared.consumers = Some(vec![]);
+        // Before the pod watch has listed (a restart): what was said stands, no news.
+        prepared.consumers = Consumers::NotKnown;
+        let unknown = plan(&world.key, &prepared, now);
+        assert!(unknown.consumer_news.is_empty());
+        let said = |plan: &Plan| find_condition(&plan.status.conditions, c::CONSUMERS_FOLLOW).cloned();
+        assert_eq!(said(&unknown), said(&first));
+        prepared.consumers = Consumers::Known(vec![]);
         let c = plan(&world.key, &prepared, now).status.conditions;
         assert_eq!(find_condition(&c, c::CONSUMERS_FOLLOW).unwrap().status, TRUE);
         // A controller that does not watch pods claims nothing.
-        prepared.consumers = None;
+        prepared.consumers = Consumers::NotWatched;
         let c = plan(&world.key, &prepared, now).status.conditions;
         assert!(find_condition(&c, c::CONSUMERS_FOLLOW).is_none());
     }

@@ -103,6 +103,11 @@ impl KeyIndex {
         self.by_policy.get(&policy.map(str::to_owned)).map_or(0, BTreeSet::len)
     }
 
+    /// Every ApiKey (once per start of the pod watch, see `watch_pods`).
+    pub fn all(&self) -> Vec<ObjectRef<ApiKey>> {
+        self.of.values().map(|k| ObjectRef::new(&k.name).within(&k.namespace)).collect()
+    }
+
     /// ApiKeys indexed.
     pub fn len(&self) -> usize {
         self.of.len()

@@ -117,10 +117,18 @@ impl Context {
         refs
     }
 
-    /// What cannot follow a rotation of `key`'s Secret `secret` (None: pods not watched).
-    pub fn consumer_problems(&self, key: &ApiKey, secret: &str) -> Option<Vec<pods::Problem>> {
-        let index = self.consumers.as_ref()?.lock().unwrap_or_else(|p| p.into_inner());
-        Some(index.problems(&key.namespace().unwrap_or_default(), secret, &key.spec.consumers))
+    /// What cannot follow a rotation of `key`'s Secret `secret`.
+    pub fn consumer_problems(&self, key: &ApiKey, secret: &str) -> pods::Consumers {
+        let Some(index) = self.consumers.as_ref() else { return pods::Consumers::NotWatched };
+        let index = index.lock().unwrap_or_else(|p| p.into_inner());
+        if !index.synced {
+            return pods::Consumers::NotKnown;
+        }
+        pods::Consumers::Known(index.problems(
+            &key.namespace().unwrap_or_default(),
+            secret,
+            &key.spec.consumers,
+        ))
     }
 
     /// How many ApiKeys name `policy`, with (`and_unnamed`) those naming none.
@@ -818,6 +826,7 @@ async fn watch_pods(
         let (_, gone) = known.on(&ev, |_| ());
         let Some(index) = ctx.consumers.as_ref() else { return };
         let mut changed = Vec::new();
+        let first_sync;
         {
             let mut index = index.lock().unwrap_or_else(|p| p.into_inner());
             if let watcher::Event::Apply(pod) | watcher::Event::InitApply(pod) = &ev {
@@ -827,6 +836,13 @@ async fn watch_pods(
             for (id, ()) in gone {
                 changed.extend(index.remove(&id));
             }
+            first_sync = matches!(ev, watcher::Event::InitDone) && !index.synced;
+            index.synced |= first_sync;
+        }
+        // Known at last: every ApiKey says so (problems fixed while the controller was
+        // down are cleared, new ones raised). Once per start.
+        if first_sync {
+            ctx.index().all().into_iter().for_each(|r| drop(trigger.unbounded_send(r)));
         }
         for (ns, secret) in changed {
             ctx.index().using_secret(&ns, &secret).into_iter().for_each(|r| drop(trigger.unbounded_send(r)));

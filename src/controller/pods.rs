@@ -25,7 +25,9 @@ pub enum Way {
 /// The workload a pod belongs to: its controller (a ReplicaSet's Deployment), else itself.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Workload {
-    /// `Deployment`, `StatefulSet`, `DaemonSet`, `ReplicaSet`, `Job`, `Pod`, …
+    /// Its apiVersion (from the owner reference).
+    pub api_version: String,
+    /// `Deployment`, `StatefulSet`, `DaemonSet`, `ReplicaSet`, `Pod`, …
     pub kind: String,
     /// Its name.
     pub name: String,
@@ -42,27 +44,48 @@ pub struct Finding {
     pub workload: Workload,
 }
 
-/// The workload of `pod`: the controller owner (a ReplicaSet whose name is a Deployment's
-/// plus the pod's `pod-template-hash` counts as that Deployment), else the pod itself.
+/// The workload of `pod`: the controller owner (an `apps/v1` ReplicaSet whose name is a
+/// Deployment's plus the pod's `pod-template-hash` counts as that Deployment), else the
+/// pod itself.
 fn workload(pod: &Pod) -> Workload {
     let owner = pod.owner_references().iter().find(|o| o.controller == Some(true));
+    let of = |api_version: &str, kind: &str, name: &str| Workload {
+        api_version: api_version.into(),
+        kind: kind.into(),
+        name: name.into(),
+    };
     match owner {
-        Some(o) if o.kind == "ReplicaSet" => {
+        Some(o) if o.kind == "ReplicaSet" && o.api_version == "apps/v1" => {
             let hash = pod.labels().get("pod-template-hash");
             match hash.and_then(|h| o.name.strip_suffix(h.as_str())?.strip_suffix('-')) {
-                Some(deployment) => Workload { kind: "Deployment".into(), name: deployment.into() },
-                None => Workload { kind: o.kind.clone(), name: o.name.clone() },
+                Some(deployment) => of("apps/v1", "Deployment", deployment),
+                None => of(&o.api_version, &o.kind, &o.name),
             }
         }
-        Some(o) => Workload { kind: o.kind.clone(), name: o.name.clone() },
-        None => Workload { kind: "Pod".into(), name: pod.name_any() },
+        Some(o) => of(&o.api_version, &o.kind, &o.name),
+        None => of("v1", "Pod", &pod.name_any()),
     }
 }
 
-/// What `pod` does with Secrets that will not follow a rotation.
+/// User text (a path, a container name) as it may appear in a condition: at most 128
+/// characters, without `;` (which separates problems) or control characters.
+fn shown(text: &str) -> String {
+    let clean: String = text.chars().filter(|c| *c != ';' && !c.is_control()).take(128).collect();
+    if text.chars().count() > 128 { format!("{clean}…") } else { clean }
+}
+
+/// What `pod` does with Secrets that will not follow a rotation. Nothing for a finished
+/// pod, nor for a Job's pod: it starts anew each run and reads the key then.
 pub fn findings(pod: &Pod) -> Vec<Finding> {
     let Some(spec) = &pod.spec else { return vec![] };
+    let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
+    if matches!(phase, Some("Succeeded" | "Failed")) {
+        return vec![];
+    }
     let workload = workload(pod);
+    if workload.kind == "Job" && workload.api_version.starts_with("batch/") {
+        return vec![];
+    }
     // Volume name → the Secrets it carries (a secret volume, or a projected one).
     let mut volumes: HashMap<&str, Vec<&str>> = HashMap::new();
     for v in spec.volumes.iter().flatten() {
@@ -85,7 +108,7 @@ pub fn findings(pod: &Pod) -> Vec<Finding> {
                 for secret in secrets {
                     out.insert(Finding {
                         secret: secret.to_string(),
-                        way: Way::SubPath(c.name.clone(), m.mount_path.clone()),
+                        way: Way::SubPath(shown(&c.name), shown(&m.mount_path)),
                         workload: workload.clone(),
                     });
                 }
@@ -108,17 +131,35 @@ pub fn findings(pod: &Pod) -> Vec<Finding> {
     out.into_iter().collect()
 }
 
-/// Whether `consumers` lists `workload` (only Deployments, StatefulSets and DaemonSets
-/// can be rolled by keyward).
+/// Whether keyward can roll `workload` (an `apps/v1` Deployment, StatefulSet or DaemonSet).
+fn rollable(workload: &Workload) -> bool {
+    workload.api_version == "apps/v1"
+        && matches!(workload.kind.as_str(), "Deployment" | "StatefulSet" | "DaemonSet")
+}
+
+/// Whether `consumers` lists `workload`.
 fn listed(consumers: &[ConsumerRef], workload: &Workload) -> bool {
-    consumers.iter().any(|c| {
-        let kind = match c.kind {
-            ConsumerKind::Deployment => "Deployment",
-            ConsumerKind::StatefulSet => "StatefulSet",
-            ConsumerKind::DaemonSet => "DaemonSet",
-        };
-        kind == workload.kind && c.name == workload.name
-    })
+    rollable(workload)
+        && consumers.iter().any(|c| {
+            let kind = match c.kind {
+                ConsumerKind::Deployment => "Deployment",
+                ConsumerKind::StatefulSet => "StatefulSet",
+                ConsumerKind::DaemonSet => "DaemonSet",
+            };
+            kind == workload.kind && c.name == workload.name
+        })
+}
+
+/// What the controller knows about the pods reading one ApiKey's Secret.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub enum Consumers {
+    /// Pods are not watched (`--watch-consumers` off): nothing is claimed.
+    #[default]
+    NotWatched,
+    /// The pod watch has not listed yet (or cannot): what was said before stands.
+    NotKnown,
+    /// These workloads cannot follow a rotation (none: all can).
+    Known(Vec<Problem>),
 }
 
 /// A workload that cannot follow a rotation, and what to do about it.
@@ -133,13 +174,8 @@ pub struct Problem {
 impl Problem {
     /// A reference to the workload (the Warning Event's `related` object).
     pub fn reference(&self, namespace: &str) -> k8s_openapi::api::core::v1::ObjectReference {
-        let api_version = match self.workload.kind.as_str() {
-            "Pod" => "v1",
-            "Job" | "CronJob" => "batch/v1",
-            _ => "apps/v1",
-        };
         k8s_openapi::api::core::v1::ObjectReference {
-            api_version: Some(api_version.into()),
+            api_version: Some(self.workload.api_version.clone()),
             kind: Some(self.workload.kind.clone()),
             name: Some(self.workload.name.clone()),
             namespace: Some(namespace.into()),
@@ -155,6 +191,9 @@ pub struct ConsumerIndex {
     of: HashMap<String, (String, Vec<Finding>)>,
     /// (namespace, Secret) → pod → its findings about that Secret.
     by_secret: HashMap<(String, String), BTreeMap<String, Vec<Finding>>>,
+    /// The pod watch has listed once: until then nothing is known (an empty index is
+    /// not "no problem").
+    pub synced: bool,
 }
 
 impl ConsumerIndex {
@@ -215,9 +254,13 @@ impl ConsumerIndex {
                     w.kind, w.name
                 ))),
                 Way::Env(_) if listed(consumers, w) => false,
-                Way::Env(container) => out.insert((w.clone(), format!(
+                Way::Env(container) if rollable(w) => out.insert((w.clone(), format!(
                     "{} {namespace}/{} (container {container}) reads the Secret as environment variables, fixed at container start, and is not in spec.consumers: list it there so each flip rolls it out, or mount the Secret as a volume",
                     w.kind, w.name
+                ))),
+                Way::Env(container) => out.insert((w.clone(), format!(
+                    "{} {namespace}/{} (container {container}) reads the Secret as environment variables, fixed at container start, and keyward cannot roll a {}: mount the Secret as a volume and read the file",
+                    w.kind, w.name, w.kind
                 ))),
             };
         }
@@ -261,7 +304,8 @@ mod tests {
             }
         }));
         let found = findings(&p);
-        let deployment = Workload { kind: "Deployment".into(), name: "api".into() };
+        let deployment =
+            Workload { api_version: "apps/v1".into(), kind: "Deployment".into(), name: "api".into() };
         assert!(found.iter().all(|f| f.workload == deployment), "{found:?}");
         let what: Vec<(&str, &Way)> = found.iter().map(|f| (f.secret.as_str(), &f.way)).collect();
         assert_eq!(
@@ -272,6 +316,22 @@ mod tests {
                 ("reporting", &Way::Env("app".into())),
             ]
         );
+        // User text is cut and cannot smuggle in the problem separator.
+        let mut long = p.clone();
+        let mounts = long.spec.as_mut().unwrap().containers[0].volume_mounts.as_mut().unwrap();
+        mounts[0].mount_path = format!("/a; b{}", "x".repeat(10_000));
+        let found = findings(&long);
+        let Way::SubPath(_, path) = &found[0].way else { panic!("{found:?}") };
+        assert!(path.chars().count() <= 129 && !path.contains(';'), "{path}");
+        // Finished pods and Jobs' pods are not consumers that need to follow.
+        let mut done = p.clone();
+        done.status = Some(serde_json::from_value(serde_json::json!({"phase": "Succeeded"})).unwrap());
+        assert!(findings(&done).is_empty());
+        let mut job = p.clone();
+        job.metadata.owner_references = Some(vec![serde_json::from_value(serde_json::json!(
+            {"apiVersion": "batch/v1", "kind": "Job", "name": "nightly-2911", "uid": "j", "controller": true}
+        )).unwrap()]);
+        assert!(findings(&job).is_empty());
         // A bare pod is its own workload; a volume mount without subPath is fine.
         let bare = pod(serde_json::json!({"metadata": {"name": "p", "namespace": "shop"},
             "spec": {"volumes": [{"name": "k", "secret": {"secretName": "checkout"}}],
@@ -285,7 +345,7 @@ mod tests {
         let f = |secret: &str, way: Way, kind: &str, name: &str| Finding {
             secret: secret.into(),
             way,
-            workload: Workload { kind: kind.into(), name: name.into() },
+            workload: Workload { api_version: "apps/v1".into(), kind: kind.into(), name: name.into() },
         };
         let changed =
             ix.apply("shop/a-1", "shop", vec![f("checkout", Way::Env("c".into()), "Deployment", "a")]);
@@ -307,6 +367,14 @@ mod tests {
             problems[1].message.starts_with("Pod shop/p (container c) mounts the Secret with subPath at /k")
         );
         assert_eq!(problems[1].reference("shop").kind.as_deref(), Some("Pod"));
+        // A kind keyward cannot roll is told only the volume fix.
+        ix.apply("shop/j", "shop", vec![f("checkout", Way::Env("c".into()), "ReplicaSet", "rs")]);
+        let problems = ix.problems("shop", "checkout", &[]);
+        assert!(
+            problems.iter().any(|p| p.message.contains("keyward cannot roll a ReplicaSet")),
+            "{problems:?}"
+        );
+        ix.remove("shop/j");
         let listed: Vec<ConsumerRef> =
             serde_json::from_value(serde_json::json!([{"kind": "Deployment", "name": "a"}])).unwrap();
         assert_eq!(ix.problems("shop", "checkout", &listed).len(), 1, "a listed env consumer is rolled");
