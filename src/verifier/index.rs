@@ -363,9 +363,8 @@ mod tests {
         index.set_formats(vec![KeyFormat::default()]);
         index.upsert(&key);
         assert_eq!(index.verify(&m[0], now).code, Code::Valid);
-        key.metadata.deletion_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
-            k8s_openapi::jiff::Timestamp::now(),
-        ));
+        key.metadata.deletion_timestamp =
+            Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(k8s_openapi::jiff::Timestamp::now()));
         index.upsert(&key);
         assert_eq!(index.verify(&m[0], now).code, Code::NotFound);
         assert!(index.is_empty());
