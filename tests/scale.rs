@@ -19,6 +19,16 @@ fn visits(controller: &common::KeywardProcess) -> f64 {
     metric_sum(&controller.get("/metrics").expect("metrics").1, "keyward_controller_index_visits_total")
 }
 
+/// The visits once they stop changing (two seconds without a visit), or a panic after `timeout`.
+async fn settled_visits(controller: &common::KeywardProcess, what: &str, timeout: Duration) -> f64 {
+    common::eventually(what, timeout, || async {
+        let before = visits(controller);
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        (visits(controller) == before).then_some(before)
+    })
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn editing_one_apikey_among_many_visits_only_its_owners_keys() {
     let client = client().await;
@@ -45,12 +55,7 @@ async fn editing_one_apikey_among_many_visits_only_its_owners_keys() {
     })
     .await;
     // Settled: nothing left to do, so nothing visits.
-    let settled = common::eventually("the controller to settle", Duration::from_secs(60), || async {
-        let before = visits(&controller);
-        tokio::time::sleep(Duration::from_secs(2)).await;
-        (visits(&controller) == before).then_some(before)
-    })
-    .await;
+    let settled = settled_visits(&controller, "the controller to settle", Duration::from_secs(60)).await;
 
     // Edit one ApiKey of "shared": its reconcile checks its owner's limit and the edit
     // re-checks the owner's other ApiKeys. Three ApiKeys concern it, not KEYS.
@@ -63,12 +68,7 @@ async fn editing_one_apikey_among_many_visits_only_its_owners_keys() {
     })
     .await;
     // Let the re-checks of the two other "shared" ApiKeys run too.
-    let after = common::eventually("the re-checks to settle", Duration::from_secs(30), || async {
-        let before = visits(&controller);
-        tokio::time::sleep(Duration::from_secs(2)).await;
-        (visits(&controller) == before).then_some(before)
-    })
-    .await;
+    let after = settled_visits(&controller, "the re-checks to settle", Duration::from_secs(30)).await;
     let delta = after - settled;
     eprintln!("{KEYS} ApiKeys: one edit visited {delta} through the indexes");
     assert!(delta >= 3.0, "the owner's ApiKeys are visited: {delta}");

@@ -26,37 +26,19 @@ use envoy_types::pb::envoy::config::core::v3::{HeaderMap as PbHeaderMap, HeaderV
 use envoy_types::pb::envoy::service::auth::v3::attribute_context::{HttpRequest, Request};
 use envoy_types::pb::envoy::service::auth::v3::check_response::HttpResponse;
 use envoy_types::pb::envoy::service::auth::v3::{AttributeContext, CheckRequest};
-use keyward::api::ApiKey;
-use keyward::keys::{KeyFormat, SecretKey};
 use keyward::verifier::decision::{IDENTITY_HEADERS, KEY_HEADERS, check_response, decide};
 use keyward::verifier::request::{SCOPE_EXTENSION, ask_of_check, key_from_headers};
 use keyward::verifier::{Code, Index};
 use libfuzzer_sys::fuzz_target;
 use prost::Message;
 
-/// The key the index holds: the one in `fuzz/seeds/check_request/*`.
-const HELD: &str = "kw_2bBbumlcWNIwiRMY8fBK4h4l6DsIRIFKsOpaOPWnBiZ4MA8LS";
+#[path = "held.rs"]
+mod held;
+use held::HELD;
+
 const HELD_SCOPES: [&str; 2] = ["audit", "orders:read"];
 
-static INDEX: LazyLock<Index> = LazyLock::new(|| {
-    let format = KeyFormat::default();
-    let facts = format.facts(&SecretKey::from_string(HELD.into()));
-    let held: ApiKey = serde_json::from_value(serde_json::json!({
-        "apiVersion": "keyward.dev/v1alpha1",
-        "kind": "ApiKey",
-        "metadata": { "name": "checkout", "namespace": "shop" },
-        "spec": { "owner": "payments", "scopes": HELD_SCOPES },
-        "status": { "keys": [{
-            "slot": "Primary", "state": "Active", "keyId": facts.key_id, "hash": facts.hash,
-            "preview": facts.preview, "createdAt": "2026-01-01T00:00:00Z",
-        }] },
-    }))
-    .expect("an ApiKey");
-    let mut index = Index::default();
-    index.set_formats(vec![format]);
-    index.upsert(&held);
-    index
-});
+static INDEX: LazyLock<Index> = LazyLock::new(|| held::index(&HELD_SCOPES));
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(req) = CheckRequest::decode(data) {

@@ -22,35 +22,16 @@ use std::sync::LazyLock;
 use chrono::{DateTime, Utc};
 use http::header::AUTHORIZATION;
 use http::{HeaderMap, HeaderValue};
-use keyward::api::ApiKey;
-use keyward::keys::{KeyFormat, MAX_KEY_LEN, SecretKey};
+use keyward::keys::{KeyFormat, MAX_KEY_LEN};
 use keyward::verifier::request::{BodyError, key_from_body, key_from_headers};
 use keyward::verifier::{Code, Index};
 use libfuzzer_sys::fuzz_target;
 
-/// The key the index holds: the one in `fuzz/seeds/verify_request/bearer`.
-const HELD: &str = "kw_2bBbumlcWNIwiRMY8fBK4h4l6DsIRIFKsOpaOPWnBiZ4MA8LS";
+#[path = "held.rs"]
+mod held;
+use held::HELD;
 
-static INDEX: LazyLock<Index> = LazyLock::new(|| {
-    let format = KeyFormat::default();
-    let facts = format.facts(&SecretKey::from_string(HELD.into()));
-    let held: ApiKey = serde_json::from_value(serde_json::json!({
-        "apiVersion": "keyward.dev/v1alpha1",
-        "kind": "ApiKey",
-        "metadata": { "name": "checkout", "namespace": "shop" },
-        "spec": { "owner": "payments" },
-        "status": { "keys": [{
-            "slot": "Primary", "state": "Active", "keyId": facts.key_id, "hash": facts.hash,
-            "preview": facts.preview, "createdAt": "2026-01-01T00:00:00Z",
-        }] },
-    }))
-    .expect("an ApiKey");
-    let mut index = Index::default();
-    index.set_formats(vec![format]);
-    index.upsert(&held);
-    assert_eq!(index.len(), 1);
-    index
-});
+static INDEX: LazyLock<Index> = LazyLock::new(|| held::index(&[]));
 
 fuzz_target!(|data: &[u8]| {
     let index = &*INDEX;

@@ -128,13 +128,7 @@ mod rpc_code {
 /// and the JSON body.
 pub fn check_response(decision: &Decision) -> CheckResponse {
     let headers = |set: &[(&'static str, String)]| -> Vec<HeaderValueOption> {
-        set.iter()
-            .map(|(name, value)| HeaderValueOption {
-                header: Some(PbHeader { key: (*name).into(), value: value.clone(), ..Default::default() }),
-                append_action: HeaderAppendAction::OverwriteIfExistsOrAdd as i32,
-                ..Default::default()
-            })
-            .collect()
+        set.iter().map(|(name, value)| header_option(name, value)).collect()
     };
     if decision.allowed() {
         return CheckResponse {
@@ -156,18 +150,22 @@ pub fn check_response(decision: &Decision) -> CheckResponse {
 /// The `CheckResponse` while the index cannot be trusted: `UNAVAILABLE`, 503 with
 /// `Retry-After`, as `/v1/auth` answers then.
 pub fn check_unavailable() -> CheckResponse {
-    let header = |k: &str, v: &str| HeaderValueOption {
-        header: Some(PbHeader { key: k.into(), value: v.into(), ..Default::default() }),
-        append_action: HeaderAppendAction::OverwriteIfExistsOrAdd as i32,
-        ..Default::default()
-    };
     let body = serde_json::json!({ "error": NOT_CURRENT }).to_string();
-    let headers = [header("retry-after", "1"), header("content-type", "application/json")];
+    let headers = [header_option("retry-after", "1"), header_option("content-type", "application/json")];
     denied(rpc_code::UNAVAILABLE, 503, &headers, body, NOT_CURRENT)
 }
 
 /// Why the verifier answers 503.
 pub const NOT_CURRENT: &str = "the verifier's index is not current (not synced yet, or its watch is failing)";
+
+/// A header set (a client's copy replaced) by Envoy.
+fn header_option(name: &str, value: &str) -> HeaderValueOption {
+    HeaderValueOption {
+        header: Some(PbHeader { key: name.into(), value: value.into(), ..Default::default() }),
+        append_action: HeaderAppendAction::OverwriteIfExistsOrAdd as i32,
+        ..Default::default()
+    }
+}
 
 fn denied(
     code: i32,

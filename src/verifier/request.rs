@@ -206,14 +206,8 @@ pub fn ask_of_check(req: &envoy_types::pb::envoy::service::auth::v3::CheckReques
         ask.path = http.path.clone();
     }
     let route = attributes.context_extensions.get(SCOPE_EXTENSION).map(String::as_str);
-    let mut lists: Vec<String> = ask
-        .headers
-        .get_all("x-keyward-require-scope")
-        .iter()
-        .map(|v| String::from_utf8_lossy(v.as_bytes()).into())
-        .collect();
-    lists.extend(route.map(str::to_owned));
-    ask.required = scope_union(lists.iter().map(String::as_str));
+    let from_headers = required_scopes(&ask.headers, None);
+    ask.required = scope_union(from_headers.iter().map(String::as_str).chain(route));
     ask
 }
 
