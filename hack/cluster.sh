@@ -296,13 +296,23 @@ api_ready() {
     "https://127.0.0.1:$API_PORT/readyz" >/dev/null 2>&1
 }
 
-wait_for() { # description, seconds, command...
-  local what=$1 secs=$2; shift 2
-  local deadline=$((SECONDS + secs))
+wait_until() { # seconds, command...: whether the command succeeded within that time
+  local deadline=$((SECONDS + $1)); shift
   until "$@"; do
-    [ $SECONDS -lt $deadline ] || die "$what not ready after ${secs}s (logs: $RUN/logs)"
+    [ $SECONDS -lt $deadline ] || return 1
     sleep 0.5
   done
+}
+
+wait_for() { # description, seconds, command...
+  local what=$1 secs=$2; shift 2
+  wait_until "$secs" "$@" || die "$what not ready after ${secs}s (logs: $RUN/logs)"
+}
+
+api_unready_checks() { # the /readyz checks that fail, on one line
+  curl -sS --max-time 5 --cacert "$RUN/pki/ca.crt" \
+    -H "Authorization: Bearer $(cat "$RUN/pki/admin.token" 2>/dev/null)" \
+    "https://127.0.0.1:$API_PORT/readyz?verbose" 2>&1 | grep -v '^\[+\]' | tr '\n' ' ' | cut -c1-300
 }
 
 etcd_ready() { curl -fsS --max-time 2 "http://127.0.0.1:$ETCD_PORT/health" 2>/dev/null | grep -q true; }
@@ -757,17 +767,27 @@ up() {
     --initial-cluster "keyward=http://127.0.0.1:$ETCD_PEER_PORT" \
     --unsafe-no-fsync --quota-backend-bytes 4294967296
   wait_for etcd 60 etcd_ready
-  start kube-apiserver "$BIN/kube-apiserver" \
+  local api_was_running=0
+  if alive kube-apiserver; then api_was_running=1; fi
+  local api=("$BIN/kube-apiserver" \
     --etcd-servers "http://127.0.0.1:$ETCD_PORT" \
     --secure-port "$API_PORT" --insecure-port 0 "${net[@]}" \
     --cert-dir "$RUN/pki" --tls-cert-file "$RUN/pki/apiserver.crt" --tls-private-key-file "$RUN/pki/apiserver.key" \
     --client-ca-file "$RUN/pki/ca.crt" \
-    --token-auth-file "$RUN/pki/tokens.csv" --authorization-mode Node,RBAC \
+    --token-auth-file "$RUN/pki/tokens.csv" --authorization-mode "Node,RBAC" \
     --enable-admission-plugins NodeRestriction \
     --service-account-key-file "$RUN/pki/sa.pub" --service-account-signing-key-file "$RUN/pki/sa.key" \
     --service-account-issuer https://kubernetes.default.svc.cluster.local \
     --service-cluster-ip-range "$SERVICE_CIDR" --allow-privileged=false \
-    --max-requests-inflight 800 --max-mutating-requests-inflight 400
+    --max-requests-inflight 800 --max-mutating-requests-inflight 400)
+  start kube-apiserver "${api[@]}"
+  # A v1.20 API server that outlived an etcd restart can stay unready for good (seen here: its
+  # etcd client kept failing after etcd was back). A kubelet's liveness probe restarts it; so do we.
+  if [ $api_was_running = 1 ] && ! wait_until 45 api_ready; then
+    log "kube-apiserver did not recover (failing: $(api_unready_checks)); restarting it"
+    stop kube-apiserver
+    start kube-apiserver "${api[@]}"
+  fi
   wait_for kube-apiserver 120 api_ready
   write_kubeconfig "$KUBECONFIG_OUT" "$(cat "$RUN/pki/admin.token")"
   write_kubeconfig "$RUN/kcm.kubeconfig" "$(cat "$RUN/pki/kcm.token")"
