@@ -60,6 +60,15 @@ pub enum Command {
         /// vars in a workload not listed in spec.consumers.
         #[arg(long, env = "KEYWARD_WATCH_CONSUMERS")]
         watch_consumers: bool,
+        /// Reconcile only the ApiKeys this label selector matches (a shard, e.g.
+        /// keyward.dev/shard=a; the unsharded rest: !keyward.dev/shard). Every ApiKey in
+        /// scope is still watched, for owner limits. Empty: all.
+        #[arg(long, env = "KEYWARD_WATCH_LABEL_SELECTOR")]
+        watch_label_selector: Option<String>,
+        /// Write KeyPolicy status (keyCount, the single default); one controller in a
+        /// cluster should. Default: true when cluster-wide and not a shard.
+        #[arg(long, env = "KEYWARD_MANAGE_POLICIES", action = clap::ArgAction::Set)]
+        manage_policies: Option<bool>,
     },
     /// Run the verifier: answer "is this key valid?" over HTTP and record last use.
     Verifier {
@@ -164,16 +173,43 @@ pub fn parse_kube_minor(text: &str) -> std::result::Result<u32, String> {
     }
 }
 
-/// The Lease a controller elects on, from its flags and environment.
+/// The shard selector and whether this controller writes KeyPolicy status, from the flags
+/// (an empty selector is none). A namespaced controller sees one namespace's ApiKeys, too
+/// few to count a policy's keys: it may not write KeyPolicy status.
+pub fn sharding(
+    namespace: Option<&str>,
+    selector: Option<String>,
+    manage_policies: Option<bool>,
+) -> Result<(Option<String>, bool), String> {
+    let selector = selector.map(|s| s.trim().to_string()).filter(|s| !s.is_empty());
+    let manage = manage_policies.unwrap_or(namespace.is_none() && selector.is_none());
+    if manage && namespace.is_some() {
+        return Err("--manage-policies needs a cluster-wide controller (no --namespace): \
+                    KeyPolicy keyCount counts the ApiKeys of every namespace"
+            .into());
+    }
+    Ok((selector, manage))
+}
+
+/// The Lease a controller elects on, from its flags and environment. Shards (a
+/// selector) default to a Lease of their own.
 pub fn lease_config(
     namespace: Option<&str>,
+    selector: Option<&str>,
     name: Option<String>,
     lease_namespace: Option<String>,
     duration: std::time::Duration,
 ) -> crate::leader::LeaseConfig {
-    let name = name.unwrap_or_else(|| match namespace {
-        Some(ns) => format!("keyward-controller-{ns}").chars().take(253).collect(),
-        None => "keyward-controller".into(),
+    let name = name.unwrap_or_else(|| {
+        let mut name = match namespace {
+            Some(ns) => format!("keyward-controller-{ns}"),
+            None => "keyward-controller".into(),
+        };
+        // At most 19 + 63 (a namespace) + 17 characters, well within a Lease name's 253.
+        if let Some(sel) = selector {
+            name = format!("{name}-{}", crate::controller::shard::lease_suffix(sel));
+        }
+        name
     });
     let lease_namespace = lease_namespace
         .or_else(|| std::env::var("POD_NAMESPACE").ok())
@@ -197,5 +233,30 @@ mod tests {
         for bad in ["", "2.0", "banana", "1.", "v1.x"] {
             assert!(parse_kube_minor(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn one_cluster_wide_unsharded_controller_writes_policy_status_by_default() {
+        let sel = |s: &str| Some(s.to_string());
+        assert_eq!(sharding(None, None, None), Ok((None, true)));
+        assert_eq!(sharding(None, sel("keyward.dev/shard=a"), None), Ok((sel("keyward.dev/shard=a"), false)));
+        assert_eq!(
+            sharding(None, sel("!keyward.dev/shard"), Some(true)),
+            Ok((sel("!keyward.dev/shard"), true))
+        );
+        assert_eq!(sharding(Some("t"), None, None), Ok((None, false)));
+        assert_eq!(
+            sharding(None, sel("  "), None),
+            Ok((None, true)),
+            "an empty selector (an unset Helm value)"
+        );
+        assert!(sharding(Some("t"), None, Some(true)).unwrap_err().contains("cluster-wide"));
+
+        let lease = |ns, sel| lease_config(ns, sel, None, None, std::time::Duration::from_secs(15)).name;
+        assert_eq!(lease(None, None), "keyward-controller");
+        assert_eq!(lease(Some("t"), None), "keyward-controller-t");
+        let (a, b) = (lease(None, Some("keyward.dev/shard=a")), lease(None, Some("keyward.dev/shard=b")));
+        assert!(a.starts_with("keyward-controller-shard-") && a != b, "{a} {b}");
+        assert!(lease(Some(&"n".repeat(63)), Some("x=y")).len() <= 253);
     }
 }

@@ -73,9 +73,20 @@ async fn run(cli: Cli) -> error::Result<()> {
             concurrency,
             usage_flush_interval,
             watch_consumers,
+            watch_label_selector,
+            manage_policies,
         } => {
+            let (shard, manage_policies) =
+                keyward::cli::sharding(namespace.as_deref(), watch_label_selector, manage_policies)
+                    .map_err(keyward::error::Error::Config)?;
             let leader = leader_elect.then(|| {
-                keyward::cli::lease_config(namespace.as_deref(), lease_name, lease_namespace, lease_duration)
+                keyward::cli::lease_config(
+                    namespace.as_deref(),
+                    shard.as_deref(),
+                    lease_name,
+                    lease_namespace,
+                    lease_duration,
+                )
             });
             telemetry::init();
             let (client, server) = connect(cli.kubeconfig.as_ref(), cli.context.as_deref()).await?;
@@ -89,6 +100,8 @@ async fn run(cli: Cli) -> error::Result<()> {
                     concurrency,
                     usage_flush_interval,
                     watch_consumers,
+                    shard,
+                    manage_policies,
                 },
             )
             .await

@@ -117,6 +117,8 @@ pub struct Metrics {
     /// ApiKeys the controller's indexes handed out (owner limits, policy changes): one
     /// reconcile or event adds what it concerns, never every ApiKey.
     pub index_visits: Counter,
+    /// ApiKeys this controller reconciles, when it is a shard (`--watch-label-selector`).
+    pub shard_apikeys: prometheus_client::metrics::gauge::Gauge,
 }
 
 impl Metrics {
@@ -186,8 +188,15 @@ impl Metrics {
             "ApiKeys handed out by the controller's indexes (owner, policy)",
             index_visits.clone(),
         );
+        let shard_apikeys = prometheus_client::metrics::gauge::Gauge::default();
+        registry.register(
+            "controller_shard_apikeys",
+            "ApiKeys this shard reconciles (its --watch-label-selector's matches)",
+            shard_apikeys.clone(),
+        );
         Arc::new(Metrics {
             index_visits,
+            shard_apikeys,
             consumers_not_following,
             leader,
             key_expiry,

@@ -284,6 +284,56 @@ fn chart_lints_and_renders_every_option() {
     let v = object(&docs, "Deployment", "t-keyward-verifier").unwrap();
     assert_eq!(v["spec"]["template"]["spec"]["affinity"], json!({"nodeAffinity": {"x": "y"}}));
 
+    // Shards: one Deployment each, no Deployment selecting another's pods; the metrics
+    // Service and the NetworkPolicy cover every controller pod; KeyPolicy status is
+    // written by "<fullname>" alone, which keeps the unlabelled ApiKeys.
+    let (_, docs) = render("1.31.0", &["controller.shards={a,b}", "networkPolicy.enabled=true"]);
+    let all = ["t-keyward", "t-keyward-shard-a", "t-keyward-shard-b", "t-keyward-verifier"];
+    assert_eq!(names(&docs, "Deployment"), all.iter().map(|n| n.to_string()).collect());
+    let deployment = |name: &str| object(&docs, "Deployment", name).unwrap();
+    let labels = |name: &str| deployment(name)["spec"]["template"]["metadata"]["labels"].clone();
+    let service = object(&docs, "Service", "t-keyward").unwrap()["spec"]["selector"].clone();
+    let policy =
+        object(&docs, "NetworkPolicy", "t-keyward").unwrap()["spec"]["podSelector"]["matchLabels"].clone();
+    for name in all {
+        for other in all {
+            let selector = &deployment(other)["spec"]["selector"]["matchLabels"];
+            assert_eq!(selects(selector, &labels(name)), name == other, "{other} selects {name}'s pods");
+        }
+        let controller = name != "t-keyward-verifier";
+        assert_eq!(selects(&service, &labels(name)), controller, "metrics Service and {name}");
+        assert_eq!(selects(&policy, &labels(name)), controller, "NetworkPolicy and {name}");
+    }
+    let args = |name: &str| deployment(name)["spec"]["template"]["spec"]["containers"][0]["args"].to_string();
+    for (name, has, lacks) in [
+        (
+            "t-keyward",
+            // The unsharded controller's Lease (binary default): an upgrade hands over.
+            vec![
+                "--watch-label-selector=!keyward.dev/shard",
+                "--manage-policies=true",
+                "--lease-name=keyward-controller\"",
+            ],
+            vec!["--manage-policies=false"],
+        ),
+        (
+            "t-keyward-shard-a",
+            vec![
+                "--watch-label-selector=keyward.dev/shard=a",
+                "--lease-name=t-keyward-shard-a",
+                "--manage-policies=false",
+            ],
+            vec!["--manage-policies=true"],
+        ),
+    ] {
+        for needle in has {
+            assert!(args(name).contains(needle), "{name}: {needle} in {}", args(name));
+        }
+        for needle in lacks {
+            assert!(!args(name).contains(needle), "{name}: no {needle} in {}", args(name));
+        }
+    }
+
     // values.schema.json refuses what it does not know; the verifier never gets the
     // controller's ServiceAccount.
     for (set, says) in [
@@ -293,6 +343,8 @@ fn chart_lints_and_renders_every_option() {
         ("verifier.serviceAccount.bogus=1", "bogus"),
         ("verifier.serviceAccount.name=t-keyward", "must not run with the controller's rights"),
         ("bogus=1", "bogus"),
+        ("controller.shards={a,a}", "equal"),
+        ("controller.shards={Shard_A}", "does not match pattern"),
     ] {
         let (ok, out) = helm(&["template", "t", &chart(), "--set", set]);
         assert!(!ok && out.contains(says), "{set}: {out}");

@@ -433,3 +433,56 @@ async fn the_leader_pod_fails_over_within_the_lease_and_no_key_is_issued_twice()
         failures.len()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs the node and images: hack/test.sh runs it"]
+async fn the_charts_shards_run_as_pods_each_reconciling_its_own_apikeys() {
+    let Some((image, _)) = images() else { return };
+    let client = client().await;
+    let ns = TestNamespace::new(&client, "shardpods").await;
+    let release =
+        install(&client, &ns, &image, &["replicaCount=1", "controller.shards={a}", "verifier.enabled=false"])
+            .await;
+    let policy = ns
+        .policy(&client, "p", json!({"expiry": {"maxLifetime": "P1D"}, "notifications": {"before": []}}))
+        .await;
+    let keys: Api<keyward::api::ApiKey> = Api::namespaced(client.clone(), &ns.name);
+    for (name, labels) in [("sharded", json!({"keyward.dev/shard": "a"})), ("rest", json!({}))] {
+        let obj = serde_json::from_value(json!({
+            "apiVersion": "keyward.dev/v1alpha1", "kind": "ApiKey",
+            "metadata": {"name": name, "labels": labels}, "spec": {"policy": policy, "owner": name}
+        }))
+        .unwrap();
+        keys.create(&Default::default(), &obj).await.unwrap();
+    }
+    let shard_pods = format!("{}-shard-a-", release.fullname());
+    let main_pods = format!("{}-", release.fullname());
+    let is_main = |instance: &str| instance.starts_with(&main_pods) && !instance.starts_with(&shard_pods);
+    for (name, by_shard) in [("sharded", true), ("rest", false)] {
+        wait_key(&client, &ns.name, name, Duration::from_secs(90), common::active).await;
+        let fields = format!("regarding.name={name},regarding.kind=ApiKey");
+        let instances: Vec<String> =
+            eventually(&format!("Events about {name}"), Duration::from_secs(30), || async {
+                let events = Api::<k8s_openapi::api::events::v1::Event>::namespaced(client.clone(), &ns.name)
+                    .list(&ListParams::default().fields(&fields))
+                    .await
+                    .ok()?;
+                let by: Vec<String> = events.items.into_iter().filter_map(|e| e.reporting_instance).collect();
+                (!by.is_empty()).then_some(by)
+            })
+            .await;
+        let right = |i: &String| if by_shard { i.starts_with(&shard_pods) } else { is_main(i) };
+        assert!(instances.iter().all(right), "{name} reconciled by its shard's pod only: {instances:?}");
+    }
+    // Two Leases, each held by its own Deployment's pod.
+    let leases = Api::<Lease>::namespaced(client.clone(), &ns.name);
+    let main_lease = format!("keyward-controller-{}", ns.name);
+    for (lease, shard) in [(main_lease, false), (release.fullname() + "-shard-a", true)] {
+        let holder = eventually(&format!("Lease {lease} held"), Duration::from_secs(30), || async {
+            leases.get_opt(&lease).await.ok()??.spec?.holder_identity
+        })
+        .await;
+        let right = if shard { holder.starts_with(&shard_pods) } else { is_main(&holder) };
+        assert!(right, "{lease} held by {holder}");
+    }
+}

@@ -7,6 +7,7 @@ pub mod index;
 pub mod pods;
 pub mod policy;
 pub mod secret;
+pub mod shard;
 mod warnings;
 
 use std::sync::Arc;
@@ -56,6 +57,11 @@ pub struct Options {
     pub usage_flush_interval: Duration,
     /// Watch pods and warn about consumers that cannot follow a rotation ([`pods`]).
     pub watch_consumers: bool,
+    /// Reconcile only the ApiKeys this label selector matches ([`shard`]).
+    pub shard: Option<String>,
+    /// Write KeyPolicy status (`keyCount`, the single default): one controller per
+    /// cluster, cluster-wide.
+    pub manage_policies: bool,
 }
 
 /// Shared state of every reconcile.
@@ -91,9 +97,16 @@ pub struct Context {
     index: std::sync::Mutex<index::KeyIndex>,
     /// What pods do with Secrets, kept by the pod watch (None: not watching pods).
     consumers: Option<std::sync::Mutex<pods::ConsumerIndex>>,
+    /// The ApiKeys this controller reconciles, when it is a shard (None: all).
+    shard: Option<shard::Shard>,
 }
 
 impl Context {
+    /// Whether this controller reconciles `key` (a shard reconciles its members only).
+    pub fn reconciles(&self, key: &ApiKey) -> bool {
+        self.shard.as_ref().is_none_or(|s| s.owns(key))
+    }
+
     fn index(&self) -> std::sync::MutexGuard<'_, index::KeyIndex> {
         self.index.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -552,6 +565,9 @@ fn policies_named(policies: &Store<KeyPolicy>, policy: Option<&str>) -> Vec<Obje
 /// Run the controllers until SIGTERM/SIGINT.
 pub async fn run(client: Client, server: &str, opts: Options) -> Result<()> {
     ensure_crds_in(&client, server, opts.namespace.as_deref()).await?;
+    if let Some(selector) = &opts.shard {
+        check_selector(&client, opts.namespace.as_deref(), selector).await?;
+    }
     let metrics = Metrics::new();
     let ready = Readiness::default();
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -620,8 +636,10 @@ pub async fn run(client: Client, server: &str, opts: Options) -> Result<()> {
     // And by the pod watch: the ApiKeys whose Secret a pod started or stopped reading in
     // a way no rotation reaches.
     let consumer_tx = owner_tx.clone();
+    // And by the shard's member watch: the ApiKeys that joined this shard.
+    let member_tx = owner_tx.clone();
     let (count_tx, count_rx) = futures::channel::mpsc::unbounded::<ObjectRef<KeyPolicy>>();
-    let count_keys = opts.namespace.is_none();
+    let count_keys = opts.manage_policies;
     if count_keys {
         policy_ctl = policy_ctl.reconcile_on(count_rx);
     }
@@ -637,13 +655,14 @@ pub async fn run(client: Client, server: &str, opts: Options) -> Result<()> {
         metrics: metrics.clone(),
         policies: policies.clone(),
         apikeys: keys_reader.clone(),
-        manage_policies: opts.namespace.is_none(),
+        manage_policies: opts.manage_policies,
         failures: Default::default(),
         own_writes: Default::default(),
         retries: Default::default(),
         usage: crate::lifecycle::handover::Usage::for_flush_interval(opts.usage_flush_interval),
         index: Default::default(),
         consumers: opts.watch_consumers.then(Default::default),
+        shard: opts.shard.clone().map(shard::Shard::new),
         delivering: tokio::sync::Semaphore::new(warnings::DELIVERING),
         webhooks: crate::webhook::Sender::new().map_err(|e| {
             Error::Config(format!("cannot load the system's CA certificates for webhooks: {e}"))
@@ -777,13 +796,17 @@ pub async fn run(client: Client, server: &str, opts: Options) -> Result<()> {
                 tracing::debug!(error = %crate::error::chain(&e), "KeyPolicy reconcile error");
             }
         });
+    let member_watch = ctx
+        .shard
+        .is_some()
+        .then(|| tokio::spawn(watch_members(ctx.clone(), opts.namespace.clone(), member_tx)));
     let pod_watch = opts
         .watch_consumers
         .then(|| tokio::spawn(watch_pods(ctx.clone(), opts.namespace.clone(), consumer_tx)));
     ready.set(true);
     tracing::info!(namespace = ?opts.namespace, "controller started");
     futures::join!(apikeys, keypolicies);
-    if let Some(w) = pod_watch {
+    for w in [pod_watch, member_watch].into_iter().flatten() {
         w.abort();
     }
     if let Some(h) = holding {
@@ -804,6 +827,59 @@ pub async fn run(client: Client, server: &str, opts: Options) -> Result<()> {
 /// Follow the pods (of the watched namespace, or all) and keep [`Context::consumers`]:
 /// what each pod does with Secrets, never the pods themselves. A change for a Secret
 /// triggers the ApiKeys that write it.
+/// A bad `--watch-label-selector` is a start-up error in the API server's words, not a
+/// watch that fails forever.
+async fn check_selector(client: &Client, namespace: Option<&str>, selector: &str) -> Result<()> {
+    let api: Api<ApiKey> = match namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    };
+    match api.list_metadata(&ListParams::default().labels(selector).limit(1)).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(s)) if s.code == 400 => {
+            Err(Error::Config(format!("--watch-label-selector {selector:?}: {}", s.message)))
+        }
+        Err(e) => Err(Error::kube("listing ApiKeys with --watch-label-selector".to_string())(e)),
+    }
+}
+
+/// Keep the shard's members ([`shard`]): one metadata-only watch with the selector. A
+/// member that joins is reconciled at once; one that leaves is forgotten (its retry
+/// state and gauges), the shard it joined exports them now.
+async fn watch_members(
+    ctx: Arc<Context>,
+    namespace: Option<String>,
+    trigger: futures::channel::mpsc::UnboundedSender<ObjectRef<ApiKey>>,
+) {
+    use kube::core::PartialObjectMeta;
+    let Some(shard) = ctx.shard.as_ref() else { return };
+    // Metadata only: the members' names are all this watch needs.
+    let api: Api<PartialObjectMeta<ApiKey>> = match &namespace {
+        Some(ns) => Api::namespaced(ctx.client.clone(), ns),
+        None => Api::all(ctx.client.clone()),
+    };
+    let config = watcher::Config::default().labels(&shard.selector);
+    let mut events = std::pin::pin!(watcher(api, config).default_backoff());
+    while let Some(ev) = events.next().await {
+        let ev = match ev {
+            Ok(ev) => ev,
+            Err(e) => {
+                tracing::warn!(error = %e, "shard member watch failed; retrying (joining ApiKeys wait)");
+                continue;
+            }
+        };
+        let change = shard.on(&ev);
+        for (id, ns, name) in &change.left {
+            ctx.forget(id);
+            ctx.metrics.forget_apikey(ns, name);
+        }
+        for r in change.joined {
+            let _ = trigger.unbounded_send(r);
+        }
+        ctx.metrics.shard_apikeys.set(shard.len() as i64);
+    }
+}
+
 async fn watch_pods(
     ctx: Arc<Context>,
     namespace: Option<String>,
@@ -864,6 +940,11 @@ async fn timed<F: std::future::Future<Output = Result<Action>>>(
 }
 
 async fn reconcile_apikey(key: Arc<ApiKey>, ctx: Arc<Context>) -> Result<Action> {
+    // Another shard's: it is triggered here too (by a policy, an owner, a Secret), and
+    // left alone. Joining this shard triggers it again.
+    if !ctx.reconciles(&key) {
+        return Ok(Action::await_change());
+    }
     let result = timed(&ctx, "ApiKey", apikey::reconcile(key.clone(), ctx.clone())).await;
     match &result {
         Ok(_) => ctx.succeeded(&object_id(key.as_ref())),

@@ -212,6 +212,12 @@ pub fn free_port() -> u16 {
 impl KeywardProcess {
     /// Start `keyward <args…> --metrics-addr 127.0.0.1:<free>` with `RUST_LOG=log_level`.
     pub fn start(args: &[&str], log_level: &str) -> Self {
+        Self::start_with_env(args, log_level, &[])
+    }
+
+    /// [`Self::start`] with extra environment variables (e.g. `POD_NAME`, which names the
+    /// instance in the Events it publishes).
+    pub fn start_with_env(args: &[&str], log_level: &str, env: &[(&str, &str)]) -> Self {
         let addr = format!("127.0.0.1:{}", free_port());
         let log = std::env::temp_dir().join(format!("keyward-test-{}.log", rand::random::<u64>()));
         let file = std::fs::File::create(&log).unwrap();
@@ -221,6 +227,7 @@ impl KeywardProcess {
             .args([flag, addr.as_str()])
             .env("RUST_LOG", log_level)
             .env("NO_COLOR", "1")
+            .envs(env.iter().copied())
             .stdout(file.try_clone().unwrap())
             .stderr(file)
             .spawn()

@@ -31,6 +31,18 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{ include "keyward.controller.selector" . }}
 app.kubernetes.io/component: controller
 {{- end -}}
+{{- /* Selector of one shard's pods (controller.shards): its own name, never matched by
+the selector of "<fullname>". */}}
+{{- define "keyward.shard.selector" -}}
+app.kubernetes.io/name: {{ include "keyward.name" .root }}-shard
+app.kubernetes.io/instance: {{ .root.Release.Name }}
+keyward.dev/shard: {{ .shard }}
+{{- end -}}
+{{- /* Every controller pod, shards included (the metrics Service, the NetworkPolicy). */}}
+{{- define "keyward.controller.allPods" -}}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: controller
+{{- end -}}
 {{- /* Selector of the verifier's pods (a new Deployment in 0.2, so a fresh selector). */}}
 {{- define "keyward.verifier.selector" -}}
 app.kubernetes.io/name: {{ include "keyward.name" . }}-verifier
