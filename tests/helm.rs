@@ -176,6 +176,7 @@ fn chart_lints_and_renders_every_option() {
             );
             let rule = object(&docs, "PrometheusRule", "t-keyward").unwrap().to_string();
             assert!(rule.contains("KeywardVerifierDown") && rule.contains("KeywardControllerDown"), "{rule}");
+            assert!(!rule.contains("KeywardControllerShardDown"), "no shards, no shard alert: {rule}");
         }
         for needle in [
             "runAsNonRoot: true",
@@ -287,7 +288,19 @@ fn chart_lints_and_renders_every_option() {
     // Shards: one Deployment each, no Deployment selecting another's pods; the metrics
     // Service and the NetworkPolicy cover every controller pod; KeyPolicy status is
     // written by "<fullname>" alone, which keeps the unlabelled ApiKeys.
-    let (_, docs) = render("1.31.0", &["controller.shards={a,b}", "networkPolicy.enabled=true"]);
+    let (_, docs) = render(
+        "1.31.0",
+        &["controller.shards={a,b}", "networkPolicy.enabled=true", "prometheusRule.enabled=true"],
+    );
+    // An alert per shard without a leader; the main controller's alert counts its own pods only.
+    let rule = object(&docs, "PrometheusRule", "t-keyward").unwrap().to_string();
+    for needle in [
+        r#"pod=~\"t-keyward-shard-a-.+\""#,
+        r#"pod=~\"t-keyward-shard-b-.+\""#,
+        r#"pod=~\"t-keyward-[a-z0-9]+-[a-z0-9]+\""#,
+    ] {
+        assert!(rule.contains(needle), "{needle} in {rule}");
+    }
     let all = ["t-keyward", "t-keyward-shard-a", "t-keyward-shard-b", "t-keyward-verifier"];
     assert_eq!(names(&docs, "Deployment"), all.iter().map(|n| n.to_string()).collect());
     let deployment = |name: &str| object(&docs, "Deployment", name).unwrap();
@@ -310,7 +323,7 @@ fn chart_lints_and_renders_every_option() {
             "t-keyward",
             // The unsharded controller's Lease (binary default): an upgrade hands over.
             vec![
-                "--watch-label-selector=!keyward.dev/shard",
+                "--watch-label-selector=keyward.dev/shard notin (a,b)",
                 "--manage-policies=true",
                 "--lease-name=keyward-controller\"",
             ],

@@ -1,7 +1,8 @@
 //! Sharding (issue 16): two controllers on the real API server, each reconciling the
 //! ApiKeys its `--watch-label-selector` matches and elected on a Lease of its own. Every
 //! ApiKey is reconciled by exactly one of them (the Events each publishes name it), an
-//! owner's limit holds across shards, and an ApiKey relabelled into the other shard is
+//! owner's limit holds across shards, an ApiKey labelled for a shard that does not exist
+//! falls to the catch-all one, and an ApiKey relabelled into the other shard is
 //! reconciled there from then on.
 
 mod common;
@@ -70,13 +71,14 @@ async fn each_apikey_is_reconciled_by_exactly_one_shard() {
     let policy = ns
         .policy(&client, "p", json!({"expiry": {"maxLifetime": "P1D"}, "limits": {"maxKeysPerOwner": 1}}))
         .await;
-    // Flux's layout: one shard by label, and the rest (no label) on another.
+    // The chart's layout: one shard by label, and the rest (no label, or a value no shard
+    // serves) on another.
     let a = shard(&ns.name, &format!("{LABEL}=a"), "shard-a");
-    let rest = shard(&ns.name, &format!("!{LABEL}"), "shard-rest");
+    let rest = shard(&ns.name, &format!("{LABEL} notin (a)"), "shard-rest");
     a.wait_ready().await;
     rest.wait_ready().await;
 
-    let cases = [("a1", Some("a")), ("a2", Some("a")), ("r1", None), ("r2", None)];
+    let cases = [("a1", Some("a")), ("a2", Some("a")), ("r1", None), ("r2", None), ("z1", Some("gone"))];
     for (name, label) in cases {
         apikey(&client, &ns.name, name, label, json!({"policy": policy, "owner": name})).await;
     }
@@ -98,7 +100,7 @@ async fn each_apikey_is_reconciled_by_exactly_one_shard() {
 
     // Each ApiKey's Events come from its shard only.
     let expected = |name: &str| if ["a1", "a2", "x1"].contains(&name) { "shard-a" } else { "shard-rest" };
-    for name in ["a1", "a2", "r1", "r2", "x1", "x2"] {
+    for name in ["a1", "a2", "r1", "r2", "x1", "x2", "z1"] {
         let by = eventually(&format!("Events about {name}"), Duration::from_secs(30), || async {
             let by = publishers(&client, &ns.name, name).await;
             (!by.is_empty()).then_some(by)
@@ -124,13 +126,13 @@ async fn each_apikey_is_reconciled_by_exactly_one_shard() {
     for instance in ["shard-a", "shard-rest"] {
         assert!(held.iter().any(|(_, h)| h.starts_with(instance)), "{instance} holds its Lease: {held:?}");
     }
-    assert_eq!((members(&a), members(&rest)), (Some(3.0), Some(3.0)));
+    assert_eq!((members(&a), members(&rest)), (Some(3.0), Some(4.0)));
 
     // Move r1 into shard a: both shards see it, then a rotation of r1 is shard a's.
     let moved_at = chrono::Utc::now();
     common::patch_key(&client, &ns.name, "r1", json!({"metadata": {"labels": {LABEL: "a"}}})).await;
     eventually("r1 to move to shard a", Duration::from_secs(30), || async {
-        (members(&a) == Some(4.0) && members(&rest) == Some(2.0)).then_some(())
+        (members(&a) == Some(4.0) && members(&rest) == Some(3.0)).then_some(())
     })
     .await;
     let before = common::active(&get_key(&client, &ns.name, "r1").await).unwrap().key_id;

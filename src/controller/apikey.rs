@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, SecondsFormat, Utc};
 use k8s_openapi::api::core::v1::Secret;
-use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::{Resource, ResourceExt};
@@ -46,9 +46,19 @@ pub async fn reconcile(obj: Arc<ApiKey>, ctx: Arc<Context>) -> Result<Action> {
     let ns = obj.namespace().unwrap_or_default();
     let name = obj.name_any();
     let api: Api<ApiKey> = Api::namespaced(ctx.client.clone(), &ns);
-    // The cached object, unless this controller wrote a newer version than the cache
-    // holds (or lost a write conflict): then a fresh read.
-    let key = if ctx.own_writes.cache_is_current(obj.as_ref()) {
+    // Which version to plan from. A shard: a fresh read, and only while the ApiKey still
+    // matches the shard's selector (one list by selector and name), as its cache may lag
+    // another shard's writes and its member watch a label change, and a plan made from
+    // either could write an older key back into the Secret (see `shard`). Otherwise the
+    // cached object, unless this controller wrote a newer version than the cache holds
+    // (or lost a write conflict): then a fresh read.
+    let key = if let Some(selector) = ctx.shard_selector() {
+        let lp = ListParams::default().labels(selector).fields(&format!("metadata.name={name}"));
+        let listed = api.list(&lp).await.map_err(Error::kube(format!("reading ApiKey {ns}/{name}")))?;
+        let Some(mut fresh) = listed.items.into_iter().next() else { return Ok(Action::await_change()) };
+        fresh.metadata.managed_fields = None;
+        fresh
+    } else if ctx.own_writes.cache_is_current(obj.as_ref()) {
         obj.as_ref().clone()
     } else {
         let fresh = api.get_opt(&name).await.map_err(Error::kube(format!("reading ApiKey {ns}/{name}")))?;
@@ -695,9 +705,14 @@ async fn apply(
     if plan.adopted > 0 {
         tracing::info!(apikey = %key.name_any(), namespace = ?key.namespace(), adopted = plan.adopted, "adopted key material written before an interrupted reconcile");
     }
-    export_expiry(ctx, key, &plan.status);
-    export_usage(ctx, key, &plan.status, plan.old_key_in_use);
-    if let super::pods::Consumers::Known(problems) = &p.consumers {
+    // Gauges of this controller's ApiKeys only: one that left this shard meanwhile is the
+    // other shard's to export (its gauges were dropped here when it left).
+    let exported = ctx.reconciles(key);
+    if exported {
+        export_expiry(ctx, key, &plan.status);
+        export_usage(ctx, key, &plan.status, plan.old_key_in_use);
+    }
+    if exported && let super::pods::Consumers::Known(problems) = &p.consumers {
         ctx.metrics.set_consumers_not_following(
             &key.namespace().unwrap_or_default(),
             &key.name_any(),

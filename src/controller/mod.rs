@@ -102,6 +102,11 @@ pub struct Context {
 }
 
 impl Context {
+    /// The shard's label selector (None: not a shard).
+    pub fn shard_selector(&self) -> Option<&str> {
+        self.shard.as_ref().map(|s| s.selector.as_str())
+    }
+
     /// Whether this controller reconciles `key` (a shard reconciles its members only).
     pub fn reconciles(&self, key: &ApiKey) -> bool {
         self.shard.as_ref().is_none_or(|s| s.owns(key))
@@ -804,7 +809,13 @@ pub async fn run(client: Client, server: &str, opts: Options) -> Result<()> {
         .watch_consumers
         .then(|| tokio::spawn(watch_pods(ctx.clone(), opts.namespace.clone(), consumer_tx)));
     ready.set(true);
-    tracing::info!(namespace = ?opts.namespace, "controller started");
+    if opts.namespace.is_none() && !opts.manage_policies {
+        // Nothing else can tell: one controller in the cluster must run with --manage-policies.
+        tracing::info!(
+            "KeyPolicy status (keyCount, maxLifetimeSince) is left to a controller with --manage-policies"
+        );
+    }
+    tracing::info!(namespace = ?opts.namespace, shard = ?opts.shard, "controller started");
     futures::join!(apikeys, keypolicies);
     for w in [pod_watch, member_watch].into_iter().flatten() {
         w.abort();

@@ -87,7 +87,9 @@ impl Shard {
 /// share one, or only one of them would ever run).
 pub fn lease_suffix(selector: &str) -> String {
     use sha2::Digest;
-    let digest = sha2::Sha256::digest(selector.trim().as_bytes());
+    // `==` is `=`: one shard spelled either way is one shard. (Whitespace is kept: it
+    // separates words, `a notin (b)` is not `anotin (b)`.)
+    let digest = sha2::Sha256::digest(selector.trim().replace("==", "=").as_bytes());
     format!("shard-{}", &hex::encode(digest)[..10])
 }
 
@@ -142,6 +144,7 @@ mod tests {
         let a = lease_suffix("keyward.io/shard=a");
         assert_ne!(a, lease_suffix("keyward.io/shard=b"));
         assert_eq!(a, lease_suffix(" keyward.io/shard=a "));
+        assert_eq!(a, lease_suffix("keyward.io/shard==a"), "== is =");
         assert!(a.len() <= 16 && a.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-'));
     }
 }
