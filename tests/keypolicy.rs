@@ -61,6 +61,42 @@ async fn policies_report_accepted_since_and_key_count() {
     let (s, _, _) = accepted(&client, &ack).await;
     assert_eq!(s, "True");
 
+    // One-minute keys flip 15 s before they end, less than the default minFlipLead (2 min):
+    // accepted and used, with the reason, a Warning Event, and a note on the ApiKey.
+    let short =
+        ns.policy(&client, "short", json!({"expiry": {"maxLifetime": "PT1M", "minLifetime": "PT1S"}})).await;
+    let (s, r, p) = accepted(&client, &short).await;
+    assert_eq!((s.as_str(), r.as_str()), ("True", "FlipLeadBelowMinimum"));
+    let message =
+        keyward::api::find_condition(&p.status.unwrap().conditions, "Accepted").unwrap().message.clone();
+    assert!(
+        message.contains("flip PT15S before they end") && message.contains("minFlipLead PT2M"),
+        "{message}"
+    );
+    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(client.clone(), "kube-system");
+    common::eventually("a FlipLeadBelowMinimum Warning", Duration::from_secs(30), || async {
+        let found = events.list(&Default::default()).await.ok()?.items.into_iter().any(|e| {
+            e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(short.as_str())
+                && e.reason.as_deref() == Some("FlipLeadBelowMinimum")
+                && e.type_.as_deref() == Some("Warning")
+        });
+        found.then_some(())
+    })
+    .await;
+    ns.apikey(&client, "quick", json!({"policy": short, "owner": "q"})).await;
+    common::wait_ready(&client, &ns.name, "quick", Duration::from_secs(60)).await;
+    // The flip at 45 s leaves the first key 15 s: the ApiKey says so until that key ends.
+    let details = common::wait_key(&client, &ns.name, "quick", Duration::from_secs(90), |k| {
+        let details = k.status.as_ref()?.details.clone()?;
+        details.contains("less than rotation.minFlipLead PT2M").then_some(details)
+    })
+    .await;
+    // (Flips are scheduled to the millisecond and run a moment after: 14 or 15 s, rounded.)
+    assert!(
+        details.contains("came PT15S before the Primary key") || details.contains("came PT14S"),
+        "{details}"
+    );
+
     // Changing maxLifetime moves maxLifetimeSince to the change.
     let api: Api<KeyPolicy> = Api::all(client.clone());
     let before = chrono::Utc::now();

@@ -127,6 +127,14 @@ pub struct RotationSpec {
     /// Capped at half the overlap of the two keys.
     #[serde(default = "default_flip_before")]
     pub flip_before: String,
+    /// The least time consumers should get between a flip and the end of the key they
+    /// leave: a mounted Secret reaches a pod only at the kubelet's next sync (its default
+    /// `syncFrequency` is one minute, plus jitter). Default `PT2M` (see
+    /// docs/consuming-keys.md); `PT0S`: no minimum. A policy whose flips come later than
+    /// this before a key's end is still accepted, with `Accepted` reason
+    /// `FlipLeadBelowMinimum`, and an ApiKey whose flip came later says so in `details`.
+    #[serde(default = "default_min_flip_lead")]
+    pub min_flip_lead: String,
     /// `false`: keys expire and are replaced only when a rotation is requested.
     #[serde(default = "default_true")]
     pub automatic: bool,
@@ -147,6 +155,7 @@ impl Default for RotationSpec {
         RotationSpec {
             secondary_at: default_secondary_at(),
             flip_before: default_flip_before(),
+            min_flip_lead: default_min_flip_lead(),
             automatic: true,
             retire_drained_after: None,
         }
@@ -158,6 +167,9 @@ fn default_secondary_at() -> String {
 }
 fn default_flip_before() -> String {
     "PT10M".into()
+}
+fn default_min_flip_lead() -> String {
+    "PT2M".into()
 }
 fn default_true() -> bool {
     true
@@ -330,4 +342,7 @@ pub mod policy_conditions {
     pub const RISK_NOT_ACKNOWLEDGED: &str = "RiskNotAcknowledged";
     /// Reason: another field is invalid.
     pub const INVALID_SPEC: &str = "InvalidSpec";
+    /// Valid, but flips come later than `rotation.minFlipLead` before a key's end
+    /// (`Accepted` stays True: the policy is used).
+    pub const FLIP_LEAD_BELOW_MINIMUM: &str = "FlipLeadBelowMinimum";
 }

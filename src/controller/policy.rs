@@ -264,9 +264,16 @@ pub async fn reconcile(obj: Arc<KeyPolicy>, ctx: Arc<Context>) -> Result<Action>
             generation,
             now,
         ),
-        Ok(_) => Condition::new(pc::ACCEPTED, TRUE, pc::VALID, "policy is valid", generation, now),
+        Ok(rules) => match rules.short_flip_lead() {
+            // Used all the same: a warning, not a refusal (short lifetimes are legitimate).
+            Some(why) => {
+                Condition::new(pc::ACCEPTED, TRUE, pc::FLIP_LEAD_BELOW_MINIMUM, why, generation, now)
+            }
+            None => Condition::new(pc::ACCEPTED, TRUE, pc::VALID, "policy is valid", generation, now),
+        },
     };
-    let rejected = accepted.status == FALSE;
+    // A Warning Event for a refusal, and for a policy used despite a short flip lead.
+    let warn = accepted.status == FALSE || accepted.reason == pc::FLIP_LEAD_BELOW_MINIMUM;
     let changed_reason = crate::api::find_condition(&old.conditions, pc::ACCEPTED)
         .map(|c| (&c.reason, &c.message))
         != Some((&accepted.reason, &accepted.message));
@@ -281,7 +288,7 @@ pub async fn reconcile(obj: Arc<KeyPolicy>, ctx: Arc<Context>) -> Result<Action>
             .await
             .map_err(Error::kube(format!("writing KeyPolicy {name} status")))?;
         ctx.metrics.count_write("keypolicies/status");
-        if rejected && changed_reason {
+        if warn && changed_reason {
             ctx.warn(&policy, &accepted.reason, &accepted.message).await;
         }
     }

@@ -954,10 +954,38 @@ impl Engine<'_, '_> {
             };
             candidates.push((end, NextAction::Expire, text));
         }
-        match candidates.into_iter().min_by_key(|(at, _, _)| *at) {
-            Some((at, action, text)) => (Health::Ready, Some(Next { action, at }), text),
-            None => (Health::Ready, None, "keys never expire: the policy has expiry disabled".into()),
+        let (next, text) = match candidates.into_iter().min_by_key(|(at, _, _)| *at) {
+            Some((at, action, text)) => (Some(Next { action, at }), text),
+            None => (None, "keys never expire: the policy has expiry disabled".into()),
+        };
+        match self.short_flip_lead(active) {
+            Some(note) => (Health::Ready, next, format!("{text}; {note}")),
+            None => (Health::Ready, next, text),
         }
+    }
+
+    /// When the last flip left consumers less than `minFlipLead` before the key they left
+    /// ends (while that key still verifies): what to know. Derived from status alone, so
+    /// it reads the same on every reconcile until that key ends.
+    fn short_flip_lead(&self, active: &KeyStatus) -> Option<String> {
+        let flipped = active.activated_at?;
+        let left =
+            key(self.status, active.slot.other()).filter(|k| is_valid(k) && k.activated_at.is_some())?;
+        let end = left.effective_expires_at?;
+        let min = self.rules().min_flip_lead;
+        let lead = end - flipped;
+        (min.add_to(flipped).ok()? > end).then(|| {
+            format!(
+                "the flip to the {} key {} at {} came {} before the {} key {} ends, less than \
+                 rotation.minFlipLead {min}: consumers that read a mounted Secret may send that key after it ends",
+                active.slot,
+                active.key_id,
+                ts(flipped),
+                crate::duration::IsoDuration::from_secs(((lead.num_milliseconds() + 500) / 1000).max(0) as u64),
+                left.slot,
+                left.key_id,
+            )
+        })
     }
 }
 

@@ -30,6 +30,8 @@ pub struct Rules {
     pub secondary_at: SecondaryAt,
     /// `rotation.flipBefore`.
     pub flip_before: IsoDuration,
+    /// `rotation.minFlipLead` (zero: no minimum).
+    pub min_flip_lead: IsoDuration,
     /// `rotation.automatic`.
     pub automatic: bool,
     /// `rotation.retireDrainedAfter`: end the older key early once it has been quiet this
@@ -140,6 +142,8 @@ impl Rules {
         let secondary_at = parse_secondary_at(&spec.rotation.secondary_at)?;
         let flip_before = IsoDuration::parse(&spec.rotation.flip_before)
             .map_err(|err| problem(pc::INVALID_DURATION, format!("rotation.flipBefore: {err}")))?;
+        let min_flip_lead = IsoDuration::parse(&spec.rotation.min_flip_lead)
+            .map_err(|err| problem(pc::INVALID_DURATION, format!("rotation.minFlipLead: {err}")))?;
         let retire_drained_after = spec
             .rotation
             .retire_drained_after
@@ -205,6 +209,7 @@ impl Rules {
             inactivity_timeout,
             secondary_at,
             flip_before,
+            min_flip_lead,
             automatic: spec.rotation.automatic,
             retire_drained_after,
             max_lifetime_since,
@@ -223,6 +228,50 @@ impl Rules {
         rules.frozen = true;
         rules.automatic = false;
         rules
+    }
+
+    /// The lead consumers get at a scheduled flip of keys issued for `lifetime`: from the
+    /// flip to the end of the key they leave, `flipBefore` capped at half the overlap of
+    /// the two keys (as the engine flips). None when keys do not expire (flips then come
+    /// only on request, with `flipBefore` of lead).
+    pub fn flip_lead(&self, lifetime: &IsoDuration) -> Option<TimeDelta> {
+        if !self.enforced {
+            return None;
+        }
+        let start = reference();
+        let end = lifetime.add_to(start).ok()?;
+        let standby = self.secondary_due(start, Some(end))?.min(end);
+        let flip = self.flip_before.sub_from(end).ok()?.max(standby + (end - standby) / 2);
+        Some(end - flip.min(end))
+    }
+
+    /// Why flips under this policy leave consumers less than `minFlipLead` (None: they
+    /// do not): for keys of `maxLifetime`, or for requested rotations.
+    pub fn short_flip_lead(&self) -> Option<String> {
+        let min = self.min_flip_lead.length_from(reference()).ok()?;
+        let flip_before = self.flip_before.length_from(reference()).ok()?;
+        match self.flip_lead(&self.max_lifetime) {
+            Some(lead) if lead < min => Some(format!(
+                "keys of expiry.maxLifetime {} flip {} before they end (rotation.flipBefore {}, capped at half \
+                 the overlap from rotation.secondaryAt {}), less than rotation.minFlipLead {}: a consumer that \
+                 reads a mounted Secret may still send a key after it ends; lengthen maxLifetime, move \
+                 secondaryAt earlier, or lower minFlipLead if this cluster's kubelets sync faster",
+                self.max_lifetime,
+                IsoDuration::from_secs(lead.num_seconds().max(0) as u64),
+                self.flip_before,
+                match self.secondary_at {
+                    SecondaryAt::Percent(p) => format!("{p}%"),
+                    SecondaryAt::After(d) => d.to_string(),
+                },
+                self.min_flip_lead,
+            )),
+            _ if flip_before < min => Some(format!(
+                "rotation.flipBefore {} is less than rotation.minFlipLead {}: after a requested rotation, a \
+                 consumer that reads a mounted Secret may still send the old key after it ends",
+                self.flip_before, self.min_flip_lead
+            )),
+            _ => None,
+        }
     }
 
     /// When the standby of a primary created at `created` and expiring at `expires` is due.
@@ -304,6 +353,58 @@ mod tests {
             "matchExpressions": [{"key": "env", "operator": operator, "values": values}]
         }))
         .unwrap()
+    }
+
+    #[test]
+    fn flip_lead_below_the_minimum_is_found_from_the_policy_geometry() {
+        let rules = |edit: &dyn Fn(&mut KeyPolicySpec)| {
+            let mut s = KeyPolicySpec::default();
+            edit(&mut s);
+            Rules::from_spec(&s, reference()).unwrap()
+        };
+        // The defaults: P90D, 50%, flipBefore 10 min, minimum 2 min.
+        let default = rules(&|_| {});
+        assert_eq!(default.flip_lead(&default.max_lifetime), Some(TimeDelta::minutes(10)));
+        assert_eq!(default.short_flip_lead(), None);
+        // One minute keys: half the 30 s overlap.
+        let short = rules(&|s| s.expiry.max_lifetime = "PT1M".into());
+        assert_eq!(short.flip_lead(&short.max_lifetime), Some(TimeDelta::seconds(15)));
+        let why = short.short_flip_lead().unwrap();
+        assert!(why.starts_with("keys of expiry.maxLifetime PT1M flip PT15S before they end"), "{why}");
+        assert!(why.contains("less than rotation.minFlipLead PT2M"), "{why}");
+        // A late secondaryAt shrinks the overlap: 95% of an hour leaves 3 min, flips 90 s before.
+        let late = rules(&|s| {
+            s.expiry.max_lifetime = "PT1H".into();
+            s.rotation.secondary_at = "95%".into();
+        });
+        assert_eq!(late.flip_lead(&late.max_lifetime), Some(TimeDelta::seconds(90)));
+        assert!(late.short_flip_lead().unwrap().contains("secondaryAt 95%"));
+        assert_eq!(
+            rules(&|s| s.rotation.secondary_at = "P89D".into()).short_flip_lead(),
+            None,
+            "12 h overlap"
+        );
+        // No minimum; or keys that never expire, whose flips (on request) get flipBefore.
+        assert_eq!(
+            rules(&|s| {
+                s.expiry.max_lifetime = "PT1M".into();
+                s.rotation.min_flip_lead = "PT0S".into();
+            })
+            .short_flip_lead(),
+            None
+        );
+        let disabled = rules(&|s| {
+            s.expiry.mode = ExpiryMode::Disabled;
+            s.expiry.acknowledge_risk = true;
+            s.rotation.flip_before = "PT1M".into();
+        });
+        assert!(disabled.short_flip_lead().unwrap().starts_with("rotation.flipBefore PT1M is less than"));
+        // A minimum that does not parse is an invalid policy, naming the field.
+        let mut bad = KeyPolicySpec::default();
+        bad.rotation.min_flip_lead = "2 minutes".into();
+        let err = Rules::from_spec(&bad, reference()).unwrap_err();
+        assert_eq!(err.reason, pc::INVALID_DURATION);
+        assert!(err.message.starts_with("rotation.minFlipLead"), "{}", err.message);
     }
 
     #[test]

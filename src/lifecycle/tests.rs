@@ -210,6 +210,37 @@ fn details_say_what_happens_next() {
 }
 
 #[test]
+fn a_flip_with_less_lead_than_the_minimum_says_so_until_the_key_left_ends() {
+    // L = 30 s: the flip at 22.5 s leaves k1 7.5 s (said rounded), less than the default
+    // minFlipLead (2 min).
+    let mut sim = Sim::new(rules_with(|_| {}));
+    sim.at(0.0);
+    assert!(!sim.at(15.0).details.contains("minFlipLead"), "no flip yet");
+    let out = sim.at(22.5);
+    assert!(
+        out.details.ends_with(
+            "; the flip to the Secondary key k2 at 2026-11-23T00:00:22Z came PT8S before the Primary key k1 \
+             ends, less than rotation.minFlipLead PT2M: consumers that read a mounted Secret may send that key \
+             after it ends"
+        ),
+        "{}",
+        out.details
+    );
+    assert_eq!(sim.at(25.0).details, out.details, "the same words on every reconcile (no status churn)");
+    // k1 ended and its slot was regenerated: nothing left to warn about until the next flip.
+    assert!(!sim.at(30.0).details.contains("minFlipLead"), "{}", sim.at(30.0).details);
+    assert!(sim.at(37.5).details.contains("the flip to the Primary key k3"));
+
+    // Enough lead (a minimum of 5 s), or no minimum: no note.
+    for min in ["PT5S", "PT0S"] {
+        let mut sim = Sim::new(rules_with(|s| s.rotation.min_flip_lead = min.into()));
+        for t in [0.0, 15.0, 22.5, 25.0] {
+            assert!(!sim.at(t).details.contains("minFlipLead"), "{min} t={t}");
+        }
+    }
+}
+
+#[test]
 fn a_noop_advance_changes_nothing() {
     let mut sim = Sim::new(rules_with(|_| {}));
     for t in [0.0, 15.0, 22.5, 30.0, 31.0] {
