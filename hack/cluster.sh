@@ -58,6 +58,7 @@ CONTAINERD_SOCK=$RUN/containerd/containerd.sock
 CNI_BIN=/usr/lib/cni # where Debian's containernetworking-plugins puts them
 PAUSE_IMAGE=k8s.gcr.io/pause:3.2
 BUSYBOX_IMAGE=docker.io/library/busybox:keyward
+NGINX_IMAGE=docker.io/library/nginx:keyward # Debian's nginx, for the consumers test (tests/incluster.rs)
 NODE_PACKAGES=(containerd runc containernetworking-plugins iptables conntrack umoci skopeo busybox-static)
 NODE_PROCS=(kube-proxy kube-scheduler kubelet containerd)
 SYSTEM_DIRS=(/var/log/pods /var/log/containers /var/lib/kubelet /var/lib/cni)
@@ -400,10 +401,28 @@ fill_busybox() { # rootfs, tmp
   printf 'root:x:0:\nnogroup:x:65534:\n' >"$1/etc/group"
 }
 
+fill_nginx() { # rootfs, tmp: Debian's nginx binary and the libraries it links, nothing else
+  local bin lib
+  bin=$(command -v nginx || echo /usr/sbin/nginx)
+  fill_busybox "$1" "$2"
+  mkdir -p "$1/usr/sbin" "$1/var/log/nginx" "$1/run" \
+    "$1/var/lib/nginx/body" "$1/var/lib/nginx/proxy" "$1/var/lib/nginx/fastcgi" \
+    "$1/var/lib/nginx/uwsgi" "$1/var/lib/nginx/scgi"
+  cp "$bin" "$1/usr/sbin/nginx"
+  for lib in $(ldd "$bin" | grep -o '/[^ ]*'); do
+    mkdir -p "$1$(dirname "$lib")"
+    cp -L "$lib" "$1$lib"
+  done
+  printf 'www-data:x:33:33:www-data:/var/www:/bin/false\n' >>"$1/etc/passwd"
+  printf 'www-data:x:33:\n' >>"$1/etc/group"
+}
+
 build_images() {
   apt_install gcc libc6-dev
+  command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || apt_install nginx
   build_image "$IMAGES/pause-3.2.tar" "$PAUSE_IMAGE" fill_pause --config.entrypoint /pause
   build_image "$IMAGES/busybox-keyward.tar" "$BUSYBOX_IMAGE" fill_busybox --config.cmd sh
+  build_image "$IMAGES/nginx-keyward.tar" "$NGINX_IMAGE" fill_nginx --config.entrypoint /usr/sbin/nginx
 }
 
 ctr_() { timeout 60 ctr --address "$CONTAINERD_SOCK" -n k8s.io "$@"; }
@@ -412,6 +431,7 @@ import_images() {
   local have; have=$(ctr_ images ls -q 2>/dev/null || true)
   grep -qxF "$PAUSE_IMAGE" <<<"$have" || ctr_ images import "$IMAGES/pause-3.2.tar" >/dev/null
   grep -qxF "$BUSYBOX_IMAGE" <<<"$have" || ctr_ images import "$IMAGES/busybox-keyward.tar" >/dev/null
+  grep -qxF "$NGINX_IMAGE" <<<"$have" || ctr_ images import "$IMAGES/nginx-keyward.tar" >/dev/null
 }
 
 # --- the node: configuration -----------------------------------------------------

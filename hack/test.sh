@@ -62,7 +62,8 @@ if [ $local_plane = 1 ] && hack/cluster.sh has-node >/dev/null 2>&1; then
   KEYWARD_IMAGE=docker.io/keyward/keyward:dev-next hack/image.sh --build-arg REVISION=test-upgrade
   KEYWARD_TEST_IMAGE_NEXT=docker.io/keyward/keyward:dev-next
   export KEYWARD_TEST_IMAGE KEYWARD_TEST_IMAGE_NEXT
-  cargo test --locked --test incluster -- --ignored --test-threads 1
+  # --nocapture: the consumers test prints its table (docs/consuming-keys.md).
+  cargo test --locked --test incluster -- --ignored --test-threads 1 --nocapture
 else
   echo "== no node on this machine (hack/cluster.sh status says why): the in-cluster tests did not run"
 fi

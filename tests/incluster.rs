@@ -486,3 +486,303 @@ async fn the_charts_shards_run_as_pods_each_reconciling_its_own_apikeys() {
         assert!(right, "{lease} held by {holder}");
     }
 }
+
+/// Create a namespaced object from JSON.
+async fn create<K>(client: &Client, ns: &str, obj: serde_json::Value) -> K
+where
+    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + serde::Serialize
+        + std::fmt::Debug,
+{
+    let obj: K = serde_json::from_value(obj).expect("object JSON");
+    Api::<K>::namespaced(client.clone(), ns).create(&Default::default(), &obj).await.expect("create")
+}
+
+/// nginx in front of the verifier, as examples/nginx-auth-request.conf puts it: every
+/// request is checked with `auth_request`; the access log records, per request, the
+/// consumer and the key ID it says it sent (never the key) and the answer.
+fn nginx_conf(verifier: &str) -> String {
+    format!(
+        r#"worker_processes 1;
+pid /tmp/nginx.pid;
+error_log stderr warn;
+events {{ worker_connections 256; }}
+http {{
+  log_format consumer '$msec $http_x_consumer $http_x_key_id $status';
+  access_log off;
+  client_body_temp_path /tmp/body;
+  proxy_temp_path /tmp/proxy;
+  server {{
+    listen 8080;
+    location = /_keyward {{
+      internal;
+      proxy_pass http://{verifier}/v1/auth;
+      proxy_pass_request_body off;
+      proxy_set_header Content-Length "";
+      proxy_set_header X-Original-URI $request_uri;
+    }}
+    location / {{
+      auth_request /_keyward;
+      access_log /dev/stdout consumer;
+      root /etc/kw;
+      try_files /ok =404;
+    }}
+  }}
+}}
+"#
+    )
+}
+
+/// A busybox pod spec that calls nginx every 200 ms with the key read by `read`, which
+/// sets `k` (the key) and `id` (its key ID); it exits at once on SIGTERM, as an
+/// application does.
+fn consumer_pod(
+    name: &str,
+    nginx: &str,
+    read: &str,
+    volumes: serde_json::Value,
+    env: serde_json::Value,
+) -> serde_json::Value {
+    let script = format!(
+        "trap 'exit 0' TERM; while true; do {read}; timeout 3 wget -q -O /dev/null \
+         --header \"X-Api-Key: $k\" --header 'X-Consumer: {name}' --header \"X-Key-Id: $id\" http://{nginx}/ 2>/dev/null; \
+         sleep 0.2; done"
+    );
+    let mut container = json!({
+        "name": "app", "image": "docker.io/library/busybox:keyward", "imagePullPolicy": "Never",
+        "command": ["sh", "-c", script],
+        "volumeMounts": [{"name": "keys", "mountPath": "/keys", "readOnly": true}]
+    });
+    if volumes.as_array().is_none_or(|v| v.is_empty()) {
+        container.as_object_mut().unwrap().remove("volumeMounts");
+    }
+    for (k, v) in env.as_object().into_iter().flatten() {
+        container[k] = v.clone();
+    }
+    json!({"terminationGracePeriodSeconds": 10, "containers": [container], "volumes": volumes})
+}
+
+/// One of nginx's access log lines: (time, consumer, key ID, HTTP status).
+fn parse_access(line: &str) -> Option<(f64, String, String, u16)> {
+    let mut f = line.split_whitespace();
+    let at = f.next()?.parse().ok()?;
+    let (consumer, id, status) = (f.next()?.to_string(), f.next()?.to_string(), f.next()?.parse().ok()?);
+    Some((at, consumer, id, status))
+}
+
+/// The `p` quantile of sorted samples (the lower one between two).
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    sorted[((sorted.len() - 1) as f64 * p).floor() as usize]
+}
+
+/// Issue 13: every way a pod consumes a key, on the node, calling real nginx that checks
+/// each request with the verifier Service (`auth_request`): a Secret volume and a
+/// projected volume read before each request, `env.valueFrom.secretKeyRef` in a
+/// Deployment and `envFrom` in a StatefulSet, both listed in `spec.consumers`. Across two
+/// flips (two-minute keys, flips 30 s before the key left ends): no request rejected by
+/// any consumer, old pods included; each env consumer rolled out exactly once per flip;
+/// the propagation of each flip to each consumer measured and printed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "needs the node and images: hack/test.sh runs it"]
+async fn every_way_a_pod_reads_its_key_follows_two_flips_through_nginx() {
+    use k8s_openapi::api::apps::v1::{ControllerRevision, Deployment, ReplicaSet, StatefulSet};
+    use k8s_openapi::api::core::v1::ConfigMap;
+    let Some((image, _)) = images() else { return };
+    let client = client().await;
+    let ns = TestNamespace::new(&client, "consume").await;
+    let release = install(&client, &ns, &image, &["replicaCount=1", "verifier.replicas=1"]).await;
+    let verifier = verifier_addr(&client, &release).await;
+    let policy = ns
+        .policy(
+            &client,
+            "p",
+            json!({"expiry": {"maxLifetime": "PT2M", "minLifetime": "PT1S"},
+                   "rotation": {"flipBefore": "PT30S", "minFlipLead": "PT20S"}, "notifications": {"before": []}}),
+        )
+        .await;
+    let consumers =
+        json!([{"kind": "Deployment", "name": "env"}, {"kind": "StatefulSet", "name": "envfrom"}]);
+    ns.apikey(&client, "svc", json!({"policy": policy, "owner": "team", "consumers": consumers})).await;
+    let first = wait_key(&client, &ns.name, "svc", Duration::from_secs(60), common::active).await;
+
+    let labels = |app: &str| json!({"app": app});
+    create::<ConfigMap>(
+        &client,
+        &ns.name,
+        json!({"metadata": {"name": "nginx"}, "data": {"nginx.conf": nginx_conf(&verifier), "ok": "ok\n"}}),
+    )
+    .await;
+    create::<Deployment>(
+        &client,
+        &ns.name,
+        json!({
+            "metadata": {"name": "nginx"},
+            "spec": {"replicas": 1, "selector": {"matchLabels": labels("nginx")}, "template": {
+                "metadata": {"labels": labels("nginx")},
+                "spec": {"containers": [{"name": "nginx", "image": "docker.io/library/nginx:keyward",
+                    "imagePullPolicy": "Never", "args": ["-c", "/etc/kw/nginx.conf", "-g", "daemon off;"],
+                    "volumeMounts": [{"name": "conf", "mountPath": "/etc/kw"}]}],
+                    "volumes": [{"name": "conf", "configMap": {"name": "nginx"}}]}}}
+        }),
+    )
+    .await;
+    let svc: Service = create(
+        &client,
+        &ns.name,
+        json!({
+            "metadata": {"name": "nginx"},
+            "spec": {"selector": labels("nginx"), "ports": [{"port": 8080, "targetPort": 8080}]}
+        }),
+    )
+    .await;
+    let nginx = format!("{}:8080", svc.spec.and_then(|s| s.cluster_ip).expect("ClusterIP"));
+
+    // The consumers, each template already carrying the active key's ID (as keyward
+    // would put it), so that every ReplicaSet or revision after the first is a flip's.
+    let annotations = json!({"keyward.dev/key-id": first.key_id});
+    let secret_volume = json!([{"name": "keys", "secret": {"secretName": "svc"}}]);
+    let projected = json!([{"name": "keys", "projected": {"sources": [{"secret": {"name": "svc"}}]}}]);
+    let from_file = "k=$(cat /keys/api-key); id=$(cat /keys/key-id)";
+    let env = json!({"env": [
+        {"name": "API_KEY", "valueFrom": {"secretKeyRef": {"name": "svc", "key": "api-key"}}},
+        {"name": "KEY_ID", "valueFrom": {"secretKeyRef": {"name": "svc", "key": "key-id"}}}]});
+    let env_from = json!({"envFrom": [{"secretRef": {"name": "svc"}}]});
+    let pods = [
+        ("volume", consumer_pod("volume", &nginx, from_file, secret_volume, json!({}))),
+        ("projected", consumer_pod("projected", &nginx, from_file, projected, json!({}))),
+        ("env", consumer_pod("env", &nginx, "k=$API_KEY; id=$KEY_ID", json!([]), env)),
+        (
+            "envfrom",
+            consumer_pod(
+                "envfrom",
+                &nginx,
+                // A shell drops variables whose names are not identifiers (`api-key`) from
+                // what it passes on; the container's own environment still has them.
+                "k=$(tr '\\0' '\\n' </proc/1/environ | sed -n 's/^api-key=//p'); \
+                 id=$(tr '\\0' '\\n' </proc/1/environ | sed -n 's/^key-id=//p')",
+                json!([]),
+                env_from,
+            ),
+        ),
+    ];
+    for (name, pod) in pods {
+        let template = json!({"metadata": {"labels": labels(name), "annotations": annotations}, "spec": pod});
+        let spec = json!({"replicas": 1, "selector": {"matchLabels": labels(name)}, "template": template});
+        if name == "envfrom" {
+            let mut spec = spec;
+            spec["serviceName"] = json!("envfrom");
+            create::<StatefulSet>(&client, &ns.name, json!({"metadata": {"name": name}, "spec": spec})).await;
+        } else {
+            create::<Deployment>(&client, &ns.name, json!({"metadata": {"name": name}, "spec": spec})).await;
+        }
+    }
+
+    let access_log = || {
+        let (ok, out) = run("kubectl", &["-n", &ns.name, "logs", "deployment/nginx", "--tail=-1"]);
+        if ok { out.lines().filter_map(parse_access).collect::<Vec<_>>() } else { vec![] }
+    };
+    let names = ["volume", "projected", "env", "envfrom"];
+    eventually("every consumer's requests through nginx", Duration::from_secs(120), || async {
+        let log = access_log();
+        names.iter().all(|n| log.iter().any(|(_, c, _, s)| c == n && *s == 200)).then_some(())
+    })
+    .await;
+
+    // Two flips from here (KEYWARD_CONSUMER_FLIPS for a longer measurement), then until
+    // the key the last flip left has ended.
+    let want: usize = std::env::var("KEYWARD_CONSUMER_FLIPS").ok().and_then(|v| v.parse().ok()).unwrap_or(2);
+    let started = Instant::now();
+    let mut flips: Vec<(String, chrono::DateTime<chrono::Utc>, String)> = Vec::new(); // (to, when, from)
+    let mut active = first.key_id.clone();
+    let mut left_ends = None;
+    loop {
+        let key = get_key(&client, &ns.name, "svc").await;
+        if let Some(a) = common::active(&key)
+            && a.key_id != active
+        {
+            flips.push((a.key_id.clone(), a.activated_at.expect("activatedAt"), active.clone()));
+            let left = key.status.iter().flat_map(|s| &s.keys).find(|k| k.key_id == active);
+            left_ends = left.and_then(|k| k.effective_expires_at);
+            active = a.key_id.clone();
+        }
+        if flips.len() >= want
+            && left_ends.is_none_or(|end| chrono::Utc::now() > end + chrono::TimeDelta::seconds(5))
+        {
+            break;
+        }
+        let limit = Duration::from_secs(120 + 90 * want as u64);
+        assert!(started.elapsed() < limit, "{want} flips within {limit:?}: {flips:?}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+
+    let log = access_log();
+    let rejected: Vec<_> = log.iter().filter(|(_, _, _, s)| *s != 200).collect();
+    // Rollouts: ReplicaSets of the env Deployment, revisions of the StatefulSet.
+    let owned_by = |refs: &Option<Vec<k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference>>,
+                    name: &str| { refs.iter().flatten().any(|o| o.name == name) };
+    let replica_sets =
+        Api::<ReplicaSet>::namespaced(client.clone(), &ns.name).list(&Default::default()).await.unwrap();
+    let env_rollouts = replica_sets
+        .items
+        .iter()
+        .filter(|r| owned_by(&r.metadata.owner_references, "env"))
+        .count()
+        .saturating_sub(1);
+    let revisions = Api::<ControllerRevision>::namespaced(client.clone(), &ns.name)
+        .list(&Default::default())
+        .await
+        .unwrap();
+    let sts_rollouts = revisions
+        .items
+        .iter()
+        .filter(|r| owned_by(&r.metadata.owner_references, "envfrom"))
+        .count()
+        .saturating_sub(1);
+
+    // Per consumer: how long after each flip it first called with the new key, and last
+    // with the old one (an env consumer's old pod until it is gone).
+    eprintln!(
+        "consumers on the node (kubelet syncFrequency 10s), seconds after each flip:\n\
+         consumer   requests rejected flips rollouts new-key p50/max (s)  old-key-last p50/max (s)"
+    );
+    for name in names {
+        let mine: Vec<_> = log.iter().filter(|(_, c, _, _)| c == name).collect();
+        let mut first_new = Vec::new();
+        let mut last_old = Vec::new();
+        for (to, at, from) in &flips {
+            let at = at.timestamp_millis() as f64 / 1000.0;
+            if let Some(t) = mine.iter().filter(|(_, _, id, _)| id == to).map(|e| e.0).reduce(f64::min) {
+                first_new.push(t - at);
+            }
+            if let Some(t) = mine.iter().filter(|(_, _, id, _)| id == from).map(|e| e.0).reduce(f64::max) {
+                last_old.push(t - at);
+            }
+        }
+        first_new.sort_by(f64::total_cmp);
+        last_old.sort_by(f64::total_cmp);
+        let rollouts = match name {
+            "env" => env_rollouts.to_string(),
+            "envfrom" => sts_rollouts.to_string(),
+            _ => "-".into(),
+        };
+        eprintln!(
+            "{name:<10} {:>8} {:>8} {:>5} {rollouts:>8} {:>8.1} / {:<8.1} {:>8.1} / {:<8.1}",
+            mine.len(),
+            mine.iter().filter(|(_, _, _, s)| *s != 200).count(),
+            first_new.len(),
+            percentile(&first_new, 0.5),
+            percentile(&first_new, 1.0),
+            percentile(&last_old, 0.5),
+            percentile(&last_old, 1.0),
+        );
+        assert_eq!(first_new.len(), flips.len(), "{name} followed every flip: {flips:?}");
+    }
+    assert!(rejected.is_empty(), "no request rejected: {rejected:?}");
+    assert_eq!(env_rollouts, flips.len(), "the env Deployment rolled out once per flip");
+    assert_eq!(sts_rollouts, flips.len(), "the envFrom StatefulSet rolled out once per flip");
+}
