@@ -83,6 +83,19 @@ pub struct SlotLabels {
     pub slot: &'static str,
 }
 
+/// Labels of the per-consumer rollout gauge.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConsumerLabels {
+    /// The ApiKey's namespace (also the workload's).
+    pub namespace: String,
+    /// The ApiKey's name.
+    pub apikey: String,
+    /// `Deployment`, `StatefulSet` or `DaemonSet`.
+    pub kind: &'static str,
+    /// The workload's name.
+    pub name: String,
+}
+
 type F64Gauge = prometheus_client::metrics::gauge::Gauge<f64, std::sync::atomic::AtomicU64>;
 
 /// All metrics of one process, shared as `Arc`.
@@ -119,6 +132,10 @@ pub struct Metrics {
     pub index_visits: Counter,
     /// ApiKeys this controller reconciles, when it is a shard (`--watch-label-selector`).
     pub shard_apikeys: prometheus_client::metrics::gauge::Gauge,
+    /// Since when (the flip, Unix seconds) each `spec.consumers` workload has been rolling
+    /// out to the active key; absent once every pod runs it. Lag: `time() - this`.
+    pub consumer_rollout_pending: Family<ConsumerLabels, F64Gauge>,
+    consumer_rollout_set: std::sync::Mutex<std::collections::HashMap<(String, String), Vec<ConsumerLabels>>>,
 }
 
 impl Metrics {
@@ -194,7 +211,15 @@ impl Metrics {
             "ApiKeys this shard reconciles (its --watch-label-selector's matches)",
             shard_apikeys.clone(),
         );
+        let consumer_rollout_pending = Family::default();
+        registry.register(
+            "consumer_rollout_pending_since_timestamp_seconds",
+            "Since when (the flip) each spec.consumers workload has been rolling out to the active key; absent when done",
+            consumer_rollout_pending.clone(),
+        );
         Arc::new(Metrics {
+            consumer_rollout_pending,
+            consumer_rollout_set: Default::default(),
             index_visits,
             shard_apikeys,
             consumers_not_following,
@@ -257,6 +282,36 @@ impl Metrics {
         }
         self.set_old_key_in_use(namespace, name, false);
         self.set_consumers_not_following(namespace, name, 0);
+        self.set_rollouts_pending(namespace, name, vec![]);
+    }
+
+    /// The ApiKey's consumers still rolling out, each with since when; every other
+    /// consumer's gauge of this ApiKey is dropped.
+    pub fn set_rollouts_pending(
+        &self,
+        namespace: &str,
+        name: &str,
+        pending: Vec<(&'static str, String, f64)>,
+    ) {
+        let mut set = self.consumer_rollout_set.lock().unwrap_or_else(|p| p.into_inner());
+        let id = (namespace.to_string(), name.to_string());
+        let labels: Vec<ConsumerLabels> = pending
+            .into_iter()
+            .map(|(kind, workload, since)| {
+                let l =
+                    ConsumerLabels { namespace: namespace.into(), apikey: name.into(), kind, name: workload };
+                self.consumer_rollout_pending.get_or_create(&l).set(since);
+                l
+            })
+            .collect();
+        for old in set.remove(&id).unwrap_or_default() {
+            if !labels.contains(&old) {
+                self.consumer_rollout_pending.remove(&old);
+            }
+        }
+        if !labels.is_empty() {
+            set.insert(id, labels);
+        }
     }
 
     /// Set (or, at 0, drop) the ApiKey's count of consumers that cannot follow a rotation.

@@ -110,3 +110,89 @@ async fn subpath_mounts_and_unlisted_env_consumers_are_warned_once_and_cleared_w
     }
     assert!(get_key(&client, &ns.name, "svc").await.status.is_some());
 }
+
+/// The gauge of one consumer's pending rollout, if present.
+fn rollout_gauge(metrics: &str, name: &str) -> Option<f64> {
+    let prefix = "keyward_consumer_rollout_pending_since_timestamp_seconds{";
+    metrics
+        .lines()
+        .filter(|l| l.starts_with(prefix) && l.contains(&format!("name=\"{name}\"")))
+        .find_map(|l| l.rsplit(' ').next()?.parse().ok())
+}
+
+/// Issue 13 item 5: a listed consumer that has not finished rolling out when the key its
+/// old pods hold is about to end (here a paused Deployment, its pods unschedulable) gets
+/// one Warning naming it, and its rollout lag is exported (since the flip) until it
+/// finishes; a consumer whose rollout finished gets neither.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_still_rolling_out_when_the_old_key_ends_is_warned_and_its_lag_exported() {
+    let client = client().await;
+    let ns = TestNamespace::new(&client, "rollouts").await;
+    // 40 s keys: the first flip 8 s before the first key ends (at 32 s), the warning at a
+    // quarter of those 8 s before the end.
+    let policy = ns
+        .policy(
+            &client,
+            "p",
+            json!({"expiry": {"maxLifetime": "PT40S", "minLifetime": "PT1S"},
+                   "rotation": {"flipBefore": "PT8S", "minFlipLead": "PT1S"}, "notifications": {"before": []}}),
+        )
+        .await;
+    let controller = common::controller_for(&ns.name, &[], "info");
+    let consumers = json!([{"kind": "Deployment", "name": "paused"}, {"kind": "Deployment", "name": "idle"}]);
+    ns.apikey(&client, "svc", json!({"policy": policy, "owner": "team", "consumers": consumers})).await;
+    let first = wait_key(&client, &ns.name, "svc", Duration::from_secs(30), common::active).await;
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns.name);
+    for (name, replicas, paused) in [("paused", 1, true), ("idle", 0, false)] {
+        let mut template = unschedulable();
+        template["containers"] = json!([{"name": "app", "image": "busybox",
+            "env": [{"name": "API_KEY", "valueFrom": {"secretKeyRef": {"name": "svc", "key": "api-key"}}}]}]);
+        let d: Deployment = serde_json::from_value(json!({
+            "metadata": {"name": name},
+            "spec": {"replicas": replicas, "paused": paused, "selector": {"matchLabels": {"app": name}},
+                     "template": {"metadata": {"labels": {"app": name},
+                                               "annotations": {"keyward.dev/key-id": first.key_id}},
+                                  "spec": template}}
+        }))
+        .unwrap();
+        deployments.create(&PostParams::default(), &d).await.expect("create Deployment");
+    }
+
+    // The flip rolls both; the paused one cannot finish.
+    let flipped = wait_key(&client, &ns.name, "svc", Duration::from_secs(60), |k| {
+        common::active(k).filter(|a| a.key_id != first.key_id)
+    })
+    .await;
+    let warning =
+        format!("Deployment {}/paused has not finished rolling out to key {}", ns.name, flipped.key_id);
+    let events =
+        common::eventually("a ConsumerRolloutIncomplete Warning", Duration::from_secs(60), || async {
+            let events = events_with_reason(&client, &ns.name, "ConsumerRolloutIncomplete").await;
+            (!events.is_empty()).then_some(events)
+        })
+        .await;
+    let notes: Vec<String> = events.iter().filter_map(|e| e.note.clone()).collect();
+    assert!(notes.iter().all(|n| n.starts_with(&warning)), "{notes:#?}");
+    assert!(notes[0].contains(&format!("hold key {}, which stops verifying at", first.key_id)), "{notes:#?}");
+    let metrics = controller.get("/metrics").unwrap().1;
+    let since = rollout_gauge(&metrics, "paused").expect("the paused Deployment's rollout is pending");
+    let activated = flipped.activated_at.unwrap().timestamp_millis() as f64 / 1000.0;
+    assert!((since - activated).abs() < 0.01, "since the flip: {since} vs {activated}");
+    assert_eq!(rollout_gauge(&metrics, "idle"), None, "a finished rollout is not pending: {metrics}");
+
+    // Resumed and scaled to nothing, it finishes: the gauge goes; still one Warning.
+    deployments
+        .patch(
+            "paused",
+            &Default::default(),
+            &kube::api::Patch::Merge(json!({"spec": {"paused": false, "replicas": 0}})),
+        )
+        .await
+        .unwrap();
+    common::eventually("the gauge to go once the rollout finished", Duration::from_secs(90), || async {
+        rollout_gauge(&controller.get("/metrics")?.1, "paused").is_none().then_some(())
+    })
+    .await;
+    let n = events_with_reason(&client, &ns.name, "ConsumerRolloutIncomplete").await.len();
+    assert_eq!(n, 1, "one Warning per workload and key");
+}

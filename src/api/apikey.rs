@@ -388,6 +388,9 @@ pub mod conditions {
     /// ConsumersFollowRotation reason (False), also the Warning Event's: a pod reads the
     /// Secret in a way no rotation reaches (the message names each workload and the fix).
     pub const CONSUMER_CANNOT_FOLLOW: &str = "ConsumerCannotFollowRotation";
+    /// Warning: a `spec.consumers` workload has not finished rolling out to the active
+    /// key while the key its old pods hold has less than a quarter of its drain left.
+    pub const CONSUMER_ROLLOUT_INCOMPLETE: &str = "ConsumerRolloutIncomplete";
 
     /// Ready reason: the Secret holds a valid active key.
     pub const KEY_ACTIVE: &str = "KeyActive";

@@ -695,11 +695,14 @@ async fn apply(
             Write::Status(status) => stored = Some(write_status(ctx, api, key, &old, status.clone()).await?),
         }
     }
+    let mut rollouts = Vec::new();
     if failed.is_none()
         && let Some((key_id, changed)) = &plan.roll
-        && let Err(e) = consumers::roll(ctx, key, key_id, *changed).await
     {
-        failed = Some(e);
+        match consumers::roll(ctx, key, key_id, *changed).await {
+            Ok(r) => rollouts = r,
+            Err(e) => failed = Some(e),
+        }
     }
     let stored = stored.flatten();
     if plan.adopted > 0 {
@@ -708,6 +711,7 @@ async fn apply(
     // Gauges of this controller's ApiKeys only: one that left this shard meanwhile is the
     // other shard's to export (its gauges were dropped here when it left).
     let exported = ctx.reconciles(key);
+    let rollout_check = follow_rollouts(ctx, key, &plan.status, &rollouts, exported, now).await;
     if exported {
         export_expiry(ctx, key, &plan.status);
         export_usage(ctx, key, &plan.status, plan.old_key_in_use);
@@ -748,13 +752,83 @@ async fn apply(
     if let Some(e) = failed {
         return Err(e);
     }
-    let next = [plan.step_at, plan.warn_at, plan.handover_at, retry].into_iter().flatten().min();
+    let next =
+        [plan.step_at, plan.warn_at, plan.handover_at, retry, rollout_check].into_iter().flatten().min();
     Ok(match (next, &p.blocked) {
         (Some(at), Some(_)) => Action::requeue(until(at, now).min(BLOCKED_RETRY)),
         (Some(at), None) => Action::requeue(until(at, now)),
         (None, Some(_)) => Action::requeue(BLOCKED_RETRY),
         (None, None) => Action::await_change(),
     })
+}
+
+/// Env consumers still rolling out to the active key: the gauge (since the flip), and a
+/// Warning, once per workload and key, when the key their old pods hold has less than a
+/// quarter of its drain left (or would, at the rate it goes). When to look again: while
+/// a rollout is pending and that key is valid, every [`consumers::ROLLOUT_POLL`] and at
+/// the warning's moment.
+async fn follow_rollouts(
+    ctx: &Context,
+    key: &ApiKey,
+    status: &ApiKeyStatus,
+    rollouts: &[consumers::Rollout],
+    exported: bool,
+    now: DateTime<Utc>,
+) -> Option<DateTime<Utc>> {
+    let ns = key.namespace().unwrap_or_default();
+    let active = status.active_slot.and_then(|s| status.keys.iter().find(|k| k.slot == s));
+    let since = active.and_then(|a| a.activated_at).unwrap_or(now);
+    let pending: Vec<&consumers::Rollout> = rollouts.iter().filter(|r| r.pending.is_some()).collect();
+    if exported {
+        let gauges = pending
+            .iter()
+            .map(|r| (kind_name(r.kind), r.name.clone(), since.timestamp_millis() as f64 / 1000.0));
+        ctx.metrics.set_rollouts_pending(&ns, &key.name_any(), gauges.collect());
+    }
+    let (active, left) = match (active, status.active_slot) {
+        (Some(a), Some(slot)) => {
+            let left = status
+                .keys
+                .iter()
+                .find(|k| k.slot == slot.other() && lifecycle::is_valid(k) && k.activated_at.is_some());
+            (a, left)
+        }
+        _ => return None,
+    };
+    let (left, end) = match left.and_then(|l| l.effective_expires_at.map(|e| (l, e))) {
+        Some(found) if !pending.is_empty() => found,
+        _ => return None,
+    };
+    let warn_at = end - (end - since) / 4;
+    if now >= warn_at {
+        for r in pending.iter().filter(|r| r.rolled_before) {
+            let id = format!("{}|{:?}|{}|{}", super::object_id(key), r.kind, r.name, active.key_id);
+            if !ctx.first_rollout_warning(id) {
+                continue;
+            }
+            let message = format!(
+                "{:?} {ns}/{} has not finished rolling out to key {} ({}); its pods still on the old template \
+                 hold key {}, which stops verifying at {}",
+                r.kind,
+                r.name,
+                active.key_id,
+                r.pending.as_deref().unwrap_or_default(),
+                left.key_id,
+                end.to_rfc3339_opts(SecondsFormat::Secs, true),
+            );
+            ctx.warn(key, c::CONSUMER_ROLLOUT_INCOMPLETE, &message).await;
+        }
+    }
+    let poll = now + chrono::TimeDelta::from_std(consumers::ROLLOUT_POLL).unwrap_or_default();
+    Some(if warn_at > now { poll.min(warn_at) } else { poll.min(end) }.max(now))
+}
+
+fn kind_name(kind: crate::api::ConsumerKind) -> &'static str {
+    match kind {
+        crate::api::ConsumerKind::Deployment => "Deployment",
+        crate::api::ConsumerKind::StatefulSet => "StatefulSet",
+        crate::api::ConsumerKind::DaemonSet => "DaemonSet",
+    }
 }
 
 /// The active and waiting standby keys' expiries as gauges (for alerts such as "expires

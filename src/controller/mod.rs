@@ -99,6 +99,8 @@ pub struct Context {
     consumers: Option<std::sync::Mutex<pods::ConsumerIndex>>,
     /// The ApiKeys this controller reconciles, when it is a shard (None: all).
     shard: Option<shard::Shard>,
+    /// Consumer rollouts already warned about (ApiKey id | kind | name | key ID).
+    rollouts_warned: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 impl Context {
@@ -213,6 +215,13 @@ impl Context {
         self.succeeded(id);
         self.own_writes.lock().remove(id);
         self.retries.forget(id);
+        let prefix = format!("{id}|");
+        self.rollouts_warned.lock().unwrap_or_else(|p| p.into_inner()).retain(|w| !w.starts_with(&prefix));
+    }
+
+    /// Whether the rollout warning `id` is new (remembered from now on).
+    pub fn first_rollout_warning(&self, id: String) -> bool {
+        self.rollouts_warned.lock().unwrap_or_else(|p| p.into_inner()).insert(id)
     }
 }
 
@@ -668,6 +677,7 @@ pub async fn run(client: Client, server: &str, opts: Options) -> Result<()> {
         index: Default::default(),
         consumers: opts.watch_consumers.then(Default::default),
         shard: opts.shard.clone().map(shard::Shard::new),
+        rollouts_warned: Default::default(),
         delivering: tokio::sync::Semaphore::new(warnings::DELIVERING),
         webhooks: crate::webhook::Sender::new().map_err(|e| {
             Error::Config(format!("cannot load the system's CA certificates for webhooks: {e}"))
