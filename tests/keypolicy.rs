@@ -70,7 +70,7 @@ async fn policies_report_accepted_since_and_key_count() {
     let message =
         keyward::api::find_condition(&p.status.unwrap().conditions, "Accepted").unwrap().message.clone();
     assert!(
-        message.contains("flip PT15S before they end") && message.contains("minFlipLead PT2M"),
+        message.contains("flip as little as PT15S before they end") && message.contains("minFlipLead PT2M"),
         "{message}"
     );
     let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(client.clone(), "kube-system");
@@ -85,12 +85,16 @@ async fn policies_report_accepted_since_and_key_count() {
     .await;
     ns.apikey(&client, "quick", json!({"policy": short, "owner": "q"})).await;
     common::wait_ready(&client, &ns.name, "quick", Duration::from_secs(60)).await;
-    // The flip at 45 s leaves the first key 15 s: the ApiKey says so until that key ends.
+    // From the start the ApiKey says its keys can flip with too little lead; the flip at
+    // 45 s leaves the first key 15 s: then it says that, until that key ends.
+    let details = common::get_key(&client, &ns.name, "quick").await.status.unwrap().details.unwrap();
+    assert!(details.contains("lifetime PT1M flip as little as PT15S before they end"), "{details}");
     let details = common::wait_key(&client, &ns.name, "quick", Duration::from_secs(90), |k| {
         let details = k.status.as_ref()?.details.clone()?;
-        details.contains("less than rotation.minFlipLead PT2M").then_some(details)
+        details.contains("the flip to the Secondary key").then_some(details)
     })
     .await;
+    assert!(details.contains("less than rotation.minFlipLead PT2M"), "{details}");
     // (Flips are scheduled to the millisecond and run a moment after: 14 or 15 s, rounded.)
     assert!(
         details.contains("came PT15S before the Primary key") || details.contains("came PT14S"),

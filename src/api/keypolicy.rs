@@ -30,6 +30,11 @@ use super::Condition;
         type_ = "string",
         json_path = ".status.conditions[?(@.type==\"Accepted\")].status"
     ),
+    printcolumn(
+        name = "Reason",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Accepted\")].reason"
+    ),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
 )]
 #[serde(rename_all = "camelCase")]
@@ -130,9 +135,11 @@ pub struct RotationSpec {
     /// The least time consumers should get between a flip and the end of the key they
     /// leave: a mounted Secret reaches a pod only at the kubelet's next sync (its default
     /// `syncFrequency` is one minute, plus jitter). Default `PT2M` (see
-    /// docs/consuming-keys.md); `PT0S`: no minimum. A policy whose flips come later than
-    /// this before a key's end is still accepted, with `Accepted` reason
-    /// `FlipLeadBelowMinimum`, and an ApiKey whose flip came later says so in `details`.
+    /// docs/consuming-keys.md); `PT0S`: no minimum. Advisory, it changes no schedule: a
+    /// policy whose flips can come later than this before a key's end is still used, with
+    /// `Accepted` reason `FlipLeadBelowMinimum` (a value that does not parse:
+    /// `MinFlipLeadInvalid`, and the default applies), and an ApiKey whose keys can, or
+    /// whose last flip did, says so in `details`.
     #[serde(default = "default_min_flip_lead")]
     pub min_flip_lead: String,
     /// `false`: keys expire and are replaced only when a rotation is requested.
@@ -345,4 +352,7 @@ pub mod policy_conditions {
     /// Valid, but flips come later than `rotation.minFlipLead` before a key's end
     /// (`Accepted` stays True: the policy is used).
     pub const FLIP_LEAD_BELOW_MINIMUM: &str = "FlipLeadBelowMinimum";
+    /// Valid, but `rotation.minFlipLead` does not parse: the default applies (advisory,
+    /// `Accepted` stays True).
+    pub const MIN_FLIP_LEAD_INVALID: &str = "MinFlipLeadInvalid";
 }

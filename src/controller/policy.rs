@@ -264,16 +264,20 @@ pub async fn reconcile(obj: Arc<KeyPolicy>, ctx: Arc<Context>) -> Result<Action>
             generation,
             now,
         ),
-        Ok(rules) => match rules.short_flip_lead() {
-            // Used all the same: a warning, not a refusal (short lifetimes are legitimate).
-            Some(why) => {
+        // Used all the same: advice, not a refusal (short lifetimes are legitimate, and
+        // minFlipLead changes no schedule).
+        Ok(rules) => match (rules.min_flip_lead_invalid.clone(), rules.short_flip_lead()) {
+            (Some(why), _) => {
+                Condition::new(pc::ACCEPTED, TRUE, pc::MIN_FLIP_LEAD_INVALID, why, generation, now)
+            }
+            (None, Some(why)) => {
                 Condition::new(pc::ACCEPTED, TRUE, pc::FLIP_LEAD_BELOW_MINIMUM, why, generation, now)
             }
-            None => Condition::new(pc::ACCEPTED, TRUE, pc::VALID, "policy is valid", generation, now),
+            (None, None) => Condition::new(pc::ACCEPTED, TRUE, pc::VALID, "policy is valid", generation, now),
         },
     };
-    // A Warning Event for a refusal, and for a policy used despite a short flip lead.
-    let warn = accepted.status == FALSE || accepted.reason == pc::FLIP_LEAD_BELOW_MINIMUM;
+    // A Warning Event for a refusal, and for a policy used despite advice.
+    let warn = accepted.status == FALSE || accepted.reason != pc::VALID;
     let changed_reason = crate::api::find_condition(&old.conditions, pc::ACCEPTED)
         .map(|c| (&c.reason, &c.message))
         != Some((&accepted.reason, &accepted.message));

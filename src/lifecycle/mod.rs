@@ -958,7 +958,11 @@ impl Engine<'_, '_> {
             Some((at, action, text)) => (Some(Next { action, at }), text),
             None => (None, "keys never expire: the policy has expiry disabled".into()),
         };
-        match self.short_flip_lead(active) {
+        // After a flip that left too little lead, that; else whether this ApiKey's keys
+        // can get too little (a shorter spec.lifetime than the policy was judged at).
+        let note =
+            self.short_flip_lead(active).or_else(|| self.rules().lifetime_flip_note(&self.input.lifetime));
+        match note {
             Some(note) => (Health::Ready, next, format!("{text}; {note}")),
             None => (Health::Ready, next, text),
         }
@@ -968,6 +972,9 @@ impl Engine<'_, '_> {
     /// ends (while that key still verifies): what to know. Derived from status alone, so
     /// it reads the same on every reconcile until that key ends.
     fn short_flip_lead(&self, active: &KeyStatus) -> Option<String> {
+        if self.rules().frozen {
+            return None;
+        }
         let flipped = active.activated_at?;
         let left =
             key(self.status, active.slot.other()).filter(|k| is_valid(k) && k.activated_at.is_some())?;

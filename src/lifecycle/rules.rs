@@ -30,8 +30,10 @@ pub struct Rules {
     pub secondary_at: SecondaryAt,
     /// `rotation.flipBefore`.
     pub flip_before: IsoDuration,
-    /// `rotation.minFlipLead` (zero: no minimum).
+    /// `rotation.minFlipLead` (zero: no minimum; the default when it does not parse).
     pub min_flip_lead: IsoDuration,
+    /// Why `rotation.minFlipLead` did not parse (advisory: the policy is still used).
+    pub min_flip_lead_invalid: Option<String>,
     /// `rotation.automatic`.
     pub automatic: bool,
     /// `rotation.retireDrainedAfter`: end the older key early once it has been quiet this
@@ -95,6 +97,14 @@ pub fn parse_secondary_at(text: &str) -> Result<SecondaryAt, PolicyProblem> {
     positive("rotation.secondaryAt", t).map(SecondaryAt::After)
 }
 
+/// `rotation.minFlipLead`'s default (`PT2M`), also where its value does not parse.
+const DEFAULT_MIN_FLIP_LEAD_SECS: u64 = 120;
+
+/// A duration as whole seconds (rounded), for messages.
+fn whole_seconds(d: TimeDelta) -> IsoDuration {
+    IsoDuration::from_secs(((d.num_milliseconds() + 500) / 1000).max(0) as u64)
+}
+
 /// A reference instant for comparing durations that contain calendar months.
 fn reference() -> DateTime<Utc> {
     DateTime::<Utc>::UNIX_EPOCH
@@ -142,8 +152,18 @@ impl Rules {
         let secondary_at = parse_secondary_at(&spec.rotation.secondary_at)?;
         let flip_before = IsoDuration::parse(&spec.rotation.flip_before)
             .map_err(|err| problem(pc::INVALID_DURATION, format!("rotation.flipBefore: {err}")))?;
-        let min_flip_lead = IsoDuration::parse(&spec.rotation.min_flip_lead)
-            .map_err(|err| problem(pc::INVALID_DURATION, format!("rotation.minFlipLead: {err}")))?;
+        // Advisory: a value that does not parse is reported (`Accepted` reason
+        // `MinFlipLeadInvalid`) and the default applies; it never stops the policy.
+        let (min_flip_lead, min_flip_lead_invalid) = match IsoDuration::parse(&spec.rotation.min_flip_lead) {
+            Ok(d) => (d, None),
+            Err(err) => (
+                IsoDuration::from_secs(DEFAULT_MIN_FLIP_LEAD_SECS),
+                Some(format!(
+                    "rotation.minFlipLead: {err}; the default {} applies",
+                    IsoDuration::from_secs(DEFAULT_MIN_FLIP_LEAD_SECS)
+                )),
+            ),
+        };
         let retire_drained_after = spec
             .rotation
             .retire_drained_after
@@ -210,6 +230,7 @@ impl Rules {
             secondary_at,
             flip_before,
             min_flip_lead,
+            min_flip_lead_invalid,
             automatic: spec.rotation.automatic,
             retire_drained_after,
             max_lifetime_since,
@@ -230,48 +251,79 @@ impl Rules {
         rules
     }
 
-    /// The lead consumers get at a scheduled flip of keys issued for `lifetime`: from the
-    /// flip to the end of the key they leave, `flipBefore` capped at half the overlap of
-    /// the two keys (as the engine flips). None when keys do not expire (flips then come
-    /// only on request, with `flipBefore` of lead).
+    /// The least lead consumers get at the scheduled flips of keys issued for `lifetime`:
+    /// `flipBefore`, capped at half the overlap of the two keys. The overlaps alternate,
+    /// as a slot is issued again only once its previous key ended: the standby's offset d
+    /// into the active key's life, then L − d, then d…; so the least is min(d, L − d) / 2.
+    /// None when keys do not expire or rotate only on request (such flips give
+    /// `flipBefore`).
     pub fn flip_lead(&self, lifetime: &IsoDuration) -> Option<TimeDelta> {
-        if !self.enforced {
+        if !self.enforced || !self.automatic {
             return None;
         }
         let start = reference();
-        let end = lifetime.add_to(start).ok()?;
-        let standby = self.secondary_due(start, Some(end))?.min(end);
-        let flip = self.flip_before.sub_from(end).ok()?.max(standby + (end - standby) / 2);
-        Some(end - flip.min(end))
+        let life = lifetime.length_from(start).ok()?;
+        let offset = (self.secondary_due(start, Some(start + life))? - start).clamp(TimeDelta::zero(), life);
+        let flip_before = self.flip_before.length_from(start).ok()?;
+        Some(flip_before.min(offset.min(life - offset) / 2))
     }
 
-    /// Why flips under this policy leave consumers less than `minFlipLead` (None: they
-    /// do not): for keys of `maxLifetime`, or for requested rotations.
+    /// Why flips under this policy can leave consumers less than `minFlipLead` (None:
+    /// they cannot), for keys of `maxLifetime` (shorter `spec.lifetime`s: see
+    /// [`Rules::lifetime_flip_note`]), and what to change.
     pub fn short_flip_lead(&self) -> Option<String> {
+        if self.frozen {
+            return None;
+        }
         let min = self.min_flip_lead.length_from(reference()).ok()?;
         let flip_before = self.flip_before.length_from(reference()).ok()?;
         match self.flip_lead(&self.max_lifetime) {
-            Some(lead) if lead < min => Some(format!(
-                "keys of expiry.maxLifetime {} flip {} before they end (rotation.flipBefore {}, capped at half \
-                 the overlap from rotation.secondaryAt {}), less than rotation.minFlipLead {}: a consumer that \
-                 reads a mounted Secret may still send a key after it ends; lengthen maxLifetime, move \
-                 secondaryAt earlier, or lower minFlipLead if this cluster's kubelets sync faster",
-                self.max_lifetime,
-                IsoDuration::from_secs(lead.num_seconds().max(0) as u64),
-                self.flip_before,
-                match self.secondary_at {
-                    SecondaryAt::Percent(p) => format!("{p}%"),
-                    SecondaryAt::After(d) => d.to_string(),
-                },
-                self.min_flip_lead,
-            )),
-            _ if flip_before < min => Some(format!(
+            Some(lead) if lead < min => {
+                let fix = if lead >= flip_before {
+                    "raise rotation.flipBefore"
+                } else {
+                    "lengthen expiry.maxLifetime or move rotation.secondaryAt toward 50%"
+                };
+                Some(format!(
+                    "keys of expiry.maxLifetime {} flip as little as {} before they end (rotation.flipBefore {}, \
+                     capped at half the shorter overlap of two keys, which rotation.secondaryAt {} sets), less \
+                     than rotation.minFlipLead {}: a consumer that reads a mounted Secret may still send a key \
+                     after it ends; {fix}, or lower minFlipLead where kubelets sync faster",
+                    self.max_lifetime,
+                    whole_seconds(lead),
+                    self.flip_before,
+                    match self.secondary_at {
+                        SecondaryAt::Percent(p) => format!("{p}%"),
+                        SecondaryAt::After(d) => d.to_string(),
+                    },
+                    self.min_flip_lead,
+                ))
+            }
+            None if flip_before < min => Some(format!(
                 "rotation.flipBefore {} is less than rotation.minFlipLead {}: after a requested rotation, a \
-                 consumer that reads a mounted Secret may still send the old key after it ends",
+                 consumer that reads a mounted Secret may still send the old key after it ends; raise \
+                 rotation.flipBefore",
                 self.flip_before, self.min_flip_lead
             )),
             _ => None,
         }
+    }
+
+    /// For an ApiKey whose keys are issued for `lifetime`: their scheduled flips can give
+    /// less than `minFlipLead` (None: they cannot). Stable for a given policy and
+    /// lifetime, so it can stand in `details` without rewriting status.
+    pub fn lifetime_flip_note(&self, lifetime: &IsoDuration) -> Option<String> {
+        if self.frozen {
+            return None;
+        }
+        let min = self.min_flip_lead.length_from(reference()).ok()?;
+        let lead = self.flip_lead(lifetime).filter(|lead| *lead < min)?;
+        Some(format!(
+            "keys of this ApiKey's lifetime {lifetime} flip as little as {} before they end, less than \
+             rotation.minFlipLead {}: consumers that read a mounted Secret may send a key after it ends",
+            whole_seconds(lead),
+            self.min_flip_lead
+        ))
     }
 
     /// When the standby of a primary created at `created` and expiring at `expires` is due.
@@ -366,45 +418,70 @@ mod tests {
         let default = rules(&|_| {});
         assert_eq!(default.flip_lead(&default.max_lifetime), Some(TimeDelta::minutes(10)));
         assert_eq!(default.short_flip_lead(), None);
-        // One minute keys: half the 30 s overlap.
+        // One-minute keys at 50%: half the 30 s overlap.
         let short = rules(&|s| s.expiry.max_lifetime = "PT1M".into());
         assert_eq!(short.flip_lead(&short.max_lifetime), Some(TimeDelta::seconds(15)));
         let why = short.short_flip_lead().unwrap();
-        assert!(why.starts_with("keys of expiry.maxLifetime PT1M flip PT15S before they end"), "{why}");
-        assert!(why.contains("less than rotation.minFlipLead PT2M"), "{why}");
-        // A late secondaryAt shrinks the overlap: 95% of an hour leaves 3 min, flips 90 s before.
+        assert!(
+            why.starts_with("keys of expiry.maxLifetime PT1M flip as little as PT15S before they end"),
+            "{why}"
+        );
+        assert!(why.contains("less than rotation.minFlipLead PT2M") && why.contains("toward 50%"), "{why}");
+        // The overlaps alternate between d and L - d (a slot is issued again only once its
+        // key ended): 10% of six minutes flips with 162 s, then 18 s. Also a late one.
+        let early = rules(&|s| {
+            s.expiry.max_lifetime = "PT6M".into();
+            s.rotation.secondary_at = "10%".into();
+        });
+        assert_eq!(early.flip_lead(&early.max_lifetime), Some(TimeDelta::seconds(18)));
+        assert!(early.short_flip_lead().unwrap().contains("secondaryAt 10%"));
         let late = rules(&|s| {
             s.expiry.max_lifetime = "PT1H".into();
             s.rotation.secondary_at = "95%".into();
         });
         assert_eq!(late.flip_lead(&late.max_lifetime), Some(TimeDelta::seconds(90)));
-        assert!(late.short_flip_lead().unwrap().contains("secondaryAt 95%"));
+        assert_eq!(rules(&|s| s.rotation.secondary_at = "P45D".into()).short_flip_lead(), None);
+        let beyond = rules(&|s| s.rotation.secondary_at = "P100D".into());
         assert_eq!(
-            rules(&|s| s.rotation.secondary_at = "P89D".into()).short_flip_lead(),
-            None,
-            "12 h overlap"
+            beyond.flip_lead(&beyond.max_lifetime),
+            Some(TimeDelta::zero()),
+            "a standby after the end"
         );
-        // No minimum; or keys that never expire, whose flips (on request) get flipBefore.
-        assert_eq!(
-            rules(&|s| {
-                s.expiry.max_lifetime = "PT1M".into();
-                s.rotation.min_flip_lead = "PT0S".into();
-            })
-            .short_flip_lead(),
-            None
-        );
+        // flipBefore itself is the limit: the advice says to raise it.
+        let tight = rules(&|s| s.rotation.flip_before = "PT1M".into());
+        assert!(tight.short_flip_lead().unwrap().contains("raise rotation.flipBefore"));
+        // No minimum; keys that never expire or rotate only on request (flipBefore counts).
+        let no_min = rules(&|s| {
+            s.expiry.max_lifetime = "PT1M".into();
+            s.rotation.min_flip_lead = "PT0S".into();
+        });
+        assert_eq!(no_min.short_flip_lead(), None);
         let disabled = rules(&|s| {
             s.expiry.mode = ExpiryMode::Disabled;
             s.expiry.acknowledge_risk = true;
             s.rotation.flip_before = "PT1M".into();
         });
         assert!(disabled.short_flip_lead().unwrap().starts_with("rotation.flipBefore PT1M is less than"));
-        // A minimum that does not parse is an invalid policy, naming the field.
-        let mut bad = KeyPolicySpec::default();
-        bad.rotation.min_flip_lead = "2 minutes".into();
-        let err = Rules::from_spec(&bad, reference()).unwrap_err();
-        assert_eq!(err.reason, pc::INVALID_DURATION);
-        assert!(err.message.starts_with("rotation.minFlipLead"), "{}", err.message);
+        let manual = rules(&|s| {
+            s.expiry.max_lifetime = "PT1M".into();
+            s.rotation.automatic = false;
+        });
+        assert_eq!(manual.short_flip_lead(), None, "requested rotations give flipBefore (10 min)");
+        // An ApiKey's shorter lifetime is told on the ApiKey.
+        let five = IsoDuration::parse("PT5M").unwrap();
+        assert!(
+            default.lifetime_flip_note(&five).unwrap().contains("lifetime PT5M flip as little as PT1M15S")
+        );
+        assert_eq!(default.lifetime_flip_note(&default.max_lifetime), None);
+        assert_eq!(Rules::frozen().short_flip_lead(), None, "no policy, no advice");
+        // Advisory: a minimum that does not parse leaves the policy usable, on the default.
+        for bad in ["2 minutes", "", "120s"] {
+            let mut spec = KeyPolicySpec::default();
+            spec.rotation.min_flip_lead = bad.into();
+            let r = Rules::from_spec(&spec, reference()).expect("still a usable policy");
+            assert_eq!(r.min_flip_lead, IsoDuration::from_secs(120));
+            assert!(r.min_flip_lead_invalid.unwrap().starts_with("rotation.minFlipLead"), "{bad:?}");
+        }
     }
 
     #[test]

@@ -42,6 +42,8 @@ fn rules_with(edit: impl FnOnce(&mut KeyPolicySpec)) -> Rules {
     let mut spec = KeyPolicySpec::default();
     spec.expiry.max_lifetime = "PT30S".into();
     spec.expiry.min_lifetime = "PT1S".into();
+    // Seconds-long keys: no minimum lead (its notes are tested on their own).
+    spec.rotation.min_flip_lead = "PT0S".into();
     edit(&mut spec);
     Rules::from_spec(&spec, t0() - TimeDelta::days(1)).unwrap()
 }
@@ -213,9 +215,17 @@ fn details_say_what_happens_next() {
 fn a_flip_with_less_lead_than_the_minimum_says_so_until_the_key_left_ends() {
     // L = 30 s: the flip at 22.5 s leaves k1 7.5 s (said rounded), less than the default
     // minFlipLead (2 min).
-    let mut sim = Sim::new(rules_with(|_| {}));
-    sim.at(0.0);
-    assert!(!sim.at(15.0).details.contains("minFlipLead"), "no flip yet");
+    let mut sim = Sim::new(rules_with(|s| s.rotation.min_flip_lead = "PT2M".into()));
+    // Before any flip: these keys' flips can give too little (told from the start).
+    let before = sim.at(0.0).details;
+    assert!(
+        before.ends_with(
+            "; keys of this ApiKey's lifetime PT30S flip as little as PT8S before they end, less than \
+             rotation.minFlipLead PT2M: consumers that read a mounted Secret may send a key after it ends"
+        ),
+        "{before}"
+    );
+    sim.at(15.0);
     let out = sim.at(22.5);
     assert!(
         out.details.ends_with(
@@ -227,8 +237,8 @@ fn a_flip_with_less_lead_than_the_minimum_says_so_until_the_key_left_ends() {
         out.details
     );
     assert_eq!(sim.at(25.0).details, out.details, "the same words on every reconcile (no status churn)");
-    // k1 ended and its slot was regenerated: nothing left to warn about until the next flip.
-    assert!(!sim.at(30.0).details.contains("minFlipLead"), "{}", sim.at(30.0).details);
+    // k1 ended and its slot was regenerated: back to the general note until the next flip.
+    assert!(sim.at(30.0).details.contains("keys of this ApiKey's lifetime"), "{}", sim.at(30.0).details);
     assert!(sim.at(37.5).details.contains("the flip to the Primary key k3"));
 
     // Enough lead (a minimum of 5 s), or no minimum: no note.
