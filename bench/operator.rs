@@ -56,6 +56,10 @@ async fn main() {
         }
         "catchup" => catchup(&client, or(nums, &[1000])[0]).await,
         "cost" => cost(&client, or(nums, &[200])[0]).await,
+        "pods" => {
+            let n = or(nums, &[1000, 1000]);
+            pods(&client, n[0], n.get(1).copied().unwrap_or(1000)).await
+        }
         "all" => {
             provision(&client, &[1000, 5000]).await;
             memory(&client, &[1000, 5000, 10000]).await;
@@ -63,7 +67,9 @@ async fn main() {
             catchup(&client, 1000).await;
             cost(&client, 200).await;
         }
-        other => panic!("unknown scenario {other}: provision | memory | precision | catchup | cost | all"),
+        other => {
+            panic!("unknown scenario {other}: provision | memory | precision | catchup | cost | pods | all")
+        }
     }
 }
 
@@ -92,7 +98,11 @@ impl Bed {
     }
 
     async fn start_controller(&mut self) -> &KeywardProcess {
-        let c = common::controller_for(&self.ns.name, &[], "warn");
+        self.start_controller_with(&[]).await
+    }
+
+    async fn start_controller_with(&mut self, extra: &[&str]) -> &KeywardProcess {
+        let c = common::controller_for(&self.ns.name, extra, "warn");
         c.wait_ready().await;
         self.controller.insert(c)
     }
@@ -409,6 +419,59 @@ async fn memory(client: &Client, sizes: &[usize]) {
     // that has listed and reconciled every ApiKey once.
     bed.restart(have).await;
     println!("| {have} + the Secrets, controller restarted | {:.1} MiB |", settled_rss(&bed).await);
+    bed.finish(client).await;
+}
+
+/// What watching pods (`--watch-consumers`) costs the controller: `keys` Ready ApiKeys
+/// and `pods` pods (Pending: no node matches them), each reading one ApiKey's Secret as a
+/// volume, every tenth with subPath (a consumer that cannot follow); RSS of a controller
+/// restarted without, then with, the pod watch, once it has found every subPath pod.
+async fn pods(client: &Client, keys: usize, pods: usize) {
+    use k8s_openapi::api::core::v1::Pod;
+    let mut bed = Bed::new(client, "bench-pods", json!({"maxLifetime": "P90D"})).await;
+    bed.start_controller().await;
+    bed.add_ready_keys(client, 0..keys, |_| None).await;
+    let api = Api::<Pod>::namespaced(client.clone(), &bed.ns.name);
+    futures::stream::iter(0..pods)
+        .map(|i| {
+            let mount = if i % 10 == 0 {
+                json!({"name": "key", "mountPath": "/etc/api-key", "subPath": "api-key"})
+            } else {
+                json!({"name": "key", "mountPath": "/etc/keys"})
+            };
+            let pod: Pod = serde_json::from_value(json!({
+                "metadata": {"name": format!("p-{i}")},
+                "spec": {"nodeSelector": {"keyward.dev/bench-nowhere": "true"},
+                         "volumes": [{"name": "key", "secret": {"secretName": format!("k-{}", i % keys)}}],
+                         "containers": [{"name": "app", "image": "busybox:keyward", "volumeMounts": [mount]}]}
+            }))
+            .unwrap();
+            let api = api.clone();
+            async move { api.create(&PostParams::default(), &pod).await.map(drop) }
+        })
+        .buffer_unordered(CONCURRENCY)
+        .try_collect::<()>()
+        .await
+        .expect("create pods");
+    bed.restart(keys).await;
+    let without = settled_rss(&bed).await;
+    bed.controller.as_mut().expect("controller running").terminate().await;
+    bed.start_controller_with(&["--watch-consumers"]).await;
+    let subpaths = pods.div_ceil(10).min(keys) as f64;
+    common::eventually("every subPath consumer found", Duration::from_secs(600), || async {
+        let found = common::metric_sum(&bed.metrics(), "keyward_apikey_consumers_not_following");
+        (found >= subpaths).then_some(())
+    })
+    .await;
+    let with = settled_rss(&bed).await;
+    println!("| scenario | controller RSS |");
+    println!("|---|---|");
+    println!("| {keys} ApiKeys + {pods} pods, restarted, no pod watch | {without:.1} MiB |");
+    println!(
+        "| the same with `--watch-consumers` (every subPath pod found) | {with:.1} MiB ({:+.1} MiB, {:.2} KB per pod) |",
+        with - without,
+        (with - without) * 1024.0 / pods as f64
+    );
     bed.finish(client).await;
 }
 

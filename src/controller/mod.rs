@@ -901,6 +901,9 @@ async fn watch_members(
     }
 }
 
+/// Pods per page of the pod watch's lists.
+const POD_PAGE: u32 = 50;
+
 async fn watch_pods(
     ctx: Arc<Context>,
     namespace: Option<String>,
@@ -911,7 +914,12 @@ async fn watch_pods(
         None => Api::all(ctx.client.clone()),
     };
     let mut known = Known::<()>::default();
-    let mut events = std::pin::pin!(watcher(api, watcher::Config::default()).default_backoff());
+    // Pods are large and only what they do with Secrets is kept: list them in small
+    // pages, so the first list's peak (which the allocator keeps) stays small; finished
+    // pods never read a Secret again.
+    let config =
+        watcher::Config::default().page_size(POD_PAGE).fields("status.phase!=Succeeded,status.phase!=Failed");
+    let mut events = std::pin::pin!(watcher(api, config).default_backoff());
     while let Some(ev) = events.next().await {
         let ev = match ev {
             Ok(ev) => ev,
