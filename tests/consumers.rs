@@ -120,16 +120,18 @@ fn rollout_gauge(metrics: &str, name: &str) -> Option<f64> {
         .find_map(|l| l.rsplit(' ').next()?.parse().ok())
 }
 
-/// Issue 13 item 5: a listed consumer that has not finished rolling out when the key its
-/// old pods hold is about to end (here a paused Deployment, its pods unschedulable) gets
-/// one Warning naming it, and its rollout lag is exported (since the flip) until it
-/// finishes; a consumer whose rollout finished gets neither.
+/// Issue 13 item 5: listed consumers that have not finished rolling out when the key
+/// their old pods hold is about to end (here two paused Deployments, their pods
+/// unschedulable) each get one Warning naming them (the workload as related object, so
+/// the recorder does not fold them into one), in the last quarter of the drain, and their
+/// rollout lag is exported (since the flip) until they finish; a consumer whose rollout
+/// finished gets neither.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_consumer_still_rolling_out_when_the_old_key_ends_is_warned_and_its_lag_exported() {
+async fn consumers_still_rolling_out_when_the_old_key_ends_are_warned_and_their_lag_exported() {
     let client = client().await;
     let ns = TestNamespace::new(&client, "rollouts").await;
-    // 40 s keys: the first flip 8 s before the first key ends (at 32 s), the warning at a
-    // quarter of those 8 s before the end.
+    // 40 s keys: the first flip 8 s before the first key ends (at 32 s), the warning from
+    // a quarter of those 8 s before the end.
     let policy = ns
         .policy(
             &client,
@@ -139,11 +141,12 @@ async fn a_consumer_still_rolling_out_when_the_old_key_ends_is_warned_and_its_la
         )
         .await;
     let controller = common::controller_for(&ns.name, &[], "info");
-    let consumers = json!([{"kind": "Deployment", "name": "paused"}, {"kind": "Deployment", "name": "idle"}]);
+    let consumers = json!([{"kind": "Deployment", "name": "paused-a"}, {"kind": "Deployment", "name": "paused-b"},
+                           {"kind": "Deployment", "name": "idle"}]);
     ns.apikey(&client, "svc", json!({"policy": policy, "owner": "team", "consumers": consumers})).await;
     let first = wait_key(&client, &ns.name, "svc", Duration::from_secs(30), common::active).await;
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), &ns.name);
-    for (name, replicas, paused) in [("paused", 1, true), ("idle", 0, false)] {
+    for (name, replicas, paused) in [("paused-a", 1, true), ("paused-b", 2, true), ("idle", 0, false)] {
         let mut template = unschedulable();
         template["containers"] = json!([{"name": "app", "image": "busybox",
             "env": [{"name": "API_KEY", "valueFrom": {"secretKeyRef": {"name": "svc", "key": "api-key"}}}]}]);
@@ -158,41 +161,74 @@ async fn a_consumer_still_rolling_out_when_the_old_key_ends_is_warned_and_its_la
         deployments.create(&PostParams::default(), &d).await.expect("create Deployment");
     }
 
-    // The flip rolls both; the paused one cannot finish.
+    // The flip rolls all three; the paused ones cannot finish.
     let flipped = wait_key(&client, &ns.name, "svc", Duration::from_secs(60), |k| {
         common::active(k).filter(|a| a.key_id != first.key_id)
     })
     .await;
-    let warning =
-        format!("Deployment {}/paused has not finished rolling out to key {}", ns.name, flipped.key_id);
     let events =
-        common::eventually("a ConsumerRolloutIncomplete Warning", Duration::from_secs(60), || async {
+        common::eventually("two ConsumerRolloutIncomplete Warnings", Duration::from_secs(60), || async {
             let events = events_with_reason(&client, &ns.name, "ConsumerRolloutIncomplete").await;
-            (!events.is_empty()).then_some(events)
+            (events.len() >= 2).then_some(events)
         })
         .await;
-    let notes: Vec<String> = events.iter().filter_map(|e| e.note.clone()).collect();
-    assert!(notes.iter().all(|n| n.starts_with(&warning)), "{notes:#?}");
-    assert!(notes[0].contains(&format!("hold key {}, which stops verifying at", first.key_id)), "{notes:#?}");
+    let old_end = get_key(&client, &ns.name, "svc")
+        .await
+        .status
+        .unwrap()
+        .keys
+        .iter()
+        .find(|k| k.key_id == first.key_id)
+        .and_then(|k| k.effective_expires_at);
+    let flip_at = flipped.activated_at.unwrap();
+    for name in ["paused-a", "paused-b"] {
+        let mine: Vec<_> = events
+            .iter()
+            .filter(|e| e.related.as_ref().and_then(|r| r.name.as_deref()) == Some(name))
+            .collect();
+        assert_eq!(mine.len(), 1, "one Warning about {name}: {events:#?}");
+        let note = mine[0].note.clone().unwrap_or_default();
+        let says =
+            format!("Deployment {}/{name} has not finished rolling out to key {}", ns.name, flipped.key_id);
+        assert!(note.starts_with(&says) && note.contains("the Deployment is paused"), "{note}");
+        assert!(note.contains(&format!("hold key {}, which stops verifying at", first.key_id)), "{note}");
+        assert!(mine[0].series.is_none(), "not repeated: {:?}", mine[0].series);
+        // Sent in the last quarter of the drain (flip → old key's end), not before.
+        let sent = mine[0].event_time.as_ref().map(|t| t.0.as_millisecond()).unwrap_or_default();
+        if let Some(end) = old_end {
+            let quarter = flip_at + (end - flip_at) * 3 / 4;
+            assert!(
+                sent + 1000 >= quarter.timestamp_millis(),
+                "{name}: sent {sent}, the quarter from {quarter}"
+            );
+        }
+    }
+    assert!(events.iter().all(|e| e.related.as_ref().and_then(|r| r.name.as_deref()) != Some("idle")));
     let metrics = controller.get("/metrics").unwrap().1;
-    let since = rollout_gauge(&metrics, "paused").expect("the paused Deployment's rollout is pending");
-    let activated = flipped.activated_at.unwrap().timestamp_millis() as f64 / 1000.0;
-    assert!((since - activated).abs() < 0.01, "since the flip: {since} vs {activated}");
+    let since = rollout_gauge(&metrics, "paused-a").expect("paused-a's rollout is pending");
+    let activated = flip_at.timestamp_millis() as f64 / 1000.0;
+    assert!((since - activated).abs() < 2.0, "since the flip: {since} vs {activated}");
     assert_eq!(rollout_gauge(&metrics, "idle"), None, "a finished rollout is not pending: {metrics}");
 
-    // Resumed and scaled to nothing, it finishes: the gauge goes; still one Warning.
+    // Resumed and scaled to nothing, paused-a finishes: its gauge goes (looked at again
+    // while anything is pending), paused-b's stays; still one Warning each.
     deployments
         .patch(
-            "paused",
+            "paused-a",
             &Default::default(),
             &kube::api::Patch::Merge(json!({"spec": {"paused": false, "replicas": 0}})),
         )
         .await
         .unwrap();
-    common::eventually("the gauge to go once the rollout finished", Duration::from_secs(90), || async {
-        rollout_gauge(&controller.get("/metrics")?.1, "paused").is_none().then_some(())
-    })
+    common::eventually(
+        "paused-a's gauge to go once its rollout finished",
+        Duration::from_secs(90),
+        || async {
+            let m = controller.get("/metrics")?.1;
+            (rollout_gauge(&m, "paused-a").is_none() && rollout_gauge(&m, "paused-b").is_some()).then_some(())
+        },
+    )
     .await;
     let n = events_with_reason(&client, &ns.name, "ConsumerRolloutIncomplete").await.len();
-    assert_eq!(n, 1, "one Warning per workload and key");
+    assert_eq!(n, 2, "one Warning per workload and key");
 }

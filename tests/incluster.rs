@@ -502,7 +502,8 @@ where
 
 /// nginx in front of the verifier, as examples/nginx-auth-request.conf puts it: every
 /// request is checked with `auth_request`; the access log records, per request, the
-/// consumer and the key ID it says it sent (never the key) and the answer.
+/// consumer, the key ID the verifier confirmed (`X-Keyward-Key-Id` of its answer; empty
+/// on a refusal; never the key) and the answer, `|`-separated (fields may be empty).
 fn nginx_conf(verifier: &str) -> String {
     format!(
         r#"worker_processes 1;
@@ -510,7 +511,7 @@ pid /tmp/nginx.pid;
 error_log stderr warn;
 events {{ worker_connections 256; }}
 http {{
-  log_format consumer '$msec $http_x_consumer $http_x_key_id $status';
+  log_format consumer '$msec|$http_x_consumer|$verified_key_id|$status';
   access_log off;
   client_body_temp_path /tmp/body;
   proxy_temp_path /tmp/proxy;
@@ -525,6 +526,7 @@ http {{
     }}
     location / {{
       auth_request /_keyward;
+      auth_request_set $verified_key_id $upstream_http_x_keyward_key_id;
       access_log /dev/stdout consumer;
       root /etc/kw;
       try_files /ok =404;
@@ -535,9 +537,8 @@ http {{
     )
 }
 
-/// A busybox pod spec that calls nginx every 200 ms with the key read by `read`, which
-/// sets `k` (the key) and `id` (its key ID); it exits at once on SIGTERM, as an
-/// application does.
+/// A busybox pod spec that calls nginx every 200 ms with the key read by `read` (which
+/// sets `k`); it exits at once on SIGTERM, as an application does.
 fn consumer_pod(
     name: &str,
     nginx: &str,
@@ -547,7 +548,7 @@ fn consumer_pod(
 ) -> serde_json::Value {
     let script = format!(
         "trap 'exit 0' TERM; while true; do {read}; timeout 3 wget -q -O /dev/null \
-         --header \"X-Api-Key: $k\" --header 'X-Consumer: {name}' --header \"X-Key-Id: $id\" http://{nginx}/ 2>/dev/null; \
+         --header \"X-Api-Key: $k\" --header 'X-Consumer: {name}' http://{nginx}/ 2>/dev/null; \
          sleep 0.2; done"
     );
     let mut container = json!({
@@ -564,12 +565,11 @@ fn consumer_pod(
     json!({"terminationGracePeriodSeconds": 10, "containers": [container], "volumes": volumes})
 }
 
-/// One of nginx's access log lines: (time, consumer, key ID, HTTP status).
+/// One of nginx's access log lines: (time, consumer, verified key ID, HTTP status).
 fn parse_access(line: &str) -> Option<(f64, String, String, u16)> {
-    let mut f = line.split_whitespace();
-    let at = f.next()?.parse().ok()?;
-    let (consumer, id, status) = (f.next()?.to_string(), f.next()?.to_string(), f.next()?.parse().ok()?);
-    Some((at, consumer, id, status))
+    let f: Vec<&str> = line.trim().split('|').collect();
+    let [at, consumer, id, status] = f[..] else { return None };
+    Some((at.parse().ok()?, consumer.to_string(), id.to_string(), status.parse().ok()?))
 }
 
 /// The `p` quantile of sorted samples (the lower one between two).
@@ -647,15 +647,14 @@ async fn every_way_a_pod_reads_its_key_follows_two_flips_through_nginx() {
     let annotations = json!({"keyward.dev/key-id": first.key_id});
     let secret_volume = json!([{"name": "keys", "secret": {"secretName": "svc"}}]);
     let projected = json!([{"name": "keys", "projected": {"sources": [{"secret": {"name": "svc"}}]}}]);
-    let from_file = "k=$(cat /keys/api-key); id=$(cat /keys/key-id)";
+    let from_file = "k=$(cat /keys/api-key)";
     let env = json!({"env": [
-        {"name": "API_KEY", "valueFrom": {"secretKeyRef": {"name": "svc", "key": "api-key"}}},
-        {"name": "KEY_ID", "valueFrom": {"secretKeyRef": {"name": "svc", "key": "key-id"}}}]});
+        {"name": "API_KEY", "valueFrom": {"secretKeyRef": {"name": "svc", "key": "api-key"}}}]});
     let env_from = json!({"envFrom": [{"secretRef": {"name": "svc"}}]});
     let pods = [
         ("volume", consumer_pod("volume", &nginx, from_file, secret_volume, json!({}))),
         ("projected", consumer_pod("projected", &nginx, from_file, projected, json!({}))),
-        ("env", consumer_pod("env", &nginx, "k=$API_KEY; id=$KEY_ID", json!([]), env)),
+        ("env", consumer_pod("env", &nginx, "k=$API_KEY", json!([]), env)),
         (
             "envfrom",
             consumer_pod(
@@ -663,8 +662,7 @@ async fn every_way_a_pod_reads_its_key_follows_two_flips_through_nginx() {
                 &nginx,
                 // A shell drops variables whose names are not identifiers (`api-key`) from
                 // what it passes on; the container's own environment still has them.
-                "k=$(tr '\\0' '\\n' </proc/1/environ | sed -n 's/^api-key=//p'); \
-                 id=$(tr '\\0' '\\n' </proc/1/environ | sed -n 's/^key-id=//p')",
+                "k=$(tr '\\0' '\\n' </proc/1/environ | sed -n 's/^api-key=//p')",
                 json!([]),
                 env_from,
             ),

@@ -695,12 +695,14 @@ async fn apply(
             Write::Status(status) => stored = Some(write_status(ctx, api, key, &old, status.clone()).await?),
         }
     }
-    let mut rollouts = Vec::new();
+    // Where each consumer's rollout stands, when they could all be looked at (a failure,
+    // or no active key to roll to, leaves the gauges and warnings as they were).
+    let mut rollouts = None;
     if failed.is_none()
         && let Some((key_id, changed)) = &plan.roll
     {
         match consumers::roll(ctx, key, key_id, *changed).await {
-            Ok(r) => rollouts = r,
+            Ok(r) => rollouts = Some(r),
             Err(e) => failed = Some(e),
         }
     }
@@ -711,7 +713,10 @@ async fn apply(
     // Gauges of this controller's ApiKeys only: one that left this shard meanwhile is the
     // other shard's to export (its gauges were dropped here when it left).
     let exported = ctx.reconciles(key);
-    let rollout_check = follow_rollouts(ctx, key, &plan.status, &rollouts, exported, now).await;
+    let rollout_check = match &rollouts {
+        Some(r) => follow_rollouts(ctx, key, &plan.status, r, exported, now).await,
+        None => None,
+    };
     if exported {
         export_expiry(ctx, key, &plan.status);
         export_usage(ctx, key, &plan.status, plan.old_key_in_use);
@@ -762,11 +767,13 @@ async fn apply(
     })
 }
 
-/// Env consumers still rolling out to the active key: the gauge (since the flip), and a
-/// Warning, once per workload and key, when the key their old pods hold has less than a
-/// quarter of its drain left (or would, at the rate it goes). When to look again: while
-/// a rollout is pending and that key is valid, every [`consumers::ROLLOUT_POLL`] and at
-/// the warning's moment.
+/// Env consumers still rolling out to the active key: the gauge (since keyward changed
+/// their template, else the flip), and a Warning, once per workload and key, when pods on
+/// an older template remain while the key they hold has a quarter of its drain left. Only
+/// for a rollout keyward started at the flip: a workload keyward changed later (listed
+/// mid-life) has pods that may have started with either key. When to look again: every
+/// [`consumers::ROLLOUT_POLL`] (and at the warning's moment) while old pods remain and that
+/// key drains, else every minute while anything is pending, so the gauge goes when done.
 async fn follow_rollouts(
     ctx: &Context,
     key: &ApiKey,
@@ -776,47 +783,61 @@ async fn follow_rollouts(
     now: DateTime<Utc>,
 ) -> Option<DateTime<Utc>> {
     let ns = key.namespace().unwrap_or_default();
-    let active = status.active_slot.and_then(|s| status.keys.iter().find(|k| k.slot == s));
-    let since = active.and_then(|a| a.activated_at).unwrap_or(now);
-    let pending: Vec<&consumers::Rollout> = rollouts.iter().filter(|r| r.pending.is_some()).collect();
+    let active = status.active_slot.and_then(|s| status.keys.iter().find(|k| k.slot == s))?;
+    let flipped = active.activated_at.unwrap_or(now);
+    let since = |r: &consumers::Rollout| r.patched_at.map_or(flipped, |t| t.max(flipped));
+    let pending: Vec<&consumers::Rollout> = rollouts.iter().filter(|r| r.pending().is_some()).collect();
     if exported {
         let gauges = pending
             .iter()
-            .map(|r| (kind_name(r.kind), r.name.clone(), since.timestamp_millis() as f64 / 1000.0));
+            .map(|r| (kind_name(r.kind), r.name.clone(), since(r).timestamp_millis() as f64 / 1000.0));
         ctx.metrics.set_rollouts_pending(&ns, &key.name_any(), gauges.collect());
     }
-    let (active, left) = match (active, status.active_slot) {
-        (Some(a), Some(slot)) => {
-            let left = status
-                .keys
-                .iter()
-                .find(|k| k.slot == slot.other() && lifecycle::is_valid(k) && k.activated_at.is_some());
-            (a, left)
-        }
-        _ => return None,
-    };
-    let (left, end) = match left.and_then(|l| l.effective_expires_at.map(|e| (l, e))) {
-        Some(found) if !pending.is_empty() => found,
-        _ => return None,
-    };
-    let warn_at = end - (end - since) / 4;
+    if pending.is_empty() {
+        return None;
+    }
+    let slow = now + chrono::TimeDelta::seconds(60);
+    let draining = status
+        .keys
+        .iter()
+        .find(|k| k.slot == active.slot.other() && lifecycle::is_valid(k) && k.activated_at.is_some())
+        .and_then(|l| l.effective_expires_at.map(|e| (l, e)));
+    let old: Vec<&&consumers::Rollout> = pending.iter().filter(|r| r.old_pods.is_some()).collect();
+    let Some((left, end)) = draining.filter(|_| !old.is_empty()) else { return Some(slow) };
+    let warn_at = end - (end - flipped) / 4;
     if now >= warn_at {
-        for r in pending.iter().filter(|r| r.rolled_before) {
+        // Started at the flip: keyward's change came with it (its time is to the second).
+        let at_flip = |r: &consumers::Rollout| {
+            r.patched_at.is_some_and(|t| t <= flipped + chrono::TimeDelta::seconds(60))
+        };
+        for r in old.iter().filter(|r| at_flip(r)) {
             let id = format!("{}|{:?}|{}|{}", super::object_id(key), r.kind, r.name, active.key_id);
-            if !ctx.first_rollout_warning(id) {
+            if ctx.rollout_warned(&id, &active.key_id) {
                 continue;
             }
             let message = format!(
-                "{:?} {ns}/{} has not finished rolling out to key {} ({}); its pods still on the old template \
+                "{} {ns}/{} has not finished rolling out to key {} ({}); its pods still on the old template \
                  hold key {}, which stops verifying at {}",
-                r.kind,
+                kind_name(r.kind),
                 r.name,
                 active.key_id,
-                r.pending.as_deref().unwrap_or_default(),
+                r.old_pods.as_deref().unwrap_or_default(),
                 left.key_id,
                 end.to_rfc3339_opts(SecondsFormat::Secs, true),
             );
-            ctx.warn(key, c::CONSUMER_ROLLOUT_INCOMPLETE, &message).await;
+            let related = consumers::reference(r.kind, &r.name, &ns);
+            if ctx
+                .event_related(
+                    key,
+                    EventType::Warning,
+                    c::CONSUMER_ROLLOUT_INCOMPLETE,
+                    &message,
+                    Some(related),
+                )
+                .await
+            {
+                ctx.rollout_warning_sent(id);
+            }
         }
     }
     let poll = now + chrono::TimeDelta::from_std(consumers::ROLLOUT_POLL).unwrap_or_default();

@@ -2,6 +2,7 @@
 //! in its pod template annotation `keyward.dev/key-id`, applied with its own field
 //! manager only when it differs, so every flip rolls each workload out exactly once.
 
+use chrono::{DateTime, Utc};
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, StatefulSet};
 use kube::ResourceExt;
 use kube::api::{Api, ApiResource, DynamicObject, Patch, PatchParams};
@@ -33,73 +34,107 @@ pub struct Rollout {
     pub kind: ConsumerKind,
     /// Its name.
     pub name: String,
-    /// Why it has not finished (None: every pod runs the current template).
-    pub pending: Option<String>,
-    /// keyward had rolled it before (its template carried a key ID): pods still on the
-    /// old template hold an older key. A workload that never carried one started with
-    /// whatever key the Secret held then.
-    pub rolled_before: bool,
+    /// Why pods on an older pod template remain (they hold the key of their start).
+    pub old_pods: Option<String>,
+    /// Why not every pod on the current template is available yet.
+    pub unavailable: Option<String>,
+    /// When keyward last changed the template's key ID (its field manager's entry in
+    /// `managedFields`): None when it never did (the annotation came from elsewhere).
+    pub patched_at: Option<DateTime<Utc>>,
+}
+
+impl Rollout {
+    /// Why it has not finished (None: every pod runs the current template, available).
+    pub fn pending(&self) -> Option<&str> {
+        self.old_pods.as_deref().or(self.unavailable.as_deref())
+    }
 }
 
 fn count(v: &serde_json::Value) -> i64 {
     v.as_i64().unwrap_or(0)
 }
 
-/// Why a workload's pods do not all run its current pod template yet, as `kubectl
-/// rollout status` judges it (None: done). A rollout that cannot finish by itself (a
-/// paused Deployment, a StatefulSet or DaemonSet with `updateStrategy: OnDelete`) says so.
-pub fn pending(kind: ConsumerKind, obj: &serde_json::Value) -> Option<String> {
+/// Where a workload's pods stand against its current pod template, as `kubectl rollout
+/// status` judges it: (why pods on an older template remain, why not every current pod
+/// is available); (None, None): done. A rollout that cannot finish by itself (a paused
+/// Deployment, `updateStrategy: OnDelete`) says so.
+pub fn progress(kind: ConsumerKind, obj: &serde_json::Value) -> (Option<String>, Option<String>) {
     let (spec, status) = (&obj["spec"], &obj["status"]);
     let generation = count(&obj["metadata"]["generation"]);
-    let manual = |what: &str| format!("{what}: it waits for its pods to be deleted by hand");
-    if kind != ConsumerKind::Deployment && spec["updateStrategy"]["type"] == "OnDelete" {
-        let updated = match kind {
-            ConsumerKind::DaemonSet => {
-                count(&status["updatedNumberScheduled"]) < count(&status["desiredNumberScheduled"])
-            }
-            _ => status["currentRevision"] != status["updateRevision"],
-        };
-        if count(&status["observedGeneration"]) < generation || updated {
-            return Some(manual("updateStrategy OnDelete"));
-        }
-    }
-    if count(&status["observedGeneration"]) < generation {
-        return Some(if spec["paused"] == true {
-            "the Deployment is paused".into()
-        } else {
-            "its controller has not seen the new template yet".into()
-        });
-    }
+    let want = spec["replicas"].as_i64().unwrap_or(1);
     let of =
         |done: i64, want: i64, what: &str| (done < want).then(|| format!("{done} of {want} pods {what}"));
+    let unseen = count(&status["observedGeneration"]) < generation;
+    let on_delete = "updateStrategy OnDelete: it waits for its pods to be deleted by hand";
+    let not_seen = "its controller has not seen the new template yet";
     match kind {
         ConsumerKind::Deployment => {
-            let want = spec["replicas"].as_i64().unwrap_or(1);
-            let updated = count(&status["updatedReplicas"]);
-            let paused = (spec["paused"] == true).then(|| "the Deployment is paused".to_string());
-            of(updated, want, "updated")
-                .map(|m| paused.clone().map_or(m.clone(), |p| format!("{p}; {m}")))
-                .or_else(|| {
-                    let old = count(&status["replicas"]) - updated;
-                    (old > 0).then(|| format!("{old} old pods still running"))
-                })
-                .or_else(|| of(count(&status["availableReplicas"]), updated, "available"))
+            let paused = spec["paused"] == true;
+            let updated = if unseen { 0 } else { count(&status["updatedReplicas"]) };
+            // Pods shutting down still call with their key (`terminatingReplicas`, 1.33+).
+            let old = count(&status["replicas"]) - updated + count(&status["terminatingReplicas"]);
+            let old_pods = if unseen && !paused {
+                Some(not_seen.to_string())
+            } else {
+                of(updated, want, "updated")
+                    .or_else(|| (old > 0).then(|| format!("{old} old pods still running")))
+                    .map(|m| if paused { format!("the Deployment is paused; {m}") } else { m })
+            };
+            (old_pods, of(count(&status["availableReplicas"]), updated, "available"))
         }
         ConsumerKind::StatefulSet => {
-            let want = spec["replicas"].as_i64().unwrap_or(1);
-            of(count(&status["updatedReplicas"]), want, "updated")
-                .or_else(|| of(count(&status["readyReplicas"]), want, "ready"))
-                .or_else(|| {
-                    (status["currentRevision"] != status["updateRevision"])
-                        .then(|| "the update is not complete".into())
-                })
+            let revisions = status["currentRevision"] != status["updateRevision"];
+            let old_pods = if spec["updateStrategy"]["type"] == "OnDelete" && (unseen || revisions) {
+                Some(on_delete.to_string())
+            } else if unseen {
+                Some(not_seen.to_string())
+            } else {
+                of(count(&status["updatedReplicas"]), want, "updated")
+                    .or_else(|| revisions.then(|| "the update is not complete".to_string()))
+            };
+            (old_pods, of(count(&status["readyReplicas"]), want, "ready"))
         }
         ConsumerKind::DaemonSet => {
-            let want = count(&status["desiredNumberScheduled"]);
-            of(count(&status["updatedNumberScheduled"]), want, "updated")
-                .or_else(|| of(count(&status["numberAvailable"]), want, "available"))
+            let desired = count(&status["desiredNumberScheduled"]);
+            let behind = count(&status["updatedNumberScheduled"]) < desired;
+            let old_pods = if spec["updateStrategy"]["type"] == "OnDelete" && (unseen || behind) {
+                Some(on_delete.to_string())
+            } else if unseen {
+                Some(not_seen.to_string())
+            } else {
+                of(count(&status["updatedNumberScheduled"]), desired, "updated")
+            };
+            (old_pods, of(count(&status["numberAvailable"]), desired, "available"))
         }
     }
+}
+
+/// The workload as an Event's related object.
+pub fn reference(
+    kind: ConsumerKind,
+    name: &str,
+    namespace: &str,
+) -> k8s_openapi::api::core::v1::ObjectReference {
+    let ar = resource(kind);
+    k8s_openapi::api::core::v1::ObjectReference {
+        api_version: Some(ar.api_version),
+        kind: Some(ar.kind),
+        name: Some(name.to_string()),
+        namespace: Some(namespace.to_string()),
+        ..Default::default()
+    }
+}
+
+/// When keyward's consumer field manager last wrote the object.
+fn patched_at(obj: &DynamicObject) -> Option<DateTime<Utc>> {
+    let entries = obj.metadata.managed_fields.iter().flatten();
+    let ours = entries.filter(|m| m.manager.as_deref() == Some(CONSUMER_MANAGER));
+    ours.filter_map(|m| m.time.as_ref()).filter_map(|t| DateTime::from_timestamp(t.0.as_second(), 0)).max()
+}
+
+fn rollout(kind: ConsumerKind, name: &str, obj: &DynamicObject) -> Rollout {
+    let (old_pods, unavailable) = progress(kind, &serde_json::to_value(obj).unwrap_or_default());
+    Rollout { kind, name: name.to_string(), old_pods, unavailable, patched_at: patched_at(obj) }
 }
 
 /// Make every consumer's pod template carry `key_id`, and say where each rollout stands.
@@ -123,13 +158,7 @@ pub async fn roll(ctx: &Context, key: &ApiKey, key_id: &str, report_missing: boo
         };
         let current = obj.data["spec"]["template"]["metadata"]["annotations"][KEY_ID_ANNOTATION].as_str();
         if current == Some(key_id) {
-            let pending = pending(consumer.kind, &serde_json::to_value(&obj).unwrap_or_default());
-            rollouts.push(Rollout {
-                kind: consumer.kind,
-                name: consumer.name.clone(),
-                pending,
-                rolled_before: true,
-            });
+            rollouts.push(rollout(consumer.kind, &consumer.name, &obj));
             continue;
         }
         let patch = json!({
@@ -137,14 +166,13 @@ pub async fn roll(ctx: &Context, key: &ApiKey, key_id: &str, report_missing: boo
             "metadata": {"name": consumer.name},
             "spec": {"template": {"metadata": {"annotations": {KEY_ID_ANNOTATION: key_id}}}}
         });
-        api.patch(&consumer.name, &PatchParams::apply(CONSUMER_MANAGER).force(), &Patch::Apply(&patch))
+        let patched = api
+            .patch(&consumer.name, &PatchParams::apply(CONSUMER_MANAGER).force(), &Patch::Apply(&patch))
             .await
             .map_err(Error::kube(format!("rolling out {what}")))?;
         ctx.metrics.count_write("consumers");
         tracing::info!(apikey = %key.name_any(), consumer = %what, key_id, "rolled out consumer");
-        let pending = Some("its rollout just started".to_string());
-        let rolled_before = current.is_some();
-        rollouts.push(Rollout { kind: consumer.kind, name: consumer.name.clone(), pending, rolled_before });
+        rollouts.push(rollout(consumer.kind, &consumer.name, &patched));
     }
     Ok(rollouts)
 }
@@ -154,61 +182,60 @@ mod tests {
     use super::*;
 
     #[test]
-    fn rollouts_are_pending_until_every_pod_runs_the_current_template() {
+    fn rollouts_tell_old_pods_from_pods_not_yet_available() {
         let d = |spec: serde_json::Value, status: serde_json::Value| {
-            pending(
+            progress(
                 ConsumerKind::Deployment,
                 &json!({"metadata": {"generation": 3}, "spec": spec, "status": status}),
             )
         };
         let done =
             json!({"observedGeneration": 3, "replicas": 3, "updatedReplicas": 3, "availableReplicas": 3});
-        assert_eq!(d(json!({"replicas": 3}), done.clone()), None);
-        assert_eq!(
-            d(json!({"replicas": 0}), json!({"observedGeneration": 3})),
-            None,
-            "no pods, nothing to roll"
-        );
-        assert!(d(json!({"replicas": 3}), json!({"observedGeneration": 2})).unwrap().contains("not seen"));
-        let paused = d(
-            json!({"replicas": 3, "paused": true}),
-            json!({"observedGeneration": 3, "replicas": 3, "updatedReplicas": 0}),
-        );
-        assert_eq!(paused.as_deref(), Some("the Deployment is paused; 0 of 3 pods updated"));
+        assert_eq!(d(json!({"replicas": 3}), done.clone()), (None, None));
+        assert_eq!(d(json!({"replicas": 0}), json!({"observedGeneration": 3})), (None, None), "no pods");
+        let unseen = d(json!({"replicas": 3}), json!({"observedGeneration": 2}));
+        assert!(unseen.0.unwrap().contains("not seen"));
+        let paused =
+            d(json!({"replicas": 3, "paused": true}), json!({"observedGeneration": 2, "replicas": 3}));
+        assert_eq!(paused.0.as_deref(), Some("the Deployment is paused; 0 of 3 pods updated"));
         let surge =
             json!({"observedGeneration": 3, "replicas": 4, "updatedReplicas": 3, "availableReplicas": 3});
-        assert_eq!(d(json!({"replicas": 3}), surge).as_deref(), Some("1 old pods still running"));
+        assert_eq!(d(json!({"replicas": 3}), surge).0.as_deref(), Some("1 old pods still running"));
+        let terminating = json!({"observedGeneration": 3, "replicas": 3, "updatedReplicas": 3,
+                                 "availableReplicas": 3, "terminatingReplicas": 1});
+        assert_eq!(d(json!({"replicas": 3}), terminating).0.as_deref(), Some("1 old pods still running"));
+        // Every pod on the current template, one not available: not an old pod.
         let starting =
             json!({"observedGeneration": 3, "replicas": 3, "updatedReplicas": 3, "availableReplicas": 1});
-        assert_eq!(d(json!({"replicas": 3}), starting).as_deref(), Some("1 of 3 pods available"));
+        assert_eq!(d(json!({"replicas": 3}), starting), (None, Some("1 of 3 pods available".into())));
 
         let s = |spec: serde_json::Value, status: serde_json::Value| {
-            pending(
+            progress(
                 ConsumerKind::StatefulSet,
                 &json!({"metadata": {"generation": 2}, "spec": spec, "status": status}),
             )
         };
         let sts_done = json!({"observedGeneration": 2, "updatedReplicas": 2, "readyReplicas": 2,
                               "currentRevision": "r2", "updateRevision": "r2"});
-        assert_eq!(s(json!({"replicas": 2}), sts_done.clone()), None);
+        assert_eq!(s(json!({"replicas": 2}), sts_done.clone()), (None, None));
         let rolling = json!({"observedGeneration": 2, "updatedReplicas": 1, "readyReplicas": 2,
                              "currentRevision": "r1", "updateRevision": "r2"});
-        assert_eq!(s(json!({"replicas": 2}), rolling.clone()).as_deref(), Some("1 of 2 pods updated"));
+        assert_eq!(s(json!({"replicas": 2}), rolling.clone()).0.as_deref(), Some("1 of 2 pods updated"));
         let on_delete = s(json!({"replicas": 2, "updateStrategy": {"type": "OnDelete"}}), rolling);
-        assert!(on_delete.unwrap().contains("OnDelete"), "never finishes by itself");
-        assert_eq!(s(json!({"replicas": 2, "updateStrategy": {"type": "OnDelete"}}), sts_done), None);
+        assert!(on_delete.0.unwrap().contains("OnDelete"), "never finishes by itself");
+        assert_eq!(s(json!({"replicas": 2, "updateStrategy": {"type": "OnDelete"}}), sts_done), (None, None));
 
         let ds = |status: serde_json::Value| {
-            pending(
+            progress(
                 ConsumerKind::DaemonSet,
                 &json!({"metadata": {"generation": 1}, "spec": {}, "status": status}),
             )
         };
-        let ds_rolling =
-            json!({"observedGeneration": 1, "desiredNumberScheduled": 4, "updatedNumberScheduled": 2});
-        assert_eq!(ds(ds_rolling).as_deref(), Some("2 of 4 pods updated"));
+        let ds_rolling = json!({"observedGeneration": 1, "desiredNumberScheduled": 4, "updatedNumberScheduled": 2,
+                                "numberAvailable": 4});
+        assert_eq!(ds(ds_rolling).0.as_deref(), Some("2 of 4 pods updated"));
         let ds_done = json!({"observedGeneration": 1, "desiredNumberScheduled": 4, "updatedNumberScheduled": 4,
                              "numberAvailable": 4});
-        assert_eq!(ds(ds_done), None);
+        assert_eq!(ds(ds_done), (None, None));
     }
 }

@@ -219,9 +219,18 @@ impl Context {
         self.rollouts_warned.lock().unwrap_or_else(|p| p.into_inner()).retain(|w| !w.starts_with(&prefix));
     }
 
-    /// Whether the rollout warning `id` is new (remembered from now on).
-    pub fn first_rollout_warning(&self, id: String) -> bool {
-        self.rollouts_warned.lock().unwrap_or_else(|p| p.into_inner()).insert(id)
+    /// Whether the rollout warning `id` (`ApiKey id|kind|name|key ID`) was sent; those of
+    /// the same ApiKey about keys other than `active` are forgotten (a flip moved on).
+    pub fn rollout_warned(&self, id: &str, active: &str) -> bool {
+        let mut warned = self.rollouts_warned.lock().unwrap_or_else(|p| p.into_inner());
+        let apikey = id.split('|').next().unwrap_or_default();
+        warned.retain(|w| !w.starts_with(&format!("{apikey}|")) || w.ends_with(&format!("|{active}")));
+        warned.contains(id)
+    }
+
+    /// The rollout warning `id` was published.
+    pub fn rollout_warning_sent(&self, id: String) {
+        self.rollouts_warned.lock().unwrap_or_else(|p| p.into_inner()).insert(id);
     }
 }
 
