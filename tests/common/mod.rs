@@ -204,9 +204,18 @@ pub struct KeywardProcess {
     pub log: std::path::PathBuf,
 }
 
-/// A free loopback port (bound, then released for the child to take).
+/// A free loopback port for a child process to listen on (bound, then released for it to
+/// take). Chosen below Linux's ephemeral range (32768–60999): a port from there, once
+/// released, can be handed at once to another test's `bind(0)` listener or outgoing
+/// connection, and the child would fail to listen while its port answers for someone
+/// else (seen: a proxy test reaching another test's HTTPS server).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    loop {
+        let port = 20_000 + rand::random::<u16>() % 10_000;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 impl KeywardProcess {
