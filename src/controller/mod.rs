@@ -854,9 +854,6 @@ pub async fn run(client: Client, server: &str, opts: Options) -> Result<()> {
     Ok(())
 }
 
-/// Follow the pods (of the watched namespace, or all) and keep [`Context::consumers`]:
-/// what each pod does with Secrets, never the pods themselves. A change for a Secret
-/// triggers the ApiKeys that write it.
 /// A bad `--watch-label-selector` is a start-up error in the API server's words, not a
 /// watch that fails forever.
 async fn check_selector(client: &Client, namespace: Option<&str>, selector: &str) -> Result<()> {
@@ -913,6 +910,9 @@ async fn watch_members(
 /// Pods per page of the pod watch's lists.
 const POD_PAGE: u32 = 50;
 
+/// Follow the pods (of the watched namespace, or all) and keep [`Context::consumers`]:
+/// what each pod does with Secrets, never the pods themselves. A change for a Secret
+/// triggers the ApiKeys that write it.
 async fn watch_pods(
     ctx: Arc<Context>,
     namespace: Option<String>,
