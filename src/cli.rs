@@ -61,8 +61,8 @@ pub enum Command {
         #[arg(long, env = "KEYWARD_WATCH_CONSUMERS")]
         watch_consumers: bool,
         /// Reconcile only the ApiKeys this label selector matches (a shard, e.g.
-        /// keyward.dev/shard=a; the unsharded rest: !keyward.dev/shard). Every ApiKey in
-        /// scope is still watched, for owner limits. Empty: all.
+        /// keyward.dev/shard=a; the rest: "keyward.dev/shard notin (a,b)"). Every ApiKey
+        /// in scope is still watched, for owner limits. Empty: all.
         #[arg(long, env = "KEYWARD_WATCH_LABEL_SELECTOR")]
         watch_label_selector: Option<String>,
         /// Write KeyPolicy status (keyCount, the single default); one controller in a

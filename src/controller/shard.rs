@@ -9,11 +9,13 @@
 //! selector semantics) keeps the members, and a reconcile of any other ApiKey does nothing.
 //!
 //! Moving an ApiKey between shards is a label change. The shard it leaves sees it leave its
-//! selector and stops; the shard it joins sees it arrive and reconciles it at once. While
-//! both still think it theirs (each watch's lag), every write keyward makes carries a
-//! resourceVersion precondition (Secret and status), so the slower writer gets a conflict
-//! and re-reads; key material written by one and not yet recorded is adopted by the next
-//! reconcile, as after any interrupted one.
+//! selector and stops; the shard it joins sees it arrive and reconciles it at once. A
+//! shard plans each reconcile from a fresh read by its selector and the ApiKey's name
+//! (`apikey::reconcile`), never from its cache, which may lag the other shard's writes; the
+//! writes carry the resourceVersions of that read (Secret and status), so of two shards
+//! that read it as theirs at the same moment the slower gets a conflict and reads again;
+//! key material written by one and not yet recorded is adopted by the next reconcile, as
+//! after any interrupted one.
 
 use std::sync::Mutex;
 
