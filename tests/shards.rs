@@ -60,10 +60,6 @@ fn members(p: &KeywardProcess) -> Option<f64> {
     p.get("/metrics").map(|(_, m)| metric_sum(&m, "keyward_controller_shard_apikeys"))
 }
 
-fn reason(k: &ApiKey) -> Option<(String, String)> {
-    common::ready(k)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_apikey_is_reconciled_by_exactly_one_shard() {
     let client = client().await;
@@ -92,7 +88,7 @@ async fn each_apikey_is_reconciled_by_exactly_one_shard() {
     }
     common::wait_ready(&client, &ns.name, "x1", Duration::from_secs(60)).await;
     let (status, why) = common::wait_key(&client, &ns.name, "x2", Duration::from_secs(60), |k| {
-        reason(k).filter(|r| r.0 == "False")
+        common::ready(k).filter(|r| r.0 == "False")
     })
     .await;
     assert_eq!((status.as_str(), why.as_str()), ("False", "OwnerKeyLimitExceeded"), "the limit spans shards");

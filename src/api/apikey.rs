@@ -118,6 +118,17 @@ pub enum ConsumerKind {
     DaemonSet,
 }
 
+impl ConsumerKind {
+    /// The kind's name, as in `kind:` (also a metric label).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ConsumerKind::Deployment => "Deployment",
+            ConsumerKind::StatefulSet => "StatefulSet",
+            ConsumerKind::DaemonSet => "DaemonSet",
+        }
+    }
+}
+
 /// A workload in the ApiKey's namespace that consumes the key.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]

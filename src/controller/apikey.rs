@@ -790,7 +790,7 @@ async fn follow_rollouts(
     if exported {
         let gauges = pending
             .iter()
-            .map(|r| (kind_name(r.kind), r.name.clone(), since(r).timestamp_millis() as f64 / 1000.0));
+            .map(|r| (r.kind.as_str(), r.name.clone(), since(r).timestamp_millis() as f64 / 1000.0));
         ctx.metrics.set_rollouts_pending(&ns, &key.name_any(), gauges.collect());
     }
     if pending.is_empty() {
@@ -818,7 +818,7 @@ async fn follow_rollouts(
             let message = format!(
                 "{} {ns}/{} has not finished rolling out to key {} ({}); its pods still on the old template \
                  hold key {}, which stops verifying at {}",
-                kind_name(r.kind),
+                r.kind.as_str(),
                 r.name,
                 active.key_id,
                 r.old_pods.as_deref().unwrap_or_default(),
@@ -842,14 +842,6 @@ async fn follow_rollouts(
     }
     let poll = now + chrono::TimeDelta::from_std(consumers::ROLLOUT_POLL).unwrap_or_default();
     Some(if warn_at > now { poll.min(warn_at) } else { poll.min(end) }.max(now))
-}
-
-fn kind_name(kind: crate::api::ConsumerKind) -> &'static str {
-    match kind {
-        crate::api::ConsumerKind::Deployment => "Deployment",
-        crate::api::ConsumerKind::StatefulSet => "StatefulSet",
-        crate::api::ConsumerKind::DaemonSet => "DaemonSet",
-    }
 }
 
 /// The active and waiting standby keys' expiries as gauges (for alerts such as "expires

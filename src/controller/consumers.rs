@@ -65,8 +65,16 @@ pub fn progress(kind: ConsumerKind, obj: &serde_json::Value) -> (Option<String>,
     let of =
         |done: i64, want: i64, what: &str| (done < want).then(|| format!("{done} of {want} pods {what}"));
     let unseen = count(&status["observedGeneration"]) < generation;
-    let on_delete = "updateStrategy OnDelete: it waits for its pods to be deleted by hand";
     let not_seen = "its controller has not seen the new template yet";
+    // StatefulSets and DaemonSets: an update that waits for pods deleted by hand, or one
+    // their controller has not seen yet (`behind`: pods not on the current template).
+    let waiting = |behind: bool| {
+        if spec["updateStrategy"]["type"] == "OnDelete" && (unseen || behind) {
+            Some("updateStrategy OnDelete: it waits for its pods to be deleted by hand".to_string())
+        } else {
+            unseen.then(|| not_seen.to_string())
+        }
+    };
     match kind {
         ConsumerKind::Deployment => {
             let paused = spec["paused"] == true;
@@ -84,26 +92,17 @@ pub fn progress(kind: ConsumerKind, obj: &serde_json::Value) -> (Option<String>,
         }
         ConsumerKind::StatefulSet => {
             let revisions = status["currentRevision"] != status["updateRevision"];
-            let old_pods = if spec["updateStrategy"]["type"] == "OnDelete" && (unseen || revisions) {
-                Some(on_delete.to_string())
-            } else if unseen {
-                Some(not_seen.to_string())
-            } else {
+            let old_pods = waiting(revisions).or_else(|| {
                 of(count(&status["updatedReplicas"]), want, "updated")
                     .or_else(|| revisions.then(|| "the update is not complete".to_string()))
-            };
+            });
             (old_pods, of(count(&status["readyReplicas"]), want, "ready"))
         }
         ConsumerKind::DaemonSet => {
             let desired = count(&status["desiredNumberScheduled"]);
             let behind = count(&status["updatedNumberScheduled"]) < desired;
-            let old_pods = if spec["updateStrategy"]["type"] == "OnDelete" && (unseen || behind) {
-                Some(on_delete.to_string())
-            } else if unseen {
-                Some(not_seen.to_string())
-            } else {
-                of(count(&status["updatedNumberScheduled"]), desired, "updated")
-            };
+            let old_pods =
+                waiting(behind).or_else(|| of(count(&status["updatedNumberScheduled"]), desired, "updated"));
             (old_pods, of(count(&status["numberAvailable"]), desired, "available"))
         }
     }

@@ -334,6 +334,18 @@ impl Context {
     }
 }
 
+/// `K` in `namespace`, or in all namespaces.
+fn scoped<K>(client: &Client, namespace: Option<&str>) -> Api<K>
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope>,
+    <K as Resource>::DynamicType: Default,
+{
+    match namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    }
+}
+
 /// The current time, to the millisecond (status timestamps stay readable).
 pub fn now() -> DateTime<Utc> {
     let t = Utc::now();
@@ -361,11 +373,7 @@ pub async fn ensure_crds_in(client: &Client, server: &str, namespace: Option<&st
         .list_metadata(&probe)
         .await
         .map_err(missing("KeyPolicy", "keypolicies"))?;
-    let keys = match namespace {
-        Some(ns) => Api::<ApiKey>::namespaced(client.clone(), ns),
-        None => Api::<ApiKey>::all(client.clone()),
-    };
-    keys.list_metadata(&probe).await.map_err(missing("ApiKey", "apikeys"))?;
+    scoped::<ApiKey>(client, namespace).list_metadata(&probe).await.map_err(missing("ApiKey", "apikeys"))?;
     Ok(())
 }
 
@@ -640,12 +648,10 @@ pub async fn run(client: Client, server: &str, opts: Options) -> Result<()> {
     // release the lease.
     let stop = shutdown_signal().boxed().shared();
 
-    let (keys_api, secrets_api) = match &opts.namespace {
-        Some(ns) => {
-            (Api::<ApiKey>::namespaced(client.clone(), ns), Api::<Secret>::namespaced(client.clone(), ns))
-        }
-        None => (Api::<ApiKey>::all(client.clone()), Api::<Secret>::all(client.clone())),
-    };
+    let (keys_api, secrets_api) = (
+        scoped::<ApiKey>(&client, opts.namespace.as_deref()),
+        scoped::<Secret>(&client, opts.namespace.as_deref()),
+    );
     let policies_api = Api::<KeyPolicy>::all(client.clone());
     let (keys_reader, keys_writer) = reflector::store();
     let mut policy_ctl = Controller::new(policies_api.clone(), watcher::Config::default());
@@ -857,11 +863,10 @@ pub async fn run(client: Client, server: &str, opts: Options) -> Result<()> {
 /// A bad `--watch-label-selector` is a start-up error in the API server's words, not a
 /// watch that fails forever.
 async fn check_selector(client: &Client, namespace: Option<&str>, selector: &str) -> Result<()> {
-    let api: Api<ApiKey> = match namespace {
-        Some(ns) => Api::namespaced(client.clone(), ns),
-        None => Api::all(client.clone()),
-    };
-    match api.list_metadata(&ListParams::default().labels(selector).limit(1)).await {
+    match scoped::<ApiKey>(client, namespace)
+        .list_metadata(&ListParams::default().labels(selector).limit(1))
+        .await
+    {
         Ok(_) => Ok(()),
         Err(kube::Error::Api(s)) if s.code == 400 => {
             Err(Error::Config(format!("--watch-label-selector {selector:?}: {}", s.message)))
@@ -881,10 +886,7 @@ async fn watch_members(
     use kube::core::PartialObjectMeta;
     let Some(shard) = ctx.shard.as_ref() else { return };
     // Metadata only: the members' names are all this watch needs.
-    let api: Api<PartialObjectMeta<ApiKey>> = match &namespace {
-        Some(ns) => Api::namespaced(ctx.client.clone(), ns),
-        None => Api::all(ctx.client.clone()),
-    };
+    let api = scoped::<PartialObjectMeta<ApiKey>>(&ctx.client, namespace.as_deref());
     let config = watcher::Config::default().labels(&shard.selector);
     let mut events = std::pin::pin!(watcher(api, config).default_backoff());
     while let Some(ev) = events.next().await {
@@ -918,10 +920,7 @@ async fn watch_pods(
     namespace: Option<String>,
     trigger: futures::channel::mpsc::UnboundedSender<ObjectRef<ApiKey>>,
 ) {
-    let api: Api<k8s_openapi::api::core::v1::Pod> = match &namespace {
-        Some(ns) => Api::namespaced(ctx.client.clone(), ns),
-        None => Api::all(ctx.client.clone()),
-    };
+    let api = scoped::<k8s_openapi::api::core::v1::Pod>(&ctx.client, namespace.as_deref());
     let mut known = Known::<()>::default();
     // Pods are large and only what they do with Secrets is kept: list them in small
     // pages, so the first list's peak (which the allocator keeps) stays small; finished

@@ -11,7 +11,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use k8s_openapi::api::core::v1::Pod;
 use kube::ResourceExt;
 
-use crate::api::{ConsumerKind, ConsumerRef};
+use crate::api::ConsumerRef;
 
 /// How a pod reads a Secret, when that way never sees a rotation by itself.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -140,14 +140,7 @@ fn rollable(workload: &Workload) -> bool {
 /// Whether `consumers` lists `workload`.
 fn listed(consumers: &[ConsumerRef], workload: &Workload) -> bool {
     rollable(workload)
-        && consumers.iter().any(|c| {
-            let kind = match c.kind {
-                ConsumerKind::Deployment => "Deployment",
-                ConsumerKind::StatefulSet => "StatefulSet",
-                ConsumerKind::DaemonSet => "DaemonSet",
-            };
-            kind == workload.kind && c.name == workload.name
-        })
+        && consumers.iter().any(|c| c.kind.as_str() == workload.kind && c.name == workload.name)
 }
 
 /// What the controller knows about the pods reading one ApiKey's Secret.

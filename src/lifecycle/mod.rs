@@ -988,7 +988,7 @@ impl Engine<'_, '_> {
                 active.slot,
                 active.key_id,
                 ts(flipped),
-                crate::duration::IsoDuration::from_secs(((lead.num_milliseconds() + 500) / 1000).max(0) as u64),
+                rules::whole_seconds(lead),
                 left.slot,
                 left.key_id,
             )

@@ -97,11 +97,8 @@ pub fn parse_secondary_at(text: &str) -> Result<SecondaryAt, PolicyProblem> {
     positive("rotation.secondaryAt", t).map(SecondaryAt::After)
 }
 
-/// `rotation.minFlipLead`'s default (`PT2M`), also where its value does not parse.
-const DEFAULT_MIN_FLIP_LEAD_SECS: u64 = 120;
-
 /// A duration as whole seconds (rounded), for messages.
-fn whole_seconds(d: TimeDelta) -> IsoDuration {
+pub(crate) fn whole_seconds(d: TimeDelta) -> IsoDuration {
     IsoDuration::from_secs(((d.num_milliseconds() + 500) / 1000).max(0) as u64)
 }
 
@@ -156,13 +153,11 @@ impl Rules {
         // `MinFlipLeadInvalid`) and the default applies; it never stops the policy.
         let (min_flip_lead, min_flip_lead_invalid) = match IsoDuration::parse(&spec.rotation.min_flip_lead) {
             Ok(d) => (d, None),
-            Err(err) => (
-                IsoDuration::from_secs(DEFAULT_MIN_FLIP_LEAD_SECS),
-                Some(format!(
-                    "rotation.minFlipLead: {err}; the default {} applies",
-                    IsoDuration::from_secs(DEFAULT_MIN_FLIP_LEAD_SECS)
-                )),
-            ),
+            Err(err) => {
+                let default = crate::api::RotationSpec::default().min_flip_lead;
+                let parsed = IsoDuration::parse(&default).expect("the default minFlipLead parses");
+                (parsed, Some(format!("rotation.minFlipLead: {err}; the default {default} applies")))
+            }
         };
         let retire_drained_after = spec
             .rotation
