@@ -8,6 +8,7 @@
 //! cargo bench --bench operator -- precision [N] [MIN]   (default 500 keys, 5 minutes)
 //! cargo bench --bench operator -- catchup [N]           (default 1000)
 //! cargo bench --bench operator -- cost [N]              (default 200)
+//! cargo bench --bench operator -- scale [N…]            (default 1000 5000 20000 50000)
 //! cargo bench --bench operator -- all
 //! ```
 //!
@@ -56,6 +57,11 @@ async fn main() {
         }
         "catchup" => catchup(&client, or(nums, &[1000])[0]).await,
         "cost" => cost(&client, or(nums, &[200])[0]).await,
+        "scale" => {
+            let minutes =
+                std::env::var("KEYWARD_SCALE_MINUTES").ok().and_then(|m| m.parse().ok()).unwrap_or(2);
+            scale(&client, &or(nums, &[1000, 5000, 20000, 50000]), minutes).await
+        }
         "pods" => {
             let n = or(nums, &[1000, 1000]);
             pods(&client, n[0], n.get(1).copied().unwrap_or(1000)).await
@@ -68,7 +74,9 @@ async fn main() {
             cost(&client, 200).await;
         }
         other => {
-            panic!("unknown scenario {other}: provision | memory | precision | catchup | cost | pods | all")
+            panic!(
+                "unknown scenario {other}: provision | memory | precision | catchup | cost | pods | scale | all"
+            )
         }
     }
 }
@@ -111,15 +119,8 @@ impl Bed {
         self.controller.as_ref().and_then(|c| c.get("/metrics")).map(|m| m.1).unwrap_or_default()
     }
 
-    fn rss_mib(&self) -> f64 {
-        let pid = self.controller.as_ref().and_then(KeywardProcess::pid).expect("controller running");
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc status");
-        let kib: f64 = status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .expect("VmRSS");
-        kib / 1024.0
+    fn pid(&self) -> u32 {
+        self.controller.as_ref().and_then(KeywardProcess::pid).expect("controller running")
     }
 
     /// Create ApiKeys for `range` and wait until a watch has seen the namespace's first
@@ -241,21 +242,33 @@ fn track_ready(client: &Client, ns: &str) -> (Arc<Mutex<HashSet<String>>>, tokio
 /// CPU seconds used so far by the processes named `names` (kube-apiserver, etcd,
 /// keyward) on this machine: what limits a run on the local control plane.
 fn cpu_seconds(names: &[&str]) -> f64 {
-    let tick = 100.0; // USER_HZ on Linux
     let mut total = 0.0;
     for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
         let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else { continue };
-        let Some((comm, rest)) = stat.split_once(") ") else { continue };
-        let comm = comm.rsplit_once('(').map_or("", |c| c.1);
-        if !names.contains(&comm) {
-            continue;
+        if let Some((comm, used)) = cpu_of_stat(&stat)
+            && names.contains(&comm)
+        {
+            total += used;
         }
-        let f: Vec<&str> = rest.split(' ').collect();
-        // After "pid (comm) ": state is field 0, utime 11, stime 12.
-        let ticks: f64 = f.get(11..13).into_iter().flatten().filter_map(|v| v.parse::<f64>().ok()).sum();
-        total += ticks / tick;
     }
     total
+}
+
+/// CPU seconds used so far by process `pid`.
+fn cpu_of(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    cpu_of_stat(&stat).map_or(0.0, |c| c.1)
+}
+
+/// A `/proc/<pid>/stat` line's command name and CPU seconds (user + system).
+fn cpu_of_stat(stat: &str) -> Option<(&str, f64)> {
+    let tick = 100.0; // USER_HZ on Linux
+    let (comm, rest) = stat.split_once(") ")?;
+    let comm = comm.rsplit_once('(').map_or("", |c| c.1);
+    let f: Vec<&str> = rest.split(' ').collect();
+    // After "pid (comm) ": state is field 0, utime 11, stime 12.
+    let ticks: f64 = f.get(11..13).into_iter().flatten().filter_map(|v| v.parse::<f64>().ok()).sum();
+    Some((comm, ticks / tick))
 }
 
 /// CPU used by the API server + etcd and by keyward while `f` runs.
@@ -390,7 +403,7 @@ async fn memory(client: &Client, sizes: &[usize]) {
     println!("|---|---|");
     let mut bed = Bed::new(client, "bench-mem", json!({"maxLifetime": "P90D"})).await;
     bed.start_controller().await;
-    println!("| 0 | {:.1} MiB |", bed.rss_mib());
+    println!("| 0 | {:.1} MiB |", rss_mib(bed.pid()));
     let mut have = 0;
     for &n in sizes {
         bed.add_ready_keys(client, have..n, |_| None).await;
@@ -475,12 +488,28 @@ async fn pods(client: &Client, keys: usize, pods: usize) {
     bed.finish(client).await;
 }
 
-/// The largest of 10 RSS samples over 5 s.
+/// VmRSS of process `pid`, in MiB.
+fn rss_mib(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc status");
+    let kib: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS");
+    kib / 1024.0
+}
+
+/// The largest of 10 RSS samples of the controller over 5 s.
 async fn settled_rss(bed: &Bed) -> f64 {
+    settled_rss_of(bed.pid()).await
+}
+
+/// The largest of 10 RSS samples of process `pid` over 5 s.
+async fn settled_rss_of(pid: u32) -> f64 {
     let mut max: f64 = 0.0;
     for _ in 0..10 {
         tokio::time::sleep(Duration::from_millis(500)).await;
-        max = max.max(bed.rss_mib());
+        max = max.max(rss_mib(pid));
     }
     max
 }
@@ -620,6 +649,250 @@ async fn cost(client: &Client, n: usize) {
         if detail.is_empty() { String::new() } else { format!(": {detail}") }
     );
     bed.finish(client).await;
+}
+
+/// One size of the `scale` scenario.
+struct ScaleRow {
+    n: usize,
+    floor: f64,
+    keyward: f64,
+    /// Controller RSS (MiB): no ApiKeys, right after the burst, after a restart.
+    controller: [f64; 3],
+    /// Verifier RSS (MiB): no ApiKeys, every key indexed.
+    verifier: [f64; 2],
+    restart: f64,
+    restart_writes: f64,
+    /// Lateness: steps, steps per minute, p50, p99 (s).
+    late: (usize, f64, f64, f64),
+    /// CPU seconds during keyward's provisioning: API server, etcd, controller.
+    cpu: [f64; 3],
+}
+
+impl ScaleRow {
+    fn kb_per_key(&self, mib: f64, base: f64) -> f64 {
+        (mib - base) * 1024.0 * 1024.0 / 1000.0 / self.n as f64
+    }
+
+    fn ratio(&self) -> f64 {
+        self.keyward / self.floor
+    }
+}
+
+/// Short-lived ApiKeys added to each size for the lateness measurement: lifetimes of
+/// 60–120 s rotate about 2.5 steps per key per minute, so 200 of them make ~500 a minute.
+const LATENESS_KEYS: usize = 200;
+
+/// The curve: for each N (fresh namespaces each time) the floor and keyward provisioning
+/// N ApiKeys at once, the CPU seconds of the API server, etcd and the controller during
+/// it, the RSS of the controller (empty, after the burst, after a restart) and of a
+/// verifier with every key indexed, the restart (every ApiKey reconciled, writes), and the
+/// lateness of the steps of 200 short-lived ApiKeys rotating among the N for `minutes`.
+/// Writes the table and a chart (`target/scale.svg`, or `$KEYWARD_SCALE_SVG`).
+async fn scale(client: &Client, sizes: &[usize], minutes: u64) {
+    let mut rows = Vec::new();
+    let mut verifier_base = None;
+    for &n in sizes {
+        let floor = floor(client, n).await;
+        clean_up(client, vec![floor.2]).await;
+        let mut bed = Bed::new(client, "bench-scale", json!({"maxLifetime": "P90D"})).await;
+        if verifier_base.is_none() {
+            let v = common::verifier_for(&bed.ns.name);
+            v.wait_ready().await;
+            verifier_base = Some(settled_rss_of(v.pid().expect("verifier running")).await);
+        }
+        bed.start_controller().await;
+        let empty = settled_rss(&bed).await;
+        let cpu_before = [cpu_seconds(&["kube-apiserver"]), cpu_seconds(&["etcd"]), cpu_of(bed.pid())];
+        let start = Instant::now();
+        bed.add_ready_keys(client, 0..n, |_| None).await;
+        let took = start.elapsed().as_secs_f64();
+        let cpu_after = [cpu_seconds(&["kube-apiserver"]), cpu_seconds(&["etcd"]), cpu_of(bed.pid())];
+        let burst = settled_rss(&bed).await;
+        settled_writes(&bed, &BTreeMap::new(), 1).await;
+        // Restart: from the new process's start until it has reconciled every ApiKey.
+        bed.controller.as_mut().expect("controller running").terminate().await;
+        let start = Instant::now();
+        bed.start_controller().await;
+        common::eventually("every ApiKey reconciled after restart", Duration::from_secs(900), || async {
+            let r =
+                by_label(&bed.metrics(), "keyward_reconciles_total").get("ApiKey").copied().unwrap_or(0.0);
+            (r >= n as f64).then_some(())
+        })
+        .await;
+        let restart = start.elapsed().as_secs_f64();
+        let (restart_writes, _) = settled_writes(&bed, &BTreeMap::new(), 1).await;
+        let restarted = settled_rss(&bed).await;
+        let verifier = common::verifier_for(&bed.ns.name);
+        verifier.wait_ready().await;
+        let indexed = settled_rss_of(verifier.pid().expect("verifier running")).await;
+        drop(verifier);
+        // Lateness of ~500 steps a minute among the N.
+        let sched = Arc::new(Mutex::new(Schedule::default()));
+        let watch = watch_keys(client, &bed.ns.name, sched.clone(), |s, k, now| s.observe(k, now));
+        bed.add_ready_keys(client, n..n + LATENESS_KEYS, |i| Some(format!("PT{}S", 60 + (i * 7919) % 61)))
+            .await;
+        sched.lock().unwrap().record = true;
+        tokio::time::sleep(Duration::from_secs(60 * minutes)).await;
+        watch.abort();
+        let mut late: Vec<f64> =
+            std::mem::take(&mut *sched.lock().unwrap()).late.into_values().flatten().collect();
+        late.sort_by(f64::total_cmp);
+        let q = |p: f64| {
+            late.get(((late.len() as f64 * p).ceil() as usize).max(1) - 1).copied().unwrap_or(f64::NAN)
+        };
+        let row = ScaleRow {
+            n,
+            floor: floor.0.as_secs_f64(),
+            keyward: took,
+            controller: [empty, burst, restarted],
+            verifier: [verifier_base.unwrap_or_default(), indexed],
+            restart,
+            restart_writes,
+            late: (late.len(), late.len() as f64 / minutes as f64, q(0.5), q(0.99)),
+            cpu: [0, 1, 2].map(|i| cpu_after[i] - cpu_before[i]),
+        };
+        print_scale(std::slice::from_ref(&row), rows.is_empty());
+        rows.push(row);
+        bed.finish(client).await;
+    }
+    let path = std::env::var("KEYWARD_SCALE_SVG")
+        .unwrap_or_else(|_| format!("{}/target/scale.svg", env!("CARGO_MANIFEST_DIR")));
+    std::fs::write(&path, scale_svg(&rows)).expect("write the chart");
+    println!("\nAll sizes:\n");
+    print_scale(&rows, true);
+    println!("\nchart: {path}");
+}
+
+fn print_scale(rows: &[ScaleRow], header: bool) {
+    if header {
+        println!(
+            "| ApiKeys | floor | keyward | ratio | controller RSS empty → burst → restarted (KB/ApiKey after burst, restart) | verifier RSS (KB/key) | restart → all reconciled (writes) | lateness: steps/min, p50, p99 | CPU s during provisioning: API server, etcd, controller |"
+        );
+        println!("|---|---|---|---|---|---|---|---|---|");
+    }
+    for r in rows {
+        let [empty, burst, restarted] = r.controller;
+        let [vbase, vind] = r.verifier;
+        println!(
+            "| {} | {:.1} s | {:.1} s | {:.2}× | {empty:.1} → {burst:.1} → {restarted:.1} MiB ({:.2}, {:.2}) | {vbase:.1} → {vind:.1} MiB ({:.2}) | {:.1} s ({}) | {:.0}, {:.3} s, {:.3} s | {:.0}, {:.0}, {:.1} |",
+            r.n,
+            r.floor,
+            r.keyward,
+            r.ratio(),
+            r.kb_per_key(burst, empty),
+            r.kb_per_key(restarted, empty),
+            r.kb_per_key(vind, vbase),
+            r.restart,
+            r.restart_writes,
+            r.late.1,
+            r.late.2,
+            r.late.3,
+            r.cpu[0],
+            r.cpu[1],
+            r.cpu[2],
+        );
+    }
+}
+
+/// Two small panels from the rows' own numbers: the provisioning ratio against its target
+/// (1.5×), and KB per ApiKey (controller after the burst and after a restart, verifier)
+/// against theirs (2 and 1). N on a log scale.
+fn scale_svg(rows: &[ScaleRow]) -> String {
+    let (w, h, pad) = (330.0, 240.0, 42.0);
+    let ns: Vec<f64> = rows.iter().map(|r| (r.n as f64).log10()).collect();
+    let (lo, hi) = (ns.iter().copied().fold(f64::MAX, f64::min), ns.iter().copied().fold(f64::MIN, f64::max));
+    let x = |v: f64| pad + (v - lo) / (hi - lo).max(1e-9) * (w - 2.0 * pad);
+    let mut out = format!(
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{}" height="{h}" font-family="sans-serif" font-size="10">"#,
+        2.0 * w
+    );
+    type Series<'a> = (&'a str, &'a str, Vec<f64>);
+    let mut panel = |dx: f64, title: &str, series: Vec<Series>, targets: &[(f64, &str)]| {
+        let top = series
+            .iter()
+            .flat_map(|s| s.2.iter().copied())
+            .chain(targets.iter().map(|t| t.0))
+            .fold(0.0, f64::max)
+            * 1.15;
+        let y = |v: f64| h - pad - v / top.max(1e-9) * (h - 2.0 * pad);
+        out += &format!(
+            r#"<g transform="translate({dx},0)"><text x="{pad}" y="16" font-size="12">{title}</text>"#
+        );
+        out += &format!(
+            r##"<line x1="{pad}" y1="{0}" x2="{1}" y2="{0}" stroke="#888"/><line x1="{pad}" y1="{pad}" x2="{pad}" y2="{0}" stroke="#888"/>"##,
+            h - pad,
+            w - pad
+        );
+        for i in 0..=4 {
+            let v = top * i as f64 / 4.0;
+            out +=
+                &format!(r#"<text x="{}" y="{:.1}" text-anchor="end">{v:.1}</text>"#, pad - 4.0, y(v) + 3.0);
+        }
+        for (r, v) in rows.iter().zip(&ns) {
+            out += &format!(
+                r#"<text x="{:.1}" y="{}" text-anchor="middle">{}k</text>"#,
+                x(*v),
+                h - pad + 14.0,
+                r.n as f64 / 1000.0
+            );
+        }
+        out += &format!(
+            r#"<text x="{}" y="{}" text-anchor="middle">ApiKeys (log scale)</text>"#,
+            w / 2.0,
+            h - 8.0
+        );
+        for (t, label) in targets {
+            out += &format!(
+                r##"<line x1="{pad}" y1="{0:.1}" x2="{1}" y2="{0:.1}" stroke="#c00" stroke-dasharray="4 3"/><text x="{1}" y="{2:.1}" fill="#c00" text-anchor="end">{label}</text>"##,
+                y(*t),
+                w - pad,
+                y(*t) - 3.0
+            );
+        }
+        for (i, (name, color, vals)) in series.iter().enumerate() {
+            let pts: Vec<String> =
+                ns.iter().zip(vals).map(|(n, v)| format!("{:.1},{:.1}", x(*n), y(*v))).collect();
+            out += &format!(
+                r#"<polyline fill="none" stroke="{color}" stroke-width="2" points="{}"/>"#,
+                pts.join(" ")
+            );
+            for p in &pts {
+                let (px, py) = p.split_once(',').unwrap_or_default();
+                out += &format!(r#"<circle cx="{px}" cy="{py}" r="2.5" fill="{color}"/>"#);
+            }
+            out += &format!(
+                r#"<text x="{}" y="{}" fill="{color}">{name}</text>"#,
+                pad + 6.0,
+                pad + 12.0 * i as f64
+            );
+        }
+        out += "</g>";
+    };
+    panel(
+        0.0,
+        "provisioning time / floor",
+        vec![("keyward / floor", "#06c", rows.iter().map(ScaleRow::ratio).collect())],
+        &[(1.5, "target 1.5×")],
+    );
+    panel(
+        w,
+        "KB of RSS per ApiKey",
+        vec![
+            (
+                "controller after burst",
+                "#e80",
+                rows.iter().map(|r| r.kb_per_key(r.controller[1], r.controller[0])).collect(),
+            ),
+            (
+                "controller after restart",
+                "#06c",
+                rows.iter().map(|r| r.kb_per_key(r.controller[2], r.controller[0])).collect(),
+            ),
+            ("verifier", "#080", rows.iter().map(|r| r.kb_per_key(r.verifier[1], r.verifier[0])).collect()),
+        ],
+        &[(2.0, "controller target 2"), (1.0, "verifier target 1")],
+    );
+    out + "</svg>\n"
 }
 
 /// Writes since `before` per `n`, once the counters have not moved for 3 s.

@@ -36,6 +36,9 @@ pub const SECRET_MANAGER: &str = "keyward/secret";
 pub const STATUS_MANAGER: &str = "keyward/status";
 /// Namespace of the Events about KeyPolicies (cluster-scoped).
 pub const CLUSTER_EVENTS_NAMESPACE: &str = "kube-system";
+/// kubectl's copy of the last applied object (client-side apply): never read, so not
+/// cached.
+const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
 
 /// Options of `keyward controller`.
 #[derive(Clone, Debug)]
@@ -175,6 +178,18 @@ impl OwnWrites {
     pub fn is_echo<K: Resource<DynamicType = ()>>(&self, obj: &K) -> bool {
         let rv = obj.resource_version();
         rv.is_some() && self.lock().get(&object_id(obj)).is_some_and(|w| *w == rv)
+    }
+
+    /// [`Self::is_echo`] for a cached object whose echo the cache holds from now on (a
+    /// live watch event, reflected before it is seen here): the record is then no longer
+    /// needed and is dropped, so that settled ApiKeys cost none. Not for a re-list, whose
+    /// objects reach the cache only when it ends.
+    pub fn echo_cached<K: Resource<DynamicType = ()>>(&self, obj: &K) -> bool {
+        let echo = self.is_echo(obj);
+        if echo {
+            self.lock().remove(&object_id(obj));
+        }
+        echo
     }
 
     /// Whether a cached `obj` is safe to act on: this controller has not written the
@@ -433,6 +448,26 @@ fn apikey_trigger(key: &ApiKey, usage: UsageView) -> Option<u64> {
     Some(h.finish())
 }
 
+/// Whether a new version `k` of an ApiKey, remembered as `now` (and as `before` until
+/// now), triggers a reconcile: the first sight of it, or a change of what triggers one
+/// ([`apikey_trigger`]) that is not this controller's own status write (the echo), whose
+/// effects the reconcile that wrote it has scheduled already (`nextActionAt`). Without
+/// the echo rule every new ApiKey was reconciled twice: its first status changes the
+/// handover state the trigger includes.
+/// A new generation or another object under the same name (deleted and created again
+/// while the watch was down) always triggers: no write of this controller makes either.
+fn triggers(
+    before: Option<&index::Indexed>,
+    now: &index::Indexed,
+    k: &ApiKey,
+    own: &OwnWrites,
+    live: bool,
+) -> bool {
+    let echo = if live { own.echo_cached(k) } else { own.is_echo(k) };
+    let Some(b) = before else { return true };
+    b.generation != now.generation || b.incarnation != now.incarnation || (b.trigger != now.trigger && !echo)
+}
+
 /// [`UsageView`] of `key` under its cached policy, at `now`.
 fn usage_view(
     policies: &Store<KeyPolicy>,
@@ -490,41 +525,6 @@ impl PolicyChanges {
     }
 }
 
-/// What is remembered of each ApiKey seen, to act on its deletion (also one that happened
-/// while the watch was down, when the cache no longer has it) and on a move between
-/// policies.
-struct SeenKey {
-    name: String,
-    namespace: Option<String>,
-    owner: String,
-    secret: String,
-    policy: Option<String>,
-    generation: Option<i64>,
-}
-
-impl SeenKey {
-    fn indexed(&self) -> index::Indexed {
-        index::Indexed {
-            namespace: self.namespace.clone().unwrap_or_default(),
-            name: self.name.clone(),
-            owner: self.owner.clone(),
-            secret: self.secret.clone(),
-            policy: self.policy.clone(),
-        }
-    }
-
-    fn of(k: &ApiKey) -> Self {
-        SeenKey {
-            name: k.name_any(),
-            namespace: k.namespace(),
-            owner: k.owner().to_string(),
-            secret: k.spec.secret_name.clone().unwrap_or_else(|| k.name_any()),
-            policy: k.spec.policy.clone(),
-            generation: k.meta().generation,
-        }
-    }
-}
-
 /// The objects of one watch, by [`object_id`], with what is remembered of each, so that a
 /// deletion is never missed: after a re-list (Init … InitDone) every object known before
 /// and not listed again was deleted while the watch was down.
@@ -540,6 +540,21 @@ impl<V> Default for Known<V> {
 }
 
 impl<V> Known<V> {
+    /// What is remembered of object `id`.
+    fn get(&self, id: &str) -> Option<&V> {
+        self.known.get(id)
+    }
+
+    /// What is remembered of every object.
+    fn values(&self) -> impl Iterator<Item = &V> {
+        self.known.values()
+    }
+
+    /// Objects remembered.
+    fn len(&self) -> usize {
+        self.known.len()
+    }
+
     /// Follow one event; `remember` says what to keep of an object. Returns what was kept
     /// of an applied object before this event, and the objects gone (the deleted one, or
     /// after a re-list every one not listed again) with what was kept of them.
@@ -715,21 +730,28 @@ pub async fn run(client: Client, server: &str, opts: Options) -> Result<()> {
     // when ApiKeys are created, deleted or move between policies.
     let key_stream = {
         let (ctx, policies) = (ctx.clone(), policies.clone());
-        let trigger_policies = policies.clone();
-        let trigger_usage = ctx.usage;
-        let mut known = Known::<SeenKey>::default();
+        let usage = ctx.usage;
         watcher(keys_api.clone(), watcher::Config::default())
             .default_backoff()
             // managedFields are half of a cached ApiKey and never read; omitted (not
-            // emptied) they are also left alone by the status replace.
-            .modify(|k| k.metadata.managed_fields = None)
+            // emptied) they are also left alone by the status replace. Nor is kubectl's
+            // copy of the last applied object read (as large as the spec).
+            .modify(|k| {
+                k.metadata.managed_fields = None;
+                if let Some(a) = k.metadata.annotations.as_mut() {
+                    a.remove(LAST_APPLIED);
+                }
+            })
             .reflect(keys_writer)
             .filter_map(move |ev| {
                 let ev = match ev {
                     Ok(ev) => ev,
                     Err(e) => return futures::future::ready(Some(Err(e))),
                 };
-                let (before, gone) = known.on(&ev, SeenKey::of);
+                let remember = |k: &ApiKey| {
+                    index::Indexed::of(k, apikey_trigger(k, usage_view(&policies, k, usage, now())))
+                };
+                let index::Seen { before, now, gone } = ctx.index().on(&ev, remember);
                 // A live change, or one that happened while the watch was down (a re-list
                 // shows it; the first list after a start triggers every ApiKey anyway).
                 let live = matches!(ev, watcher::Event::Apply(_))
@@ -741,28 +763,30 @@ pub async fn run(client: Client, server: &str, opts: Options) -> Result<()> {
                             .for_each(|p| drop(count_tx.unbounded_send(p)));
                     }
                 };
+                // A live event is in the cache already; a re-list's only at its end.
+                let cached = matches!(ev, watcher::Event::Apply(_));
                 let out = match ev {
                     watcher::Event::Apply(k) | watcher::Event::InitApply(k) => {
-                        let now = SeenKey::of(&k);
-                        ctx.index().apply(&object_id(&k), now.indexed());
-                        let created_or_edited =
-                            before.as_ref().is_none_or(|b| b.generation != now.generation);
+                        let Some(now) = now else { return futures::future::ready(None) };
+                        let created_or_edited = before.as_ref().is_none_or(|b| {
+                            b.generation != now.generation || b.incarnation != now.incarnation
+                        });
                         // A new or edited ApiKey can take another's place under the owner's
                         // limits (older, or same second and name first): re-check the others.
                         if created_or_edited && live {
-                            ctx.keys_of_owner(now.namespace.as_deref().unwrap_or_default(), &now.owner)
+                            ctx.keys_of_owner(&now.namespace, &now.owner)
                                 .into_iter()
-                                .filter(|r| r.name != now.name)
+                                .filter(|r| *r.name != *now.name)
                                 .for_each(|r| drop(owner_tx.unbounded_send(r)));
                         }
                         // keyCount: a new ApiKey, or one that may have moved between policies.
                         if created_or_edited {
                             count(now.policy.as_deref());
-                            if let Some(b) = before.filter(|b| b.policy != now.policy) {
+                            if let Some(b) = before.as_ref().filter(|b| b.policy != now.policy) {
                                 count(b.policy.as_deref());
                             }
                         }
-                        Some(Ok(k))
+                        triggers(before.as_ref(), &now, &k, &ctx.own_writes, cached).then_some(Ok(k))
                     }
                     _ => None,
                 };
@@ -770,19 +794,14 @@ pub async fn run(client: Client, server: &str, opts: Options) -> Result<()> {
                 // is free, keyCount drops, and the per-object state is forgotten.
                 for (id, g) in gone {
                     ctx.forget(&id);
-                    ctx.index().remove(&id);
-                    ctx.metrics.forget_apikey(g.namespace.as_deref().unwrap_or_default(), &g.name);
-                    ctx.keys_of_owner(g.namespace.as_deref().unwrap_or_default(), &g.owner)
+                    ctx.metrics.forget_apikey(&g.namespace, &g.name);
+                    ctx.keys_of_owner(&g.namespace, &g.owner)
                         .into_iter()
                         .for_each(|r| drop(owner_tx.unbounded_send(r)));
                     count(g.policy.as_deref());
                 }
                 futures::future::ready(out)
             })
-            .predicate_filter(
-                move |k: &ApiKey| apikey_trigger(k, usage_view(&trigger_policies, k, trigger_usage, now())),
-                Default::default(),
-            )
     };
     // The Secrets keyward owns: a deleted or edited one is repaired; the echo of this
     // controller's own write triggers nothing.
@@ -1091,31 +1110,78 @@ mod tests {
 
     #[test]
     fn apikey_deletions_during_a_watch_gap_are_seen_and_their_state_pruned() {
-        let mut known = Known::<SeenKey>::default();
-        let gone = |out: (Option<SeenKey>, Vec<(String, SeenKey)>)| -> Vec<(String, String)> {
-            out.1.into_iter().map(|(id, s)| (id, s.owner)).collect()
+        let mut known = index::KeyIndex::default();
+        let of = |k: &ApiKey| index::Indexed::of(k, None);
+        let gone = |out: index::Seen| -> Vec<(String, String)> {
+            out.gone.into_iter().map(|(id, s)| (id, s.owner.to_string())).collect()
         };
-        known.on(&watcher::Event::Init, SeenKey::of);
+        known.on(&watcher::Event::Init, of);
         for (ns, name) in [("a", "k1"), ("a", "k2"), ("b", "k1")] {
-            known.on(&watcher::Event::InitApply(named(ns, name, "team")), SeenKey::of);
+            known.on(&watcher::Event::InitApply(named(ns, name, "team")), of);
         }
-        assert!(gone(known.on(&watcher::Event::<ApiKey>::InitDone, SeenKey::of)).is_empty());
-        let before = known.on(&watcher::Event::Apply(named("a", "k1", "team")), SeenKey::of).0;
-        assert_eq!(before.map(|b| b.owner).as_deref(), Some("team"), "what was kept before the update");
+        assert!(gone(known.on(&watcher::Event::<ApiKey>::InitDone, of)).is_empty());
+        let before = known.on(&watcher::Event::Apply(named("a", "k1", "team")), of).before;
         assert_eq!(
-            gone(known.on(&watcher::Event::Delete(named("a", "k2", "team")), SeenKey::of)),
+            before.map(|b| b.owner.to_string()).as_deref(),
+            Some("team"),
+            "what was kept before the update"
+        );
+        assert_eq!(
+            gone(known.on(&watcher::Event::Delete(named("a", "k2", "team")), of)),
             [("ApiKey/a/k2".to_string(), "team".to_string())]
         );
         // The watch restarts: b/k1 was deleted meanwhile, a/k3 created.
-        known.on(&watcher::Event::Init, SeenKey::of);
-        known.on(&watcher::Event::InitApply(named("a", "k1", "team")), SeenKey::of);
-        known.on(&watcher::Event::InitApply(named("a", "k3", "other")), SeenKey::of);
+        known.on(&watcher::Event::Init, of);
+        known.on(&watcher::Event::InitApply(named("a", "k1", "team")), of);
+        known.on(&watcher::Event::InitApply(named("a", "k3", "other")), of);
         assert_eq!(
-            gone(known.on(&watcher::Event::<ApiKey>::InitDone, SeenKey::of)),
+            gone(known.on(&watcher::Event::<ApiKey>::InitDone, of)),
             [("ApiKey/b/k1".to_string(), "team".to_string())],
             "deleted during the gap, with its owner for the limit re-check"
         );
-        assert_eq!(known.known.len(), 2);
+        assert_eq!(known.len(), 2);
+        assert!(known.same_owner("b", "team").is_empty(), "the indexes forget it too");
+        assert_eq!(known.same_owner("a", "team").len(), 1);
+    }
+
+    #[test]
+    fn the_echo_of_its_own_status_write_triggers_no_reconcile_another_writer_does() {
+        let own = OwnWrites::default();
+        let version = |k: &ApiKey, rv: &str| {
+            let mut k = k.clone();
+            k.metadata.resource_version = Some(rv.into());
+            k
+        };
+        let mut created = named("a", "k1", "team");
+        created.metadata.uid = Some("uid-1".into());
+        created.metadata.generation = Some(1);
+        let created = version(&created, "1");
+        let first = index::Indexed::of(&created, Some(1));
+        assert!(triggers(None, &first, &created, &own, true), "first sight");
+        // This controller writes the first status (the handover state moves): its echo,
+        // in a re-list first (the record stays: the cache has it only at the list's end).
+        let written = version(&created, "2");
+        own.wrote(&written);
+        let after = index::Indexed::of(&written, Some(2));
+        assert!(!triggers(Some(&first), &after, &written, &own, false), "own echo, re-listed");
+        assert!(!own.cache_is_current(&created), "the cache may still hold the older version");
+        assert!(!triggers(Some(&first), &after, &written, &own, true), "own echo");
+        assert!(own.cache_is_current(&written), "the cache holds what was written");
+        // The verifier writes lastUsedAt next, moving the handover state again.
+        let used = version(&written, "3");
+        let later = index::Indexed::of(&used, Some(3));
+        assert!(triggers(Some(&after), &later, &used, &own, true), "another writer's change");
+        assert!(!triggers(Some(&later), &later.clone(), &used, &own, true), "nothing that triggers changed");
+        // A version this controller wrote that carries a new generation (written on top of
+        // a fresh read) or is another object of the same name always triggers.
+        let mut edited = version(&used, "4");
+        edited.metadata.generation = Some(2);
+        own.wrote(&edited);
+        assert!(triggers(Some(&later), &index::Indexed::of(&edited, Some(3)), &edited, &own, true));
+        let mut again = version(&created, "5");
+        again.metadata.uid = Some("uid-2".into());
+        own.wrote(&again);
+        assert!(triggers(Some(&later), &index::Indexed::of(&again, Some(3)), &again, &own, true));
     }
 
     #[test]

@@ -306,7 +306,12 @@ async fn record_ended(
             n.pending
                 .retain(|t| !done.iter().any(|(k, th, d)| *k == n.key_id && *th == n.threshold && d == t));
         }
-        attempt = super::apikey::write_status(ctx, api, &fresh, &old, status).await.map(drop);
+        // Written on top of a version no plan was made from (another writer's change,
+        // perhaps a spec edit during a watch gap): not an echo to ignore, and the next
+        // reconcile reads the ApiKey fresh.
+        attempt = super::apikey::write_status(ctx, api, &fresh, &old, status)
+            .await
+            .map(|stored| stored.iter().for_each(|s| ctx.own_writes.stale(s)));
     }
     attempt
 }

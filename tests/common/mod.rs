@@ -114,6 +114,14 @@ impl TestNamespace {
             .create(&PostParams::default(), &ns)
             .await
             .expect("create namespace");
+        // Pods are refused until the namespace's default ServiceAccount exists (its
+        // controller can lag on a loaded machine): wait for it, so a test's first pod is
+        // not refused for that.
+        let accounts = Api::<k8s_openapi::api::core::v1::ServiceAccount>::namespaced(client.clone(), &name);
+        eventually(&format!("ServiceAccount {name}/default"), Duration::from_secs(60), || async {
+            accounts.get_opt("default").await.ok().flatten().map(drop)
+        })
+        .await;
         TestNamespace { name, policies: Default::default() }
     }
 }
