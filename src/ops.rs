@@ -35,10 +35,10 @@ pub fn table(keys: &[ApiKey], with_namespace: bool) -> String {
         };
         let mut warnings = Vec::new();
         if let Some(e) = find_condition(&status.conditions, c::EXPIRING).filter(|e| e.status == "True") {
-            warnings.push(e.message.clone());
+            warnings.push(e.message.to_string());
         }
         if let Some(r) = find_condition(&status.conditions, c::READY).filter(|r| r.status != "True") {
-            warnings.push(r.message.clone());
+            warnings.push(r.message.to_string());
         }
         rows.push(vec![
             k.namespace().unwrap_or_default(),

@@ -24,7 +24,7 @@ const FLUSH: &str = "PT2S";
 /// The `Handover` condition's (status, reason, message).
 fn handover(key: &ApiKey) -> Option<(String, String, String)> {
     let c = find_condition(&key.status.as_ref()?.conditions, "Handover")?;
-    Some((c.status.clone(), c.reason.clone(), c.message.clone()))
+    Some((c.status.to_string(), c.reason.to_string(), c.message.to_string()))
 }
 
 fn slot(key: &ApiKey, slot: Slot) -> Option<KeyStatus> {

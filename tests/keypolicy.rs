@@ -14,7 +14,7 @@ use serde_json::json;
 
 async fn accepted(client: &Client, name: &str) -> (String, String, KeyPolicy) {
     let (p, c) = common::policy_accepted(client, name, None, Duration::from_secs(60)).await;
-    (c.status, c.reason, p)
+    (c.status.to_string(), c.reason.to_string(), p)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -351,8 +351,9 @@ fn issuance_conditions(
     now: DateTime<Utc>,
 ) -> Vec<(&'static str, String)> {
     let mut news = Vec::new();
-    let before =
-        |t: &str| find_condition(&status.conditions, t).map(|c| (c.reason.clone(), c.message.clone()));
+    let before = |t: &str| {
+        find_condition(&status.conditions, t).map(|c| (c.reason.to_string(), c.message.to_string()))
+    };
     let (stalled_before, clamped_before) = (before(c::STALLED), before(c::LIFETIME_CLAMPED));
     let stalled = match &p.blocked {
         Some(b) => {

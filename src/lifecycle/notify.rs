@@ -107,7 +107,7 @@ fn notice(status: &ApiKeyStatus, key: &KeyStatus, kind: &'static str, threshold:
             .any(|k| k.slot != key.slot && k.state == KeyState::Standby && k.activated_at.is_none()),
         last_used_at: key.last_used_at,
         successor,
-        handover: crate::api::find_condition(&status.conditions, c::HANDOVER).map(|h| h.reason.clone()),
+        handover: crate::api::find_condition(&status.conditions, c::HANDOVER).map(|h| h.reason.to_string()),
     }
 }
 

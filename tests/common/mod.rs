@@ -405,7 +405,8 @@ pub async fn wait_key<T>(
 /// The `Ready` condition's (status, reason).
 pub fn ready(key: &keyward::api::ApiKey) -> Option<(String, String)> {
     let status = key.status.as_ref()?;
-    keyward::api::find_condition(&status.conditions, "Ready").map(|c| (c.status.clone(), c.reason.clone()))
+    keyward::api::find_condition(&status.conditions, "Ready")
+        .map(|c| (c.status.to_string(), c.reason.to_string()))
 }
 
 /// Sum of a counter family in Prometheus text (all label sets), 0 when absent.
