@@ -16,7 +16,9 @@ use kube::ResourceExt;
 use serde::Serialize;
 
 use crate::api::{ApiKey, KeyState, Slot};
-use crate::keys::{self, KEY_ID_LEN, KeyFormat, LEGACY_KEY_ID_LEN, MAX_KEY_LEN};
+use sha2::{Digest as _, Sha256};
+
+use crate::keys::{KEY_ID_LEN, KeyFormat, LEGACY_KEY_ID_LEN, MAX_KEY_LEN};
 
 /// The ApiKey a key belongs to; shared by its keys' entries.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -108,12 +110,23 @@ pub struct Verdict {
 
 type Id = (String, String);
 
+/// A key's SHA-256, as the index keeps it (32 bytes in place, not 71 characters of text
+/// on the heap: the index holds each twice).
+type Digest = [u8; 32];
+
+/// The digest of a status `hash` (`sha256:<64 hex digits>`); None if it is not one.
+fn digest_of(hash: &str) -> Option<Digest> {
+    let mut digest = [0u8; 32];
+    hex::decode_to_slice(hash.strip_prefix("sha256:")?, &mut digest).ok()?;
+    Some(digest)
+}
+
 /// The index.
 #[derive(Default, Debug)]
 pub struct Index {
-    by_hash: HashMap<String, Entry>,
+    by_hash: HashMap<Digest, Entry>,
     /// Each ApiKey's hashes, in `status.keys` order.
-    hashes_of: HashMap<Id, Vec<String>>,
+    hashes_of: HashMap<Id, Vec<Digest>>,
     /// Each ApiKey's revoked IDs, and how many ApiKeys list each ID: only used for a key
     /// that is in no status any more (its slot was regenerated), to say `REVOKED`
     /// rather than `NOT_FOUND`; a key in a status is judged by its own ApiKey alone.
@@ -218,7 +231,7 @@ impl Index {
         });
         let mut hashes = Vec::new();
         for (position, k) in status.keys.iter().enumerate() {
-            let Some(hex) = k.hash.strip_prefix("sha256:") else { continue };
+            let Some(digest) = digest_of(&k.hash) else { continue };
             let entry = Entry {
                 apikey: holder.clone(),
                 key_id: k.key_id.clone(),
@@ -232,11 +245,11 @@ impl Index {
             // One hash in two ApiKeys (material copied into another Secret): the key
             // stays with the ApiKey that issued it first.
             let taken =
-                self.by_hash.get(hex).is_some_and(|e| !e.apikey.is(&id) && e.created_at <= k.created_at);
+                self.by_hash.get(&digest).is_some_and(|e| !e.apikey.is(&id) && e.created_at <= k.created_at);
             if !taken {
-                self.by_hash.insert(hex.to_string(), entry);
+                self.by_hash.insert(digest, entry);
             }
-            hashes.push(hex.to_string());
+            hashes.push(digest);
         }
         if !hashes.is_empty() {
             self.hashes_of.insert(id, hashes);
@@ -249,9 +262,8 @@ impl Index {
         if key.is_empty() || key.len() > MAX_KEY_LEN || !self.formats.iter().any(|f| f.check(key).is_ok()) {
             return malformed;
         }
-        let hash = keys::hash(key);
-        let hex = &hash["sha256:".len()..];
-        match self.by_hash.get(hex) {
+        let digest: Digest = Sha256::digest(key.as_bytes()).into();
+        match self.by_hash.get(&digest) {
             Some(e) => {
                 let code = match e.state {
                     KeyState::Revoked => Code::Revoked,
@@ -265,9 +277,10 @@ impl Index {
             }
             // A revoked key whose slot was already regenerated is in no status any more
             // (and so valid nowhere); its ID (derived from its hash) is still listed.
-            None if [KEY_ID_LEN, LEGACY_KEY_ID_LEN]
-                .iter()
-                .any(|&n| self.revoked_ids.contains_key(&hex[..n])) =>
+            None if !self.revoked_ids.is_empty() && {
+                let hex = hex::encode(digest);
+                [KEY_ID_LEN, LEGACY_KEY_ID_LEN].iter().any(|&n| self.revoked_ids.contains_key(&hex[..n]))
+            } =>
             {
                 Verdict { code: Code::Revoked, entry: None }
             }
