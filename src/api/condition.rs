@@ -29,10 +29,11 @@ pub struct Condition {
 /// of each cached ApiKey). Text without digits (no times, counts or IDs) is interned in
 /// a process-wide table of at most [`INTERNED_MAX`] entries of at most [`INTERNED_LEN`]
 /// bytes, kept for the process's life; anything else is an owned string.
-#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+/// Equal, hashed and ordered by its text alone, however it is held.
+#[derive(Clone)]
 pub struct Text(TextRepr);
 
-#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone)]
 enum TextRepr {
     Shared(&'static str),
     Owned(Box<str>),
@@ -106,6 +107,32 @@ impl std::fmt::Display for Text {
 impl std::fmt::Debug for Text {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         std::fmt::Debug::fmt(self.as_str(), f)
+    }
+}
+
+impl PartialEq for Text {
+    fn eq(&self, other: &Text) -> bool {
+        self.as_str() == other.as_str()
+    }
+}
+
+impl Eq for Text {}
+
+impl std::hash::Hash for Text {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.as_str().hash(state)
+    }
+}
+
+impl PartialOrd for Text {
+    fn partial_cmp(&self, other: &Text) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Text {
+    fn cmp(&self, other: &Text) -> std::cmp::Ordering {
+        self.as_str().cmp(other.as_str())
     }
 }
 
@@ -252,6 +279,9 @@ mod tests {
         let t2 = Text::from("creates the Secondary key at 2027-01-08T07:06:36Z");
         assert_ne!(ptr(&t1), ptr(&t2), "times are not interned");
         assert_eq!(t1, t2);
+        let (owned, shared) = (Text(TextRepr::Owned("same".into())), Text::from("same"));
+        assert_eq!(owned, shared, "equal by text, however held");
+        assert_eq!(owned.cmp(&shared), std::cmp::Ordering::Equal);
         let long = "x".repeat(INTERNED_LEN + 1);
         assert_ne!(ptr(&Text::from(long.as_str())), ptr(&Text::from(long.as_str())));
         let json = serde_json::to_string(&Condition::new("Ready", TRUE, "KeyActive", "ok", None, Utc::now()))
