@@ -41,12 +41,12 @@ pub struct Indexed {
     /// while the watch was down is another ApiKey.
     pub incarnation: u64,
     /// What of it triggers a reconcile, hashed (see `apikey_trigger`).
-    pub trigger: Option<u64>,
+    pub trigger: u64,
 }
 
 impl Indexed {
     /// What to remember of `k`, whose trigger hash is `trigger`.
-    pub fn of(k: &ApiKey, trigger: Option<u64>) -> Self {
+    pub fn of(k: &ApiKey, trigger: u64) -> Self {
         let name: Arc<str> = k.name_any().into();
         let secret = match k.spec.secret_name.as_deref() {
             Some(s) if s != &*name => s.into(),
@@ -242,7 +242,7 @@ mod tests {
     #[test]
     fn the_indexes_follow_applies_moves_and_removals() {
         fn apply(ix: &mut KeyIndex, k: ApiKey) {
-            ix.on(&watcher::Event::Apply(k), |k| Indexed::of(k, None));
+            ix.on(&watcher::Event::Apply(k), |k| Indexed::of(k, 0));
         }
         let mut ix = KeyIndex::default();
         apply(&mut ix, key("a", "k1", "team", Some("p")));
@@ -263,8 +263,8 @@ mod tests {
         assert_eq!(names(ix.same_owner("a", "other")), ["a/k1"]);
         assert_eq!(names(ix.naming(None)), ["a/k1", "a/k2"]);
         assert_eq!(names(ix.naming(Some("p"))), ["b/k1"]);
-        ix.on(&watcher::Event::Delete(key("a", "k2", "team", None)), |k| Indexed::of(k, None));
-        ix.on(&watcher::Event::Delete(key("a", "unknown", "team", None)), |k| Indexed::of(k, None));
+        ix.on(&watcher::Event::Delete(key("a", "k2", "team", None)), |k| Indexed::of(k, 0));
+        ix.on(&watcher::Event::Delete(key("a", "unknown", "team", None)), |k| Indexed::of(k, 0));
         assert!(ix.same_owner("a", "team").is_empty());
         assert_eq!(names(ix.naming(None)), ["a/k1"]);
         assert_eq!(ix.len(), 1002);
@@ -281,11 +281,11 @@ mod tests {
             k
         };
         for name in ["k1", "k2", "k3"] {
-            ix.on(&watcher::Event::Apply(shared(name)), |k| Indexed::of(k, None));
+            ix.on(&watcher::Event::Apply(shared(name)), |k| Indexed::of(k, 0));
         }
         assert_eq!(names(ix.using_secret("a", "s")), ["a/k1", "a/k2", "a/k3"]);
         for (gone, left) in [("k2", vec!["a/k1", "a/k3"]), ("k1", vec!["a/k3"]), ("k3", vec![])] {
-            ix.on(&watcher::Event::Delete(shared(gone)), |k| Indexed::of(k, None));
+            ix.on(&watcher::Event::Delete(shared(gone)), |k| Indexed::of(k, 0));
             assert_eq!(names(ix.using_secret("a", "s")), left);
             assert_eq!(names(ix.same_owner("a", "team")), left);
         }
@@ -294,7 +294,7 @@ mod tests {
 
     #[test]
     fn a_secret_named_as_the_apikey_shares_its_string() {
-        let k = Indexed::of(&key("a", "k1", "team", None), Some(1));
+        let k = Indexed::of(&key("a", "k1", "team", None), 1);
         assert!(Arc::ptr_eq(&k.name, &k.secret));
     }
 }

@@ -432,7 +432,7 @@ enum UsageView {
 /// steady stream of uses therefore costs nothing unless the policy makes each use
 /// matter. This controller's own status writes do not trigger: their effects are
 /// scheduled by `nextActionAt`.
-fn apikey_trigger(key: &ApiKey, usage: UsageView) -> Option<u64> {
+fn apikey_trigger(key: &ApiKey, usage: UsageView) -> u64 {
     use std::hash::{Hash, Hasher};
     let mut h = std::collections::hash_map::DefaultHasher::new();
     key.meta().generation.hash(&mut h);
@@ -445,7 +445,7 @@ fn apikey_trigger(key: &ApiKey, usage: UsageView) -> Option<u64> {
         }
         UsageView::Handover(reason) => reason.hash(&mut h),
     }
-    Some(h.finish())
+    h.finish()
 }
 
 /// Whether a new version `k` of an ApiKey, remembered as `now` (and as `before` until
@@ -1111,7 +1111,7 @@ mod tests {
     #[test]
     fn apikey_deletions_during_a_watch_gap_are_seen_and_their_state_pruned() {
         let mut known = index::KeyIndex::default();
-        let of = |k: &ApiKey| index::Indexed::of(k, None);
+        let of = |k: &ApiKey| index::Indexed::of(k, 0);
         let gone = |out: index::Seen| -> Vec<(String, String)> {
             out.gone.into_iter().map(|(id, s)| (id, s.owner.to_string())).collect()
         };
@@ -1156,20 +1156,20 @@ mod tests {
         created.metadata.uid = Some("uid-1".into());
         created.metadata.generation = Some(1);
         let created = version(&created, "1");
-        let first = index::Indexed::of(&created, Some(1));
+        let first = index::Indexed::of(&created, 1);
         assert!(triggers(None, &first, &created, &own, true), "first sight");
         // This controller writes the first status (the handover state moves): its echo,
         // in a re-list first (the record stays: the cache has it only at the list's end).
         let written = version(&created, "2");
         own.wrote(&written);
-        let after = index::Indexed::of(&written, Some(2));
+        let after = index::Indexed::of(&written, 2);
         assert!(!triggers(Some(&first), &after, &written, &own, false), "own echo, re-listed");
         assert!(!own.cache_is_current(&created), "the cache may still hold the older version");
         assert!(!triggers(Some(&first), &after, &written, &own, true), "own echo");
         assert!(own.cache_is_current(&written), "the cache holds what was written");
         // The verifier writes lastUsedAt next, moving the handover state again.
         let used = version(&written, "3");
-        let later = index::Indexed::of(&used, Some(3));
+        let later = index::Indexed::of(&used, 3);
         assert!(triggers(Some(&after), &later, &used, &own, true), "another writer's change");
         assert!(!triggers(Some(&later), &later.clone(), &used, &own, true), "nothing that triggers changed");
         // A version this controller wrote that carries a new generation (written on top of
@@ -1177,11 +1177,11 @@ mod tests {
         let mut edited = version(&used, "4");
         edited.metadata.generation = Some(2);
         own.wrote(&edited);
-        assert!(triggers(Some(&later), &index::Indexed::of(&edited, Some(3)), &edited, &own, true));
+        assert!(triggers(Some(&later), &index::Indexed::of(&edited, 3), &edited, &own, true));
         let mut again = version(&created, "5");
         again.metadata.uid = Some("uid-2".into());
         own.wrote(&again);
-        assert!(triggers(Some(&later), &index::Indexed::of(&again, Some(3)), &again, &own, true));
+        assert!(triggers(Some(&later), &index::Indexed::of(&again, 3), &again, &own, true));
     }
 
     #[test]
