@@ -204,14 +204,39 @@ fn watch_keys<S: Send + 'static>(
 ) -> tokio::task::JoinHandle<()> {
     let api = Api::<ApiKey>::namespaced(client.clone(), ns);
     tokio::spawn(async move {
-        let mut stream =
-            std::pin::pin!(watcher(api, watcher::Config::default()).default_backoff().applied_objects());
+        let mut stream = std::pin::pin!(watcher(api, watcher::Config::default()).default_backoff());
+        let mut listed = false;
         while let Some(ev) = stream.next().await {
-            if let Ok(key) = ev {
-                on_key(&mut state.lock().unwrap(), &key, Utc::now());
+            match ev {
+                Ok(watcher::Event::Apply(key) | watcher::Event::InitApply(key)) => {
+                    on_key(&mut state.lock().unwrap(), &key, Utc::now())
+                }
+                Ok(watcher::Event::Init) if listed => {
+                    OBSERVER_RELISTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+                Ok(watcher::Event::InitDone) => listed = true,
+                _ => {}
             }
         }
     })
+}
+
+/// Lists that this process's ApiKey watches had to start again (an expired watch): what
+/// changed meanwhile is seen late, which the lateness numbers would then include.
+static OBSERVER_RELISTS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// The `q` quantile of the controller's `keyward_step_lateness_seconds` between two
+/// scrapes, as the upper bound of its bucket.
+fn lateness_bucket(before: &str, after: &str, q: f64) -> f64 {
+    let name = "keyward_step_lateness_seconds_bucket";
+    let (b, a) = (by_label(before, name), by_label(after, name));
+    let mut buckets: Vec<(f64, f64)> = a
+        .iter()
+        .map(|(le, n)| (le.parse().unwrap_or(f64::INFINITY), n - b.get(le).copied().unwrap_or(0.0)))
+        .collect();
+    buckets.sort_by(|x, y| x.0.total_cmp(&y.0));
+    let total = buckets.last().map_or(0.0, |x| x.1);
+    buckets.into_iter().find(|x| x.1 >= total * q && total > 0.0).map_or(f64::NAN, |x| x.0)
 }
 
 fn is_ready(key: &ApiKey) -> bool {
@@ -294,6 +319,11 @@ fn by_label(metrics: &str, name: &str) -> BTreeMap<String, f64> {
         *out.entry(label).or_insert(0.0) += value.parse::<f64>().unwrap_or(0.0);
     }
     out
+}
+
+/// An unlabelled metric's value (0 when absent).
+fn scalar(metrics: &str, name: &str) -> f64 {
+    metrics.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok()).unwrap_or(0.0)
 }
 
 fn writes(metrics: &str) -> BTreeMap<String, f64> {
@@ -519,6 +549,8 @@ async fn settled_rss_of(pid: u32) -> f64 {
 struct Schedule {
     next: HashMap<String, (Option<String>, DateTime<Utc>)>,
     late: BTreeMap<String, Vec<f64>>,
+    /// Steps seen more than 5 s late: when they were due, how late.
+    very_late: Vec<(DateTime<Utc>, f64)>,
     record: bool,
 }
 
@@ -535,6 +567,9 @@ impl Schedule {
             && self.record
         {
             let late = (now - due).num_microseconds().unwrap_or(i64::MAX) as f64 / 1e6;
+            if late > 5.0 {
+                self.very_late.push((due, late));
+            }
             self.late.entry(what.unwrap_or_default()).or_default().push(late);
         }
     }
@@ -662,8 +697,12 @@ struct ScaleRow {
     verifier: [f64; 2],
     restart: f64,
     restart_writes: f64,
-    /// Lateness: steps, steps per minute, p50, p99 (s).
+    /// Lateness as watched: steps, steps per minute, p50, p99 (s).
     late: (usize, f64, f64, f64),
+    /// Lateness as the controller started the steps: p50 and p99 bucket bounds (s).
+    controller_late: [f64; 2],
+    /// Re-lists of the watch measuring lateness during the window.
+    relists: usize,
     /// CPU seconds during keyward's provisioning: API server, etcd, controller.
     cpu: [f64; 3],
 }
@@ -732,10 +771,29 @@ async fn scale(client: &Client, sizes: &[usize], minutes: u64) {
         bed.add_ready_keys(client, n..n + LATENESS_KEYS, |i| Some(format!("PT{}S", 60 + (i * 7919) % 61)))
             .await;
         sched.lock().unwrap().record = true;
+        let relists = OBSERVER_RELISTS.load(std::sync::atomic::Ordering::Relaxed);
+        let metrics_before = bed.metrics();
         tokio::time::sleep(Duration::from_secs(60 * minutes)).await;
         watch.abort();
-        let mut late: Vec<f64> =
-            std::mem::take(&mut *sched.lock().unwrap()).late.into_values().flatten().collect();
+        let metrics_after = bed.metrics();
+        let controller_late = [0.5, 0.99].map(|q| lateness_bucket(&metrics_before, &metrics_after, q));
+        let relists = OBSERVER_RELISTS.load(std::sync::atomic::Ordering::Relaxed) - relists;
+        let lists = |m: &str| scalar(m, "keyward_apikey_watch_lists_total");
+        println!(
+            "{n}: the controller's ApiKey watch listed {} times in the window",
+            lists(&metrics_after) - lists(&metrics_before)
+        );
+        let sched = std::mem::take(&mut *sched.lock().unwrap());
+        if let (Some(first), Some(last)) = (sched.very_late.first(), sched.very_late.last()) {
+            let worst = sched.very_late.iter().map(|v| v.1).fold(0.0, f64::max);
+            println!(
+                "{n}: {} steps seen > 5 s late, due {} … {}, the latest {worst:.1} s",
+                sched.very_late.len(),
+                first.0.format("%H:%M:%S"),
+                last.0.format("%H:%M:%S")
+            );
+        }
+        let mut late: Vec<f64> = sched.late.into_values().flatten().collect();
         late.sort_by(f64::total_cmp);
         let q = |p: f64| {
             late.get(((late.len() as f64 * p).ceil() as usize).max(1) - 1).copied().unwrap_or(f64::NAN)
@@ -749,6 +807,8 @@ async fn scale(client: &Client, sizes: &[usize], minutes: u64) {
             restart,
             restart_writes,
             late: (late.len(), late.len() as f64 / minutes as f64, q(0.5), q(0.99)),
+            controller_late,
+            relists,
             cpu: [0, 1, 2].map(|i| cpu_after[i] - cpu_before[i]),
         };
         print_scale(std::slice::from_ref(&row), rows.is_empty());
@@ -766,15 +826,15 @@ async fn scale(client: &Client, sizes: &[usize], minutes: u64) {
 fn print_scale(rows: &[ScaleRow], header: bool) {
     if header {
         println!(
-            "| ApiKeys | floor | keyward | ratio | controller RSS empty → burst → restarted (KB/ApiKey after burst, restart) | verifier RSS (KB/key) | restart → all reconciled (writes) | lateness: steps/min, p50, p99 | CPU s during provisioning: API server, etcd, controller |"
+            "| ApiKeys | floor | keyward | ratio | controller RSS empty → burst → restarted (KB/ApiKey after burst, restart) | verifier RSS (KB/key) | restart → all reconciled (writes) | lateness watched: steps/min, p50, p99 (watch re-lists) | lateness at the controller: p50, p99 (≤ bucket) | CPU s during provisioning: API server, etcd, controller |"
         );
-        println!("|---|---|---|---|---|---|---|---|---|");
+        println!("|---|---|---|---|---|---|---|---|---|---|");
     }
     for r in rows {
         let [empty, burst, restarted] = r.controller;
         let [vbase, vind] = r.verifier;
         println!(
-            "| {} | {:.1} s | {:.1} s | {:.2}× | {empty:.1} → {burst:.1} → {restarted:.1} MiB ({:.2}, {:.2}) | {vbase:.1} → {vind:.1} MiB ({:.2}) | {:.1} s ({}) | {:.0}, {:.3} s, {:.3} s | {:.0}, {:.0}, {:.1} |",
+            "| {} | {:.1} s | {:.1} s | {:.2}× | {empty:.1} → {burst:.1} → {restarted:.1} MiB ({:.2}, {:.2}) | {vbase:.1} → {vind:.1} MiB ({:.2}) | {:.1} s ({}) | {:.0}, {:.3} s, {:.3} s ({}) | ≤ {:.2} s, ≤ {:.2} s | {:.0}, {:.0}, {:.1} |",
             r.n,
             r.floor,
             r.keyward,
@@ -787,6 +847,9 @@ fn print_scale(rows: &[ScaleRow], header: bool) {
             r.late.1,
             r.late.2,
             r.late.3,
+            r.relists,
+            r.controller_late[0],
+            r.controller_late[1],
             r.cpu[0],
             r.cpu[1],
             r.cpu[2],

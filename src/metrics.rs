@@ -125,6 +125,12 @@ pub struct Metrics {
     pub reconcile_failures: Family<FailureLabels, Counter>,
     /// Reconcile durations in seconds, by kind.
     pub reconcile_duration: Family<KindLabels, Histogram, fn() -> Histogram>,
+    /// Lists the controller's ApiKey watch made: one at start, one more each time the
+    /// watch could not resume (what changed meanwhile is seen only at the list's end).
+    pub apikey_lists: Counter,
+    /// How late (seconds after `nextActionAt`) each reconcile that found an ApiKey's
+    /// scheduled step due started.
+    pub step_lateness: Histogram,
     /// Workloads reading an ApiKey's Secret in a way no rotation reaches (absent at 0).
     pub consumers_not_following: Family<ApiKeyLabels, prometheus_client::metrics::gauge::Gauge>,
     /// ApiKeys the controller's indexes handed out (owner limits, policy changes): one
@@ -193,6 +199,19 @@ impl Metrics {
             "Time spent in one reconcile",
             reconcile_duration.clone(),
         );
+        let apikey_lists = Counter::default();
+        registry.register(
+            "apikey_watch_lists",
+            "Lists the ApiKey watch made (one at start; more when the watch could not resume)",
+            apikey_lists.clone(),
+        );
+        // 10 ms to about 4 minutes.
+        let step_lateness = Histogram::new(exponential_buckets(0.01, 2.5, 12));
+        registry.register(
+            "step_lateness_seconds",
+            "How late after its nextActionAt a reconcile found an ApiKey's scheduled step due",
+            step_lateness.clone(),
+        );
         let consumers_not_following = Family::default();
         registry.register(
             "apikey_consumers_not_following",
@@ -236,6 +255,8 @@ impl Metrics {
             reconciles,
             reconcile_failures,
             reconcile_duration,
+            step_lateness,
+            apikey_lists,
         })
     }
 
@@ -348,7 +369,10 @@ mod tests {
         m.reconciles.get_or_create(&KindLabels { kind: "ApiKey" }).inc();
         m.reconcile_failures.get_or_create(&FailureLabels { kind: "ApiKey", reason: "kube" }).inc();
         m.reconcile_duration.get_or_create(&KindLabels { kind: "ApiKey" }).observe(0.004);
+        m.step_lateness.observe(0.3);
         let text = m.render();
+        assert!(text.contains("keyward_step_lateness_seconds_bucket{le=\"0.390625\"} 1"), "{text}");
+        assert!(text.contains("keyward_step_lateness_seconds_bucket{le=\"0.15625\"} 0"), "{text}");
         assert!(text.contains("keyward_reconciles_total{kind=\"ApiKey\"} 1"), "{text}");
         assert!(text.contains("keyward_reconcile_failures_total{kind=\"ApiKey\",reason=\"kube\"} 1"));
         assert!(text.contains("keyward_reconcile_duration_seconds_count{kind=\"ApiKey\"} 1"));

@@ -69,6 +69,11 @@ pub async fn reconcile(obj: Arc<ApiKey>, ctx: Arc<Context>) -> Result<Action> {
         return Ok(Action::await_change());
     }
     let now = now();
+    if let Some(due) = key.status.as_ref().and_then(|s| s.next_action_at)
+        && due <= now
+    {
+        ctx.metrics.step_lateness.observe((now - due).num_milliseconds() as f64 / 1e3);
+    }
     let prepared = prepare(&ctx, &key, now).await?;
     run(&ctx, &api, &key, prepared, now).await
 }

@@ -751,6 +751,9 @@ pub async fn run(client: Client, server: &str, opts: Options) -> Result<()> {
                 let remember = |k: &ApiKey| {
                     index::Indexed::of(k, apikey_trigger(k, usage_view(&policies, k, usage, now())))
                 };
+                if matches!(ev, watcher::Event::Init) {
+                    ctx.metrics.apikey_lists.inc();
+                }
                 let index::Seen { before, now, gone } = ctx.index().on(&ev, remember);
                 // A live change, or one that happened while the watch was down (a re-list
                 // shows it; the first list after a start triggers every ApiKey anyway).
