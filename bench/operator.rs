@@ -123,16 +123,15 @@ impl Bed {
         self.controller.as_ref().and_then(KeywardProcess::pid).expect("controller running")
     }
 
-    /// Create ApiKeys for `range` and wait until a watch has seen the namespace's first
-    /// `range.end` ApiKeys `Ready=True`.
+    /// Create ApiKeys for `range` and wait until a watch has seen them all `Ready=True`.
     async fn add_ready_keys(
         &self,
         client: &Client,
         range: std::ops::Range<usize>,
         lifetime: impl Fn(usize) -> Option<String>,
     ) {
-        let (ready, watch) = track_ready(client, &self.ns.name);
-        let n = range.end;
+        let (ready, watch) = track_ready(client, &self.ns.name, Some(range.start)).await;
+        let n = range.len();
         self.create_keys(client, range, lifetime).await;
         until("every ApiKey Ready", &ready, Duration::from_secs(3600), |r| r.len() >= n).await;
         watch.abort();
@@ -159,6 +158,8 @@ impl Bed {
         lifetime: impl Fn(usize) -> Option<String>,
     ) {
         let api = Api::<ApiKey>::namespaced(client.clone(), &self.ns.name);
+        let batch = range.start.to_string();
+        let batch = &batch;
         futures::stream::iter(range)
             .map(|i| {
                 let mut spec = json!({"policy": self.policy, "owner": format!("team-{i}")});
@@ -167,7 +168,7 @@ impl Bed {
                 }
                 let key: ApiKey = serde_json::from_value(json!({
                     "apiVersion": "keyward.dev/v1alpha1", "kind": "ApiKey",
-                    "metadata": {"name": format!("k-{i}")}, "spec": spec
+                    "metadata": {"name": format!("k-{i}"), "labels": {BATCH: batch}}, "spec": spec
                 }))
                 .unwrap();
                 let api = api.clone();
@@ -194,17 +195,51 @@ async fn clean_up(client: &Client, spaces: Vec<TestNamespace>) {
     }
 }
 
-/// Watches a namespace's ApiKeys and calls `on_key` with each new version and the
-/// time it arrived.
+/// Label of the ApiKeys `create_keys` makes: the first index of their batch.
+const BATCH: &str = "bench.keyward.dev/batch";
+
+/// Watches a namespace's ApiKeys (those of the batch starting at `batch`, or all) and
+/// calls `on_key` with each new version and the time it arrived.
 fn watch_keys<S: Send + 'static>(
     client: &Client,
     ns: &str,
     state: Arc<Mutex<S>>,
     on_key: impl Fn(&mut S, &ApiKey, DateTime<Utc>) + Send + 'static,
 ) -> tokio::task::JoinHandle<()> {
+    watch_batch(client, ns, None, state, on_key, None)
+}
+
+/// `watch_keys`, returning once the watch's first list is done: a change it sees later
+/// arrived on the watch, not replayed after a long list (50,000 ApiKeys take ~30 s),
+/// which would count as lateness.
+async fn watch_keys_listed<S: Send + 'static>(
+    client: &Client,
+    ns: &str,
+    batch: Option<usize>,
+    state: Arc<Mutex<S>>,
+    on_key: impl Fn(&mut S, &ApiKey, DateTime<Utc>) + Send + 'static,
+) -> tokio::task::JoinHandle<()> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let task = watch_batch(client, ns, batch, state, on_key, Some(tx));
+    rx.await.expect("the watch lists");
+    task
+}
+
+fn watch_batch<S: Send + 'static>(
+    client: &Client,
+    ns: &str,
+    batch: Option<usize>,
+    state: Arc<Mutex<S>>,
+    on_key: impl Fn(&mut S, &ApiKey, DateTime<Utc>) + Send + 'static,
+    mut listed_tx: Option<tokio::sync::oneshot::Sender<()>>,
+) -> tokio::task::JoinHandle<()> {
     let api = Api::<ApiKey>::namespaced(client.clone(), ns);
+    let mut config = watcher::Config::default();
+    if let Some(b) = batch {
+        config = config.labels(&format!("{BATCH}={b}"));
+    }
     tokio::spawn(async move {
-        let mut stream = std::pin::pin!(watcher(api, watcher::Config::default()).default_backoff());
+        let mut stream = std::pin::pin!(watcher(api, config).default_backoff());
         let mut listed = false;
         while let Some(ev) = stream.next().await {
             match ev {
@@ -214,7 +249,10 @@ fn watch_keys<S: Send + 'static>(
                 Ok(watcher::Event::Init) if listed => {
                     OBSERVER_RELISTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 }
-                Ok(watcher::Event::InitDone) => listed = true,
+                Ok(watcher::Event::InitDone) => {
+                    listed = true;
+                    listed_tx.take().map(|tx| tx.send(()));
+                }
                 _ => {}
             }
         }
@@ -254,13 +292,18 @@ async fn until<S>(what: &str, state: &Arc<Mutex<S>>, timeout: Duration, done: im
 }
 
 /// Names of the ApiKeys seen `Ready=True`.
-fn track_ready(client: &Client, ns: &str) -> (Arc<Mutex<HashSet<String>>>, tokio::task::JoinHandle<()>) {
+async fn track_ready(
+    client: &Client,
+    ns: &str,
+    batch: Option<usize>,
+) -> (Arc<Mutex<HashSet<String>>>, tokio::task::JoinHandle<()>) {
     let ready = Arc::new(Mutex::new(HashSet::new()));
-    let task = watch_keys(client, ns, ready.clone(), |set, key, _| {
+    let task = watch_keys_listed(client, ns, batch, ready.clone(), |set, key, _| {
         if is_ready(key) {
             set.insert(key.name_any());
         }
-    });
+    })
+    .await;
     (ready, task)
 }
 
@@ -767,7 +810,9 @@ async fn scale(client: &Client, sizes: &[usize], minutes: u64) {
         drop(verifier);
         // Lateness of ~500 steps a minute among the N.
         let sched = Arc::new(Mutex::new(Schedule::default()));
-        let watch = watch_keys(client, &bed.ns.name, sched.clone(), |s, k, now| s.observe(k, now));
+        let watch =
+            watch_keys_listed(client, &bed.ns.name, Some(n), sched.clone(), |s, k, now| s.observe(k, now))
+                .await;
         bed.add_ready_keys(client, n..n + LATENESS_KEYS, |i| Some(format!("PT{}S", 60 + (i * 7919) % 61)))
             .await;
         sched.lock().unwrap().record = true;

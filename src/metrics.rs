@@ -125,8 +125,8 @@ pub struct Metrics {
     pub reconcile_failures: Family<FailureLabels, Counter>,
     /// Reconcile durations in seconds, by kind.
     pub reconcile_duration: Family<KindLabels, Histogram, fn() -> Histogram>,
-    /// Lists the controller's ApiKey watch made: one at start, one more each time the
-    /// watch could not resume (what changed meanwhile is seen only at the list's end).
+    /// Lists the controller's ApiKey watch completed: one at start, one more each time
+    /// the watch could not resume (what changed meanwhile is seen only at the list's end).
     pub apikey_lists: Counter,
     /// How late (seconds after `nextActionAt`) each reconcile that found an ApiKey's
     /// scheduled step due started.
@@ -202,7 +202,7 @@ impl Metrics {
         let apikey_lists = Counter::default();
         registry.register(
             "apikey_watch_lists",
-            "Lists the ApiKey watch made (one at start; more when the watch could not resume)",
+            "Lists the ApiKey watch completed (one at start; more when the watch could not resume)",
             apikey_lists.clone(),
         );
         // 10 ms to about 4 minutes.

@@ -751,7 +751,7 @@ pub async fn run(client: Client, server: &str, opts: Options) -> Result<()> {
                 let remember = |k: &ApiKey| {
                     index::Indexed::of(k, apikey_trigger(k, usage_view(&policies, k, usage, now())))
                 };
-                if matches!(ev, watcher::Event::Init) {
+                if matches!(ev, watcher::Event::InitDone) {
                     ctx.metrics.apikey_lists.inc();
                 }
                 let index::Seen { before, now, gone } = ctx.index().on(&ev, remember);

@@ -137,11 +137,14 @@ fn unusable(b: Blocked) -> Resolved {
 pub async fn resolve(ctx: &Context, key: &ApiKey, now: DateTime<Utc>) -> Result<Resolved> {
     // From the watch cache (policy changes re-trigger the ApiKeys that use them); only
     // what the cache lacks is confirmed by reading the API, so a policy created just
-    // before its ApiKeys is never reported missing. The default is read from the API
-    // while no key has been issued (below).
+    // before its ApiKeys is never reported missing. The first key, though, is issued only
+    // on an up-to-date answer: a policy applied together with its ApiKey (a second
+    // default, a narrower namespaceSelector, a new keyFormat) may reach this cache after
+    // the ApiKey does, and a key issued under the old one could not be taken back.
+    let first = key.status.as_ref().is_none_or(|s| s.keys.is_empty());
     let policies: Api<KeyPolicy> = Api::all(ctx.client.clone());
     let policy = match &key.spec.policy {
-        Some(name) => match ctx.policies.get(&ObjectRef::new(name)) {
+        Some(name) => match ctx.policies.get(&ObjectRef::new(name)).filter(|_| !first) {
             Some(p) => p.as_ref().clone(),
             None => match policies
                 .get_opt(name)
@@ -158,16 +161,11 @@ pub async fn resolve(ctx: &Context, key: &ApiKey, now: DateTime<Utc>) -> Result<
             },
         },
         None => {
-            // The first key is issued only on an up-to-date answer: two defaults applied
-            // together with the ApiKey may reach this cache after the ApiKey does, and a
-            // key issued under one of them could not be taken back.
-            let first = key.status.as_ref().is_none_or(|s| s.keys.is_empty());
-            let cached: Vec<KeyPolicy> = if first {
-                vec![]
-            } else {
-                ctx.policies.state().iter().filter(|p| p.spec.default).map(|p| p.as_ref().clone()).collect()
-            };
-            let mut defaults = if cached.is_empty() {
+            let cached: Vec<KeyPolicy> =
+                ctx.policies.state().iter().filter(|p| p.spec.default).map(|p| p.as_ref().clone()).collect();
+            // Two defaults in the cache refuse a first key as they are (no read per
+            // retry of an ApiKey that cannot get one); one or none is confirmed.
+            let mut defaults = if cached.is_empty() || (first && cached.len() == 1) {
                 let list =
                     policies.list(&Default::default()).await.map_err(Error::kube("listing KeyPolicies"))?;
                 list.items.into_iter().filter(|p| p.spec.default).collect()

@@ -259,11 +259,18 @@ impl Index {
     /// Is `key` valid at `now`?
     pub fn verify(&self, key: &str, now: DateTime<Utc>) -> Verdict {
         let malformed = Verdict { code: Code::Malformed, entry: None };
-        if key.is_empty() || key.len() > MAX_KEY_LEN || !self.formats.iter().any(|f| f.check(key).is_ok()) {
+        if key.is_empty() || key.len() > MAX_KEY_LEN {
             return malformed;
         }
+        let formed = self.formats.iter().any(|f| f.check(key).is_ok());
         let digest: Digest = Sha256::digest(key.as_bytes()).into();
-        match self.by_hash.get(&digest) {
+        let found = self.by_hash.get(&digest);
+        // A key of no current format is still answered when a status holds it: its
+        // policy's keyFormat was changed, or the policy deleted, while it was valid.
+        if !formed && found.is_none() {
+            return malformed;
+        }
+        match found {
             Some(e) => {
                 let code = match e.state {
                     KeyState::Revoked => Code::Revoked,
@@ -455,7 +462,29 @@ mod tests {
     }
 
     #[test]
-    fn unknown_prefixes_are_malformed_without_lookup() {
+    fn a_key_outlives_its_format() {
+        // Issued under a policy whose keyFormat then changed, or which was deleted: its
+        // keys stay valid until they end (the controller keeps their expiries).
+        let now = Utc::now();
+        let (key, m) = apikey(vec![("a", KeyState::Active, Some(now + TimeDelta::seconds(60)))], vec![]);
+        let mut index = Index::default();
+        index.set_formats(vec![KeyFormat::default()]);
+        index.upsert(&key);
+        let acme = KeyFormat { prefix: "acme_".into(), ..KeyFormat::default() };
+        for formats in [vec![acme.clone()], vec![]] {
+            index.set_formats(formats);
+            assert_eq!(index.verify(&m[0], now).code, Code::Valid);
+            assert_eq!(index.verify(&m[0], now + TimeDelta::seconds(61)).code, Code::Expired);
+            // Anything else of that old format is malformed now.
+            assert_eq!(index.verify(KeyFormat::default().generate().expose(), now).code, Code::Malformed);
+        }
+        index.set_formats(vec![acme]);
+        index.remove("ns", "svc");
+        assert_eq!(index.verify(&m[0], now).code, Code::Malformed);
+    }
+
+    #[test]
+    fn unknown_prefixes_are_malformed() {
         let mut index = Index::default();
         let other = KeyFormat { prefix: "acme_".into(), ..KeyFormat::default() };
         index.set_formats(vec![other.clone()]);
