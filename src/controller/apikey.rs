@@ -258,7 +258,8 @@ fn spec_problem(spec: &crate::api::ApiKeySpec) -> Option<Blocked> {
 /// (from the watch cache, plus this ApiKey itself), oldest first by (creationTimestamp,
 /// name). Also whether the ApiKey lost a place it had: refused while it holds valid
 /// keys, which then end. That verdict is never taken from the cache alone (an ApiKey
-/// deleted a moment ago may still be in it): it is confirmed on a fresh list.
+/// deleted a moment ago may still be in it): it is confirmed on a fresh list and a fresh
+/// read of the policy.
 async fn owner_limits(
     ctx: &Context,
     key: &ApiKey,
@@ -276,7 +277,17 @@ async fn owner_limits(
         .list(&Default::default())
         .await
         .map_err(Error::kube(format!("listing the ApiKeys of namespace {ns}")))?;
-    let verdict = owner_verdict(listed.items.iter(), key, policy);
+    // Nor on a cached policy: a limit raised together with this ApiKey (its first key
+    // was issued on a live read) may not have reached the cache yet.
+    let name = policy.name_any();
+    let Some(policy) = Api::<crate::api::KeyPolicy>::all(ctx.client.clone())
+        .get_opt(&name)
+        .await
+        .map_err(Error::kube(format!("reading KeyPolicy {name}")))?
+    else {
+        return Ok((cached, false));
+    };
+    let verdict = owner_verdict(listed.items.iter(), key, &policy);
     let retire = verdict.as_ref().is_some_and(|b| b.reason == c::OWNER_KEY_LIMIT_EXCEEDED);
     Ok((verdict, retire))
 }

@@ -104,6 +104,9 @@ pub struct Context {
     shard: Option<shard::Shard>,
     /// Consumer rollouts already warned about (ApiKey id | kind | name | key ID).
     rollouts_warned: std::sync::Mutex<std::collections::HashSet<String>>,
+    /// KeyPolicies read from the API that the cache had not caught up with (see
+    /// [`policy::resolve`]).
+    live_policies: std::sync::Mutex<std::collections::HashMap<String, KeyPolicy>>,
 }
 
 impl Context {
@@ -708,6 +711,7 @@ pub async fn run(client: Client, server: &str, opts: Options) -> Result<()> {
         consumers: opts.watch_consumers.then(Default::default),
         shard: opts.shard.clone().map(shard::Shard::new),
         rollouts_warned: Default::default(),
+        live_policies: Default::default(),
         delivering: tokio::sync::Semaphore::new(warnings::DELIVERING),
         webhooks: crate::webhook::Sender::new().map_err(|e| {
             Error::Config(format!("cannot load the system's CA certificates for webhooks: {e}"))

@@ -133,6 +133,35 @@ fn unusable(b: Blocked) -> Resolved {
     Resolved { blocked: Some(b), ..Default::default() }
 }
 
+/// Keep a policy read from the API until the cache has its generation, so that no later
+/// reconcile plans with an older one (a key issued under a raised owner limit must not
+/// then be judged by the cached, lower one).
+fn remember_live(ctx: &Context, p: KeyPolicy) -> KeyPolicy {
+    let mut live = ctx.live_policies.lock().unwrap_or_else(|e| e.into_inner());
+    live.insert(p.name_any(), p.clone());
+    p
+}
+
+/// The cached policy, or the copy read from the API when that is a later generation of
+/// the same object (forgotten once the cache has caught up, or the object was replaced).
+fn newest(ctx: &Context, cached: &KeyPolicy) -> KeyPolicy {
+    let mut live = ctx.live_policies.lock().unwrap_or_else(|e| e.into_inner());
+    let name = cached.name_any();
+    match live.get(&name) {
+        Some(l)
+            if l.metadata.uid == cached.metadata.uid
+                && l.metadata.generation > cached.metadata.generation =>
+        {
+            l.clone()
+        }
+        Some(_) => {
+            live.remove(&name);
+            cached.clone()
+        }
+        None => cached.clone(),
+    }
+}
+
 /// The policy an ApiKey uses and its rules, and why it cannot issue keys under it.
 pub async fn resolve(ctx: &Context, key: &ApiKey, now: DateTime<Utc>) -> Result<Resolved> {
     // From the watch cache (policy changes re-trigger the ApiKeys that use them); only
@@ -145,13 +174,13 @@ pub async fn resolve(ctx: &Context, key: &ApiKey, now: DateTime<Utc>) -> Result<
     let policies: Api<KeyPolicy> = Api::all(ctx.client.clone());
     let policy = match &key.spec.policy {
         Some(name) => match ctx.policies.get(&ObjectRef::new(name)).filter(|_| !first) {
-            Some(p) => p.as_ref().clone(),
+            Some(p) => newest(ctx, &p),
             None => match policies
                 .get_opt(name)
                 .await
                 .map_err(Error::kube(format!("reading KeyPolicy {name}")))?
             {
-                Some(p) => p,
+                Some(p) => remember_live(ctx, p),
                 None => {
                     return Ok(unusable(blocked(
                         c::POLICY_NOT_FOUND,
@@ -162,13 +191,13 @@ pub async fn resolve(ctx: &Context, key: &ApiKey, now: DateTime<Utc>) -> Result<
         },
         None => {
             let cached: Vec<KeyPolicy> =
-                ctx.policies.state().iter().filter(|p| p.spec.default).map(|p| p.as_ref().clone()).collect();
+                ctx.policies.state().iter().map(|p| newest(ctx, p)).filter(|p| p.spec.default).collect();
             // Two defaults in the cache refuse a first key as they are (no read per
             // retry of an ApiKey that cannot get one); one or none is confirmed.
             let mut defaults = if cached.is_empty() || (first && cached.len() == 1) {
                 let list =
                     policies.list(&Default::default()).await.map_err(Error::kube("listing KeyPolicies"))?;
-                list.items.into_iter().filter(|p| p.spec.default).collect()
+                list.items.into_iter().map(|p| remember_live(ctx, p)).filter(|p| p.spec.default).collect()
             } else {
                 cached
             };

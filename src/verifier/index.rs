@@ -1,6 +1,6 @@
 //! The verifier's in-memory index: `sha256(key) → entry` for every key in every
 //! ApiKey's status, each ApiKey's own `spec.revokedKeys`, and the key formats of all
-//! KeyPolicies (malformed keys are refused before any lookup). Pure: fed by watch
+//! KeyPolicies (a key of no current format is malformed unless a status holds it). Pure: fed by watch
 //! events, asked at request time (expiry is judged against the clock then).
 //!
 //! Tenancy: a key is judged only by the ApiKey whose status holds its hash. Another
@@ -78,8 +78,8 @@ pub enum Code {
     Expired,
     /// Revoked.
     Revoked,
-    /// Not a key of any policy's format (prefix, length, encoding, checksum), or sent
-    /// ambiguously (two different keys in one request).
+    /// Not a key of any current policy's format (prefix, length, encoding, checksum)
+    /// and held by no ApiKey, or sent ambiguously (two different keys in one request).
     Malformed,
     /// Valid, but without a scope the caller (the proxy, per route) requires.
     InsufficientScope,
@@ -265,9 +265,17 @@ impl Index {
         let formed = self.formats.iter().any(|f| f.check(key).is_ok());
         let digest: Digest = Sha256::digest(key.as_bytes()).into();
         let found = self.by_hash.get(&digest);
-        // A key of no current format is still answered when a status holds it: its
-        // policy's keyFormat was changed, or the policy deleted, while it was valid.
-        if !formed && found.is_none() {
+        // A revoked key whose slot was already regenerated is in no status any more
+        // (and so valid nowhere); its ID (derived from its hash) is still listed.
+        let revoked = || {
+            !self.revoked_ids.is_empty() && {
+                let hex = hex::encode(digest);
+                [KEY_ID_LEN, LEGACY_KEY_ID_LEN].iter().any(|&n| self.revoked_ids.contains_key(&hex[..n]))
+            }
+        };
+        // A key of no current format is still answered when a status holds it (or its
+        // ID is revoked): its policy's keyFormat was changed, or the policy deleted.
+        if !formed && found.is_none() && !revoked() {
             return malformed;
         }
         match found {
@@ -282,15 +290,7 @@ impl Index {
                 };
                 Verdict { code, entry: Some(e.clone()) }
             }
-            // A revoked key whose slot was already regenerated is in no status any more
-            // (and so valid nowhere); its ID (derived from its hash) is still listed.
-            None if !self.revoked_ids.is_empty() && {
-                let hex = hex::encode(digest);
-                [KEY_ID_LEN, LEGACY_KEY_ID_LEN].iter().any(|&n| self.revoked_ids.contains_key(&hex[..n]))
-            } =>
-            {
-                Verdict { code: Code::Revoked, entry: None }
-            }
+            None if revoked() => Verdict { code: Code::Revoked, entry: None },
             None => Verdict { code: Code::NotFound, entry: None },
         }
     }
@@ -478,6 +478,12 @@ mod tests {
             // Anything else of that old format is malformed now.
             assert_eq!(index.verify(KeyFormat::default().generate().expose(), now).code, Code::Malformed);
         }
+        // Revoked, then its slot regenerated: still REVOKED, not MALFORMED.
+        let mut revoked = key.clone();
+        revoked.spec.revoked_keys = vec![key.status.as_ref().unwrap().keys[0].key_id.clone()];
+        revoked.status.as_mut().unwrap().keys.clear();
+        index.upsert(&revoked);
+        assert_eq!(index.verify(&m[0], now).code, Code::Revoked);
         index.set_formats(vec![acme]);
         index.remove("ns", "svc");
         assert_eq!(index.verify(&m[0], now).code, Code::Malformed);
