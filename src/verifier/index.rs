@@ -1,7 +1,8 @@
 //! The verifier's in-memory index: `sha256(key) → entry` for every key in every
 //! ApiKey's status, each ApiKey's own `spec.revokedKeys`, and the key formats of all
-//! KeyPolicies (a key of no current format is malformed unless a status holds it). Pure: fed by watch
-//! events, asked at request time (expiry is judged against the clock then).
+//! KeyPolicies (a key of no current format is malformed unless a status holds it).
+//! Pure: fed by watch events, asked at request time (expiry is judged against the
+//! clock then).
 //!
 //! Tenancy: a key is judged only by the ApiKey whose status holds its hash. Another
 //! ApiKey listing the same key ID in its `revokedKeys` changes nothing for it, and
