@@ -268,15 +268,13 @@ impl Index {
         let found = self.by_hash.get(&digest);
         // A revoked key whose slot was already regenerated is in no status any more
         // (and so valid nowhere); its ID (derived from its hash) is still listed.
-        let revoked = || {
-            !self.revoked_ids.is_empty() && {
-                let hex = hex::encode(digest);
-                [KEY_ID_LEN, LEGACY_KEY_ID_LEN].iter().any(|&n| self.revoked_ids.contains_key(&hex[..n]))
-            }
+        let revoked_gone = found.is_none() && !self.revoked_ids.is_empty() && {
+            let hex = hex::encode(digest);
+            [KEY_ID_LEN, LEGACY_KEY_ID_LEN].iter().any(|&n| self.revoked_ids.contains_key(&hex[..n]))
         };
         // A key of no current format is still answered when a status holds it (or its
         // ID is revoked): its policy's keyFormat was changed, or the policy deleted.
-        if !formed && found.is_none() && !revoked() {
+        if !formed && found.is_none() && !revoked_gone {
             return malformed;
         }
         match found {
@@ -291,7 +289,7 @@ impl Index {
                 };
                 Verdict { code, entry: Some(e.clone()) }
             }
-            None if revoked() => Verdict { code: Code::Revoked, entry: None },
+            None if revoked_gone => Verdict { code: Code::Revoked, entry: None },
             None => Verdict { code: Code::NotFound, entry: None },
         }
     }
