@@ -287,6 +287,10 @@ async fn owner_limits(
     else {
         return Ok((cached, false));
     };
+    // The default moved elsewhere meanwhile: this is not the ApiKey's policy any more.
+    if key.spec.policy.is_none() && !policy.spec.default {
+        return Ok((cached, false));
+    }
     let verdict = owner_verdict(listed.items.iter(), key, &policy);
     let retire = verdict.as_ref().is_some_and(|b| b.reason == c::OWNER_KEY_LIMIT_EXCEEDED);
     Ok((verdict, retire))

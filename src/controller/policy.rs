@@ -150,7 +150,7 @@ fn newest(ctx: &Context, cached: &KeyPolicy) -> KeyPolicy {
     match live.get(&name) {
         Some(l)
             if l.metadata.uid == cached.metadata.uid
-                && l.metadata.generation > cached.metadata.generation =>
+                && matches!((l.metadata.generation, cached.metadata.generation), (Some(a), Some(b)) if a > b) =>
         {
             l.clone()
         }
