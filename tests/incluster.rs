@@ -393,6 +393,7 @@ async fn the_leader_pod_fails_over_within_the_lease_and_no_key_is_issued_twice()
     // 2. The new leader's container is killed (no SIGTERM, no release: the Lease expires).
     let pid = container_pid(&client, &ns.name, &second).await;
     let since = Instant::now();
+    let killed_at = chrono::Utc::now();
     assert!(run("kill", &["-KILL", &pid.to_string()]).0);
     for i in 4..=6 {
         ns.apikey(&client, &format!("a{i}"), json!({"policy": policy, "owner": format!("o{i}")})).await;
@@ -424,7 +425,18 @@ async fn the_leader_pod_fails_over_within_the_lease_and_no_key_is_issued_twice()
                 .filter_map(|e| e.note)
                 .filter(|n| n.contains("issued "))
                 .collect();
-        assert_eq!(created.len(), 1, "{name}: issued once: {created:?}");
+        // Events are best-effort: the killed leader may have died between writing a key's
+        // status and recording its Event (seen for a2, created during the first
+        // failover). Then the key is the one it issued before the kill, and the next
+        // leader, finding it Active, records none.
+        assert!(created.len() <= 1, "{name}: issued once: {created:?}");
+        if created.is_empty() {
+            eprintln!(
+                "{name}: no issuance Event; its key created {}, the leader killed {killed_at}",
+                key.created_at
+            );
+            assert!(key.created_at <= killed_at, "{name}: a key without an Event was issued before the kill");
+        }
     }
     let (samples, failures) = sampler.finish().await;
     assert!(
