@@ -406,7 +406,13 @@ async fn the_leader_pod_fails_over_within_the_lease_and_no_key_is_issued_twice()
         let name = format!("a{i}");
         let key = wait_key(&client, &ns.name, &name, Duration::from_secs(60), common::active).await;
         let stored = get_key(&client, &ns.name, &name).await;
-        assert_eq!(stored.status.as_ref().unwrap().keys.len(), 1, "{name}: one key");
+        let keys: Vec<_> = stored
+            .status
+            .iter()
+            .flat_map(|s| &s.keys)
+            .map(|k| (k.slot, k.key_id.clone(), k.state, k.created_at))
+            .collect();
+        assert_eq!(keys.len(), 1, "{name}: one key: {keys:?}");
         let data = secret_data(&client, &ns.name, &name).await.unwrap();
         assert_eq!(data.get("key-id"), Some(&key.key_id), "{name}: the Secret holds the key in status");
         for slot in ["primary", "secondary"] {

@@ -11,10 +11,23 @@ use std::path::PathBuf;
 use prost_reflect::{DescriptorPool, DeserializeOptions, DynamicMessage, ReflectMessage};
 use serde::Deserialize;
 
-/// The `proto/` directory of the `envoy-types` crate this build uses.
+/// The triple of the machine this runs on (`rustc -vV`'s `host`), the rustc beside the
+/// cargo that built this test.
+fn host_triple() -> String {
+    let rustc = PathBuf::from(env!("CARGO")).with_file_name("rustc");
+    let rustc = if rustc.exists() { rustc } else { PathBuf::from("rustc") };
+    let out = std::process::Command::new(rustc).arg("-vV").output().expect("rustc -vV");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    text.lines().find_map(|l| l.strip_prefix("host: ")).expect("rustc -vV names its host").to_string()
+}
+
+/// The `proto/` directory of the `envoy-types` crate this build uses. Offline and for
+/// this platform only: the sources of crates only other platforms use (never built
+/// here) need not be on the machine.
 fn envoy_protos() -> PathBuf {
     let out = std::process::Command::new(env!("CARGO"))
-        .args(["metadata", "--format-version", "1", "--offline", "--manifest-path"])
+        .args(["metadata", "--format-version", "1", "--offline", "--filter-platform", &host_triple()])
+        .arg("--manifest-path")
         .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml"))
         .output()
         .expect("cargo metadata");
