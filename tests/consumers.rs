@@ -23,9 +23,12 @@ fn follow(k: &keyward::api::ApiKey) -> Option<keyward::api::Condition> {
     keyward::api::find_condition(&k.status.as_ref()?.conditions, "ConsumersFollowRotation").cloned()
 }
 
-/// Pods that stay Pending: no node has this label.
+/// Pods that stay Pending (no node has this label), without a ServiceAccount token: on
+/// v1.20 a pod that mounts one is refused (500, "No API token found") until the
+/// namespace's token exists, which its controller can create well after the
+/// ServiceAccount on a loaded machine.
 fn unschedulable() -> serde_json::Value {
-    json!({"nodeSelector": {"keyward.dev/test-nowhere": "true"}})
+    json!({"nodeSelector": {"keyward.dev/test-nowhere": "true"}, "automountServiceAccountToken": false})
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
