@@ -81,10 +81,9 @@ if hack/cluster.sh has-node; then
     --set-string podAnnotations.keyward\\.dev/image-digest="$digest" \
     --wait --timeout 5m >/dev/null ||
     { kubectl -n "$NS" get pods -o wide >&2 || true; die "helm install failed (kubectl -n $NS describe pods)"; }
+  # The example Deployment runs the local busybox image (never pulled): keyward rolls
+  # it out at each flip.
   kubectl apply -f examples/ >/dev/null
-  # The example Deployment's image is a placeholder (registry.example.com): nothing to
-  # pull here, so it is kept at 0 replicas; keyward still rolls its template at each flip.
-  kubectl -n "$DEMO" scale deployment checkout --replicas 0 >/dev/null
   # A Pod's spec cannot be changed in place: start it afresh on every run.
   kubectl -n "$DEMO" delete pod checkout-consumer --ignore-not-found >/dev/null
   kubectl apply -f hack/demo-consumer.yaml >/dev/null

@@ -6,6 +6,9 @@ mod common;
 use std::time::Duration;
 
 use common::{client, kubectl, try_kubectl};
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::Node;
+use kube::Api;
 
 fn examples() -> String {
     format!("{}/examples", env!("CARGO_MANIFEST_DIR"))
@@ -38,6 +41,28 @@ async fn examples_apply_reconcile_and_reapply_without_a_diff() {
         (!out.trim().is_empty()).then_some(())
     })
     .await;
+    // On a cluster with a node, the example consumer runs from an image already on it
+    // (nothing is pulled from a registry) and its rolled-out template becomes available.
+    if node_ready(&client).await {
+        let deployments = Api::<Deployment>::namespaced(client.clone(), "keyward-demo");
+        common::eventually(
+            "the checkout Deployment's rolled-out pod to be available",
+            Duration::from_secs(180),
+            || async {
+                let d = deployments.get("checkout").await.ok()?;
+                let s = d.status.as_ref()?;
+                let want = d.spec.as_ref()?.replicas.unwrap_or(1);
+                (s.observed_generation == d.metadata.generation
+                    && s.updated_replicas == Some(want)
+                    && s.available_replicas == Some(want)
+                    && s.replicas == Some(want))
+                .then_some(())
+            },
+        )
+        .await;
+    } else {
+        eprintln!("no Ready node: the example Deployment's pod was not started");
+    }
     // `kubectl diff` exits 0 when re-applying would change nothing, 1 when it would.
     let out = std::process::Command::new("kubectl").args(["diff", "-f", &examples()]).output().unwrap();
     assert!(
@@ -48,4 +73,15 @@ async fn examples_apply_reconcile_and_reapply_without_a_diff() {
     );
     let again = kubectl(&["apply", "-f", &examples()]);
     assert!(again.lines().all(|l| l.ends_with("unchanged")), "{again}");
+}
+
+/// Whether some node is Ready (hack/cluster.sh's, or the cluster's in KUBECONFIG).
+async fn node_ready(client: &kube::Client) -> bool {
+    let nodes = Api::<Node>::all(client.clone()).list(&Default::default()).await.expect("list nodes");
+    nodes.items.iter().any(|n| {
+        n.status
+            .as_ref()
+            .and_then(|s| s.conditions.as_ref())
+            .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+    })
 }
