@@ -37,6 +37,11 @@ if [ ${#need[@]} -gt 0 ]; then
   apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
 
+# Tests reach only this machine: no pod they create may make the node pull an image from
+# a registry (the kubelet's log says when one tried; checked at the end).
+kubelet_log="${KEYWARD_CLUSTER_DIR:-${KEYWARD_CACHE:-$HOME/.cache/keyward}/cluster}/logs/kubelet.log"
+kubelet_log_at=$( [ $local_plane = 1 ] && [ -f "$kubelet_log" ] && wc -c <"$kubelet_log" || echo 0)
+
 echo "== rustfmt, clippy"
 cargo fmt --all -- --check
 cargo clippy --all-targets --locked -- -D warnings
@@ -66,4 +71,17 @@ if [ $local_plane = 1 ] && hack/cluster.sh has-node >/dev/null 2>&1; then
   cargo test --locked --test incluster -- --ignored --test-threads 1 --nocapture
 else
   echo "== no node on this machine (hack/cluster.sh status says why): the in-cluster tests did not run"
+fi
+
+if [ $local_plane = 1 ] && [ -f "$kubelet_log" ]; then
+  echo "== no image was pulled from a registry during the tests"
+  # From where the log stood at the start (all of it, if it was started afresh since).
+  size=$(wc -c <"$kubelet_log")
+  [ "$size" -ge "$kubelet_log_at" ] || kubelet_log_at=0
+  pulls=$(tail -c +"$((kubelet_log_at + 1))" "$kubelet_log" | grep -o 'Pull image "[^"]*"' | sort | uniq -c || true)
+  if [ -n "$pulls" ]; then
+    echo "the node tried to pull these images from a registry (tests must use images already on it, pullPolicy Never/IfNotPresent, or pods no node takes):" >&2
+    echo "$pulls" >&2
+    exit 1
+  fi
 fi

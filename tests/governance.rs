@@ -345,7 +345,11 @@ async fn consumers_roll_out_once_per_flip() {
             "selector": {"matchLabels": {"app": "checkout"}},
             "template": {
                 "metadata": {"labels": {"app": "checkout"}},
-                "spec": {"containers": [{"name": "app", "image": "registry.invalid/checkout:1"}]}
+                // Its pods need not run (only the template is watched): no node takes them,
+                // so no kubelet tries to pull this image from a registry.
+                "spec": {"nodeSelector": {"keyward.dev/test-nowhere": "true"},
+                         "automountServiceAccountToken": false,
+                         "containers": [{"name": "app", "image": "registry.invalid/checkout:1"}]}
             }
         }
     }))

@@ -37,7 +37,9 @@ struct Release {
 }
 
 impl Release {
-    /// `helm install` the chart with `--set` `sets`.
+    /// `helm install` the chart with `--set` `sets`. Its pods never pull their image (no
+    /// registry is reached from a test; they need not run: the tests run keyward as the
+    /// release's ServiceAccounts).
     fn install(sets: &[&str]) -> Release {
         let id = format!("{:06x}", rand::random::<u32>() & 0xff_ffff);
         let release = Release { name: format!("kw{id}"), namespace: format!("kw-helm-{id}") };
@@ -50,6 +52,8 @@ impl Release {
             release.namespace.as_str(),
             "--create-namespace",
             "--take-ownership",
+            "--set",
+            "image.pullPolicy=Never",
         ];
         for s in sets {
             args.extend(["--set", s]);
