@@ -829,7 +829,11 @@ async fn scale(client: &Client, sizes: &[usize], minutes: u64) {
     let mut rows = Vec::new();
     let mut verifier_base = None;
     for &n in sizes {
+        let plane =
+            || [cpu_seconds(&["kube-apiserver"]), cpu_seconds(&["etcd"]), cpu_seconds(&["kube-controller"])];
+        let before = plane();
         let floor = floor(client, n).await;
+        let floor_cpu = plane();
         clean_up(client, vec![floor.2]).await;
         let mut bed = Bed::new(client, "bench-scale", json!({"maxLifetime": "P90D"})).await;
         if verifier_base.is_none() {
@@ -840,12 +844,32 @@ async fn scale(client: &Client, sizes: &[usize], minutes: u64) {
         bed.start_controller().await;
         let empty = settled_rss(&bed).await;
         let cpu_before = [cpu_seconds(&["kube-apiserver"]), cpu_seconds(&["etcd"]), cpu_of(bed.pid())];
+        let kcm_before = cpu_seconds(&["kube-controller"]);
         let start = Instant::now();
         bed.add_ready_keys(client, 0..n, |_| None).await;
         let took = start.elapsed().as_secs_f64();
         let cpu_after = [cpu_seconds(&["kube-apiserver"]), cpu_seconds(&["etcd"]), cpu_of(bed.pid())];
+        let kcm = cpu_seconds(&["kube-controller"]) - kcm_before;
         let burst = settled_rss(&bed).await;
-        settled_writes(&bed, &BTreeMap::new(), 1).await;
+        let (per_key, detail) = settled_writes(&bed, &BTreeMap::new(), n).await;
+        // Where the time per ApiKey goes as N grows: the API calls keyward made and the CPU
+        // of each process, against the floor's.
+        let metrics = bed.metrics();
+        let reconciles = by_label(&metrics, "keyward_reconciles_total").get("ApiKey").copied().unwrap_or(0.0);
+        let failures = common::metric_sum(&metrics, "keyward_reconcile_failures_total");
+        let ms = |cpu: f64| cpu * 1000.0 / n as f64;
+        println!(
+            "{n}: provisioning: {:.2} reconciles and {per_key:.2} writes ({detail}) per ApiKey, {failures} failed reconciles; \
+             CPU ms per ApiKey, floor vs keyward: API server {:.2} vs {:.2}, etcd {:.2} vs {:.2}, kube-controller-manager {:.2} vs {:.2}, controller {:.2}",
+            reconciles / n as f64,
+            ms(floor_cpu[0] - before[0]),
+            ms(cpu_after[0] - cpu_before[0]),
+            ms(floor_cpu[1] - before[1]),
+            ms(cpu_after[1] - cpu_before[1]),
+            ms(floor_cpu[2] - before[2]),
+            ms(kcm),
+            ms(cpu_after[2] - cpu_before[2]),
+        );
         // Restart: from the new process's start until it has reconciled every ApiKey.
         bed.controller.as_mut().expect("controller running").terminate().await;
         let start = Instant::now();
