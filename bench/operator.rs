@@ -339,6 +339,12 @@ fn cpu_of_stat(stat: &str) -> Option<(&str, f64)> {
     Some((comm, ticks / tick))
 }
 
+/// CPU seconds used so far by the control plane: API server, etcd, kube-controller-manager
+/// (its command name is cut to 15 characters).
+fn plane_cpu() -> [f64; 3] {
+    [cpu_seconds(&["kube-apiserver"]), cpu_seconds(&["etcd"]), cpu_seconds(&["kube-controller"])]
+}
+
 /// CPU used by the API server + etcd and by keyward while `f` runs.
 struct Cpu([f64; 2]);
 
@@ -687,9 +693,9 @@ async fn precision(client: &Client, n: usize, minutes: usize) {
 async fn catchup(client: &Client, n: usize) {
     let (floor, floor_cpu) = {
         let (_, _, ns) = floor(client, n).await;
-        let cpu = cpu_seconds(&["kube-apiserver"]);
+        let cpu = plane_cpu()[0];
         let took = rewrite_floor(client, &ns, n).await;
-        let cpu = cpu_seconds(&["kube-apiserver"]) - cpu;
+        let cpu = plane_cpu()[0] - cpu;
         clean_up(client, vec![ns]).await;
         (took, cpu)
     };
@@ -720,16 +726,13 @@ async fn catchup(client: &Client, n: usize) {
         }
     });
     let before = BTreeMap::new();
-    let cpu_before = [cpu_seconds(&["kube-apiserver"]), cpu_seconds(&["etcd"])];
+    let cpu_before = plane_cpu();
     bed.start_controller().await;
     until("every ApiKey back on schedule", &caught, Duration::from_secs(1800), |s| s.len() >= n).await;
     let took = start.elapsed();
     // What bounds the catch-up: CPU seconds each part used during it (of 2 per second here).
-    let cpu = [
-        cpu_seconds(&["kube-apiserver"]) - cpu_before[0],
-        cpu_seconds(&["etcd"]) - cpu_before[1],
-        cpu_of(bed.pid()),
-    ];
+    let cpu_after = plane_cpu();
+    let cpu = [cpu_after[0] - cpu_before[0], cpu_after[1] - cpu_before[1], cpu_of(bed.pid())];
     watch.abort();
     let (w, detail) = settled_writes(&bed, &before, n).await;
     println!(
@@ -829,11 +832,9 @@ async fn scale(client: &Client, sizes: &[usize], minutes: u64) {
     let mut rows = Vec::new();
     let mut verifier_base = None;
     for &n in sizes {
-        let plane =
-            || [cpu_seconds(&["kube-apiserver"]), cpu_seconds(&["etcd"]), cpu_seconds(&["kube-controller"])];
-        let before = plane();
+        let floor_before = plane_cpu();
         let floor = floor(client, n).await;
-        let floor_cpu = plane();
+        let floor_cpu = plane_cpu();
         clean_up(client, vec![floor.2]).await;
         let mut bed = Bed::new(client, "bench-scale", json!({"maxLifetime": "P90D"})).await;
         if verifier_base.is_none() {
@@ -843,13 +844,15 @@ async fn scale(client: &Client, sizes: &[usize], minutes: u64) {
         }
         bed.start_controller().await;
         let empty = settled_rss(&bed).await;
-        let cpu_before = [cpu_seconds(&["kube-apiserver"]), cpu_seconds(&["etcd"]), cpu_of(bed.pid())];
-        let kcm_before = cpu_seconds(&["kube-controller"]);
+        let (plane_before, controller_before) = (plane_cpu(), cpu_of(bed.pid()));
         let start = Instant::now();
         bed.add_ready_keys(client, 0..n, |_| None).await;
         let took = start.elapsed().as_secs_f64();
-        let cpu_after = [cpu_seconds(&["kube-apiserver"]), cpu_seconds(&["etcd"]), cpu_of(bed.pid())];
-        let kcm = cpu_seconds(&["kube-controller"]) - kcm_before;
+        let (plane_after, controller_after) = (plane_cpu(), cpu_of(bed.pid()));
+        // API server, etcd, kube-controller-manager, controller.
+        let cpu = [0, 1, 2].map(|i| plane_after[i] - plane_before[i]);
+        let floor_cpu = [0, 1, 2].map(|i| floor_cpu[i] - floor_before[i]);
+        let controller_cpu = controller_after - controller_before;
         let burst = settled_rss(&bed).await;
         let (per_key, detail) = settled_writes(&bed, &BTreeMap::new(), n).await;
         // Where the time per ApiKey goes as N grows: the API calls keyward made and the CPU
@@ -859,16 +862,17 @@ async fn scale(client: &Client, sizes: &[usize], minutes: u64) {
         let failures = common::metric_sum(&metrics, "keyward_reconcile_failures_total");
         let ms = |cpu: f64| cpu * 1000.0 / n as f64;
         println!(
-            "{n}: provisioning: {:.2} reconciles and {per_key:.2} writes ({detail}) per ApiKey, {failures} failed reconciles; \
+            "{n}: provisioning: {:.2} reconciles and {per_key:.2} writes ({detail}) per ApiKey, {} failed reconciles; \
              CPU ms per ApiKey, floor vs keyward: API server {:.2} vs {:.2}, etcd {:.2} vs {:.2}, kube-controller-manager {:.2} vs {:.2}, controller {:.2}",
             reconciles / n as f64,
-            ms(floor_cpu[0] - before[0]),
-            ms(cpu_after[0] - cpu_before[0]),
-            ms(floor_cpu[1] - before[1]),
-            ms(cpu_after[1] - cpu_before[1]),
-            ms(floor_cpu[2] - before[2]),
-            ms(kcm),
-            ms(cpu_after[2] - cpu_before[2]),
+            failures as u64,
+            ms(floor_cpu[0]),
+            ms(cpu[0]),
+            ms(floor_cpu[1]),
+            ms(cpu[1]),
+            ms(floor_cpu[2]),
+            ms(cpu[2]),
+            ms(controller_cpu),
         );
         // Restart: from the new process's start until it has reconciled every ApiKey.
         bed.controller.as_mut().expect("controller running").terminate().await;
@@ -933,7 +937,7 @@ async fn scale(client: &Client, sizes: &[usize], minutes: u64) {
             late: (late.len(), late.len() as f64 / minutes as f64, q(0.5), q(0.99)),
             controller_late,
             relists,
-            cpu: [0, 1, 2].map(|i| cpu_after[i] - cpu_before[i]),
+            cpu: [cpu[0], cpu[1], controller_cpu],
         };
         print_scale(std::slice::from_ref(&row), rows.is_empty());
         rows.push(row);
