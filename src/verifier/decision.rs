@@ -79,11 +79,11 @@ pub fn decide(verdict: &Verdict, required: &[String]) -> Decision {
         (Code::Valid, Some(e)) => {
             // The namespace and ApiKey name are what no other namespace can claim; the
             // owner is free text, unique only within its namespace.
-            add("x-keyward-namespace", e.apikey.namespace.clone());
-            add("x-keyward-apikey", e.apikey.name.clone());
-            add("x-keyward-owner", e.apikey.owner.clone());
-            add("x-keyward-client-id", e.apikey.client_id.clone());
-            add("x-keyward-key-id", e.key_id.clone());
+            add("x-keyward-namespace", e.apikey.namespace.to_string());
+            add("x-keyward-apikey", e.apikey.name.to_string());
+            add("x-keyward-owner", e.apikey.owner.to_string());
+            add("x-keyward-client-id", e.apikey.client_id.to_string());
+            add("x-keyward-key-id", e.key_id.to_string());
             if !e.apikey.scopes.is_empty() {
                 add("x-keyward-scopes", e.apikey.scopes.join(" "));
             }
@@ -202,7 +202,7 @@ mod tests {
                 name: "checkout".into(),
                 owner: owner.into(),
                 client_id: "c1".into(),
-                revoked: vec![],
+                revoked: Box::default(),
                 scopes: scopes.iter().map(|s| s.to_string()).collect(),
                 resource_version: None,
             }),

@@ -108,7 +108,7 @@ async fn verify(State(s): State<AppState>, body: Bytes) -> Response {
         key_id: e.map(|e| e.key_id.as_str()),
         slot: e.map(|e| e.slot.to_string()),
         expires_at: e.and_then(|e| e.expires_at).map(|t| t.to_rfc3339_opts(SecondsFormat::Secs, true)),
-        scopes: e.filter(|_| verdict.code == Code::Valid).map(|e| e.apikey.scopes.as_slice()),
+        scopes: e.filter(|_| verdict.code == Code::Valid).map(|e| &e.apikey.scopes[..]),
     };
     axum::Json(body).into_response()
 }

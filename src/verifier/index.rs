@@ -24,25 +24,89 @@ use crate::keys::{KEY_ID_LEN, KeyFormat, LEGACY_KEY_ID_LEN, MAX_KEY_LEN};
 /// The ApiKey a key belongs to; shared by its keys' entries.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Holder {
-    /// The ApiKey's namespace.
-    pub namespace: String,
-    /// The ApiKey's name.
-    pub name: String,
+    /// The ApiKey's namespace (one copy per namespace, shared by its ApiKeys).
+    pub namespace: Arc<str>,
+    /// The ApiKey's name (the same copy as the index's own).
+    pub name: Arc<str>,
     /// Its owner (unique only within the namespace).
-    pub owner: String,
+    pub owner: Text,
     /// Its client ID.
-    pub client_id: String,
+    pub client_id: Text,
     /// Its `spec.revokedKeys`.
-    pub revoked: Vec<String>,
+    pub revoked: Box<[String]>,
     /// Its `spec.scopes` (sorted, well-formed ones only).
-    pub scopes: Vec<String>,
+    pub scopes: Box<[String]>,
     /// The ApiKey's resourceVersion this view was built from.
-    pub resource_version: Option<String>,
+    pub resource_version: Option<Text>,
 }
 
 impl Holder {
-    fn is(&self, id: &Id) -> bool {
-        self.namespace == id.0 && self.name == id.1
+    fn is(&self, namespace: &str, name: &str) -> bool {
+        *self.namespace == *namespace && *self.name == *name
+    }
+}
+
+/// Bytes a [`Text`] keeps in place.
+const INLINE: usize = 22;
+
+/// A short string kept in place: key IDs (16 characters), client IDs, resourceVersions
+/// and most owners fit, and cost no allocation of their own (a `String` costs 24 bytes
+/// and a heap chunk of at least 32). A longer one goes to the heap.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Text(Repr);
+
+#[derive(Clone, PartialEq, Eq)]
+enum Repr {
+    /// The first `len` bytes are the text, the rest zero.
+    Inline {
+        len: u8,
+        bytes: [u8; INLINE],
+    },
+    Heap(Box<str>),
+}
+
+impl Text {
+    /// The text.
+    pub fn as_str(&self) -> &str {
+        match &self.0 {
+            // A whole `str` was copied in, so this is UTF-8.
+            Repr::Inline { len, bytes } => {
+                std::str::from_utf8(&bytes[..usize::from(*len)]).unwrap_or_default()
+            }
+            Repr::Heap(s) => s,
+        }
+    }
+}
+
+impl From<&str> for Text {
+    fn from(s: &str) -> Self {
+        let mut bytes = [0; INLINE];
+        match (bytes.get_mut(..s.len()), u8::try_from(s.len())) {
+            (Some(b), Ok(len)) => {
+                b.copy_from_slice(s.as_bytes());
+                Text(Repr::Inline { len, bytes })
+            }
+            _ => Text(Repr::Heap(s.into())),
+        }
+    }
+}
+
+impl std::ops::Deref for Text {
+    type Target = str;
+    fn deref(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl std::fmt::Debug for Text {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(self.as_str(), f)
+    }
+}
+
+impl std::fmt::Display for Text {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 
@@ -52,11 +116,11 @@ pub struct Entry {
     /// The ApiKey that holds it.
     pub apikey: Arc<Holder>,
     /// The key's ID.
-    pub key_id: String,
+    pub key_id: Text,
     /// The key's slot.
     pub slot: Slot,
     /// Its position in `status.keys` (for the verifier's JSON patch).
-    pub position: usize,
+    pub position: u32,
     /// When it was issued.
     pub created_at: DateTime<Utc>,
     /// When it stops verifying (None: never).
@@ -111,6 +175,9 @@ pub struct Verdict {
 
 type Id = (String, String);
 
+/// A namespace's ApiKeys' hashes, by name.
+type ByName = HashMap<Arc<str>, Box<[Digest]>>;
+
 /// A key's SHA-256, as the index keeps it (32 bytes in place, not 71 characters of text
 /// on the heap: the index holds each twice).
 type Digest = [u8; 32];
@@ -126,8 +193,9 @@ fn digest_of(hash: &str) -> Option<Digest> {
 #[derive(Default, Debug)]
 pub struct Index {
     by_hash: HashMap<Digest, Entry>,
-    /// Each ApiKey's hashes, in `status.keys` order.
-    hashes_of: HashMap<Id, Vec<Digest>>,
+    /// Each ApiKey's hashes, in `status.keys` order, by namespace and name: the keys are
+    /// the very copies its `Holder` shares (one per namespace, one per name).
+    hashes_of: HashMap<Arc<str>, ByName>,
     /// Each ApiKey's revoked IDs, and how many ApiKeys list each ID: only used for a key
     /// that is in no status any more (its slot was regenerated), to say `REVOKED`
     /// rather than `NOT_FOUND`; a key in a status is judged by its own ApiKey alone.
@@ -161,30 +229,37 @@ impl Index {
 
     /// Whether the index holds this ApiKey (with keys or revocations).
     pub fn contains(&self, namespace: &str, name: &str) -> bool {
-        let id = (namespace.to_string(), name.to_string());
-        self.hashes_of.contains_key(&id) || self.revoked_of.contains_key(&id)
+        self.hashes(namespace, name).is_some()
+            || self.revoked_of.contains_key(&(namespace.to_string(), name.to_string()))
+    }
+
+    /// An ApiKey's hashes, in `status.keys` order.
+    fn hashes(&self, namespace: &str, name: &str) -> Option<&[Digest]> {
+        self.hashes_of.get(namespace)?.get(name).map(|h| &h[..])
     }
 
     /// The keys an ApiKey holds, in `status.keys` order.
     pub fn keys_of(&self, namespace: &str, name: &str) -> Vec<&Entry> {
-        let id = (namespace.to_string(), name.to_string());
-        self.hashes_of
-            .get(&id)
+        self.hashes(namespace, name)
             .into_iter()
             .flatten()
-            .filter_map(|h| self.by_hash.get(h).filter(|e| e.apikey.is(&id)))
+            .filter_map(|h| self.by_hash.get(h).filter(|e| e.apikey.is(namespace, name)))
             .collect()
     }
 
     /// Forget an ApiKey's keys and revocations (and nothing of any other ApiKey).
     pub fn remove(&mut self, namespace: &str, name: &str) {
-        let id = (namespace.to_string(), name.to_string());
-        for h in self.hashes_of.remove(&id).unwrap_or_default() {
-            if self.by_hash.get(&h).is_some_and(|e| e.apikey.is(&id)) {
-                self.by_hash.remove(&h);
+        if let Some(names) = self.hashes_of.get_mut(namespace) {
+            for h in names.remove(name).unwrap_or_default() {
+                if self.by_hash.get(&h).is_some_and(|e| e.apikey.is(namespace, name)) {
+                    self.by_hash.remove(&h);
+                }
+            }
+            if names.is_empty() {
+                self.hashes_of.remove(namespace);
             }
         }
-        for k in self.revoked_of.remove(&id).unwrap_or_default() {
+        for k in self.revoked_of.remove(&(namespace.to_string(), name.to_string())).unwrap_or_default() {
             if let Some(n) = self.revoked_ids.get_mut(&k) {
                 *n -= 1;
                 if *n == 0 {
@@ -196,15 +271,13 @@ impl Index {
 
     /// Index (or re-index) an ApiKey's keys and revocations.
     pub fn upsert(&mut self, key: &ApiKey) {
-        let namespace = key.namespace().unwrap_or_default();
-        let name = key.name_any();
-        self.remove(&namespace, &name);
+        let (namespace, name) = (key.metadata.namespace.as_deref().unwrap_or_default(), key.name_any());
+        self.remove(namespace, &name);
         // Being deleted: its keys end now. Its place under the owner's limit is already
         // free (the controller skips it), so a finalizer holding it must not keep them.
         if key.metadata.deletion_timestamp.is_some() {
             return;
         }
-        let id = (namespace.clone(), name.clone());
         let mut revoked = key.spec.revoked_keys.clone();
         revoked.sort();
         revoked.dedup();
@@ -212,32 +285,36 @@ impl Index {
             *self.revoked_ids.entry(k.clone()).or_default() += 1;
         }
         if !revoked.is_empty() {
-            self.revoked_of.insert(id.clone(), revoked.clone());
+            self.revoked_of.insert((namespace.to_string(), name.clone()), revoked.clone());
         }
         let Some(status) = &key.status else { return };
+        // The namespace's one copy, when another ApiKey of it is indexed.
+        let namespace: Arc<str> =
+            self.hashes_of.get_key_value(namespace).map_or_else(|| namespace.into(), |(ns, _)| ns.clone());
+        let name: Arc<str> = name.into();
         let holder = Arc::new(Holder {
-            namespace,
-            name,
-            owner: key.owner().to_string(),
-            client_id: status.client_id.clone().unwrap_or_default(),
-            revoked,
+            namespace: namespace.clone(),
+            name: name.clone(),
+            owner: key.owner().into(),
+            client_id: status.client_id.as_deref().unwrap_or_default().into(),
+            revoked: revoked.into(),
             scopes: {
                 let mut scopes: Vec<String> =
                     key.spec.scopes.iter().filter(|s| crate::api::valid_scope(s)).cloned().collect();
                 scopes.sort();
                 scopes.dedup();
-                scopes
+                scopes.into()
             },
-            resource_version: key.metadata.resource_version.clone(),
+            resource_version: key.metadata.resource_version.as_deref().map(Text::from),
         });
-        let mut hashes = Vec::new();
+        let mut hashes = Vec::with_capacity(status.keys.len());
         for (position, k) in status.keys.iter().enumerate() {
             let Some(digest) = digest_of(&k.hash) else { continue };
             let entry = Entry {
                 apikey: holder.clone(),
-                key_id: k.key_id.clone(),
+                key_id: k.key_id.as_str().into(),
                 slot: k.slot,
-                position,
+                position: u32::try_from(position).unwrap_or(u32::MAX),
                 created_at: k.created_at,
                 expires_at: k.effective_expires_at,
                 last_used_at: k.last_used_at,
@@ -245,15 +322,17 @@ impl Index {
             };
             // One hash in two ApiKeys (material copied into another Secret): the key
             // stays with the ApiKey that issued it first.
-            let taken =
-                self.by_hash.get(&digest).is_some_and(|e| !e.apikey.is(&id) && e.created_at <= k.created_at);
+            let taken = self
+                .by_hash
+                .get(&digest)
+                .is_some_and(|e| !e.apikey.is(&namespace, &name) && e.created_at <= k.created_at);
             if !taken {
                 self.by_hash.insert(digest, entry);
             }
             hashes.push(digest);
         }
         if !hashes.is_empty() {
-            self.hashes_of.insert(id, hashes);
+            self.hashes_of.entry(namespace).or_default().insert(name, hashes.into());
         }
     }
 
@@ -282,7 +361,7 @@ impl Index {
                 let code = match e.state {
                     KeyState::Revoked => Code::Revoked,
                     // Only the ApiKey that holds the key can revoke it.
-                    _ if e.apikey.revoked.contains(&e.key_id) => Code::Revoked,
+                    _ if e.apikey.revoked.iter().any(|r| *r == *e.key_id) => Code::Revoked,
                     KeyState::Expired => Code::Expired,
                     _ if e.expires_at.is_some_and(|t| t <= now) => Code::Expired,
                     _ => Code::Valid,
@@ -352,7 +431,7 @@ mod tests {
         assert_eq!(index.len(), 2);
         let v = index.verify(&m[0], now);
         assert_eq!(v.code, Code::Valid);
-        assert_eq!(v.entry.unwrap().apikey.owner, "team");
+        assert_eq!(v.entry.unwrap().apikey.owner.as_str(), "team");
         assert_eq!(index.verify(&m[1], now).code, Code::Expired, "judged against the clock");
         assert_eq!(index.verify(KeyFormat::default().generate().expose(), now).code, Code::NotFound);
         for bad in ["", "kw_short", "nope", &"x".repeat(5000), &m[0][..m[0].len() - 1]] {
@@ -448,7 +527,11 @@ mod tests {
         copy.spec.owner = "payments".into();
         for order in [[&a, &copy], [&copy, &a]] {
             let mut index = index_of(&order);
-            assert_eq!(index.verify(&m[0], now).entry.unwrap().apikey.namespace, "tenant-a", "either order");
+            assert_eq!(
+                index.verify(&m[0], now).entry.unwrap().apikey.namespace.as_ref(),
+                "tenant-a",
+                "either order"
+            );
             // B revoking its copy, or deleting it, leaves A's key alone.
             let mut revoked = copy.clone();
             revoked.spec.revoked_keys = vec![copy.status.as_ref().unwrap().keys[0].key_id.clone()];
@@ -495,5 +578,56 @@ mod tests {
         index.set_formats(vec![other.clone()]);
         assert_eq!(index.verify(KeyFormat::default().generate().expose(), Utc::now()).code, Code::Malformed);
         assert_eq!(index.verify(other.generate().expose(), Utc::now()).code, Code::NotFound);
+    }
+
+    #[test]
+    fn text_keeps_short_strings_in_place_and_long_ones_whole() {
+        assert_eq!(size_of::<Text>(), size_of::<String>());
+        assert_eq!(size_of::<Option<Text>>(), size_of::<String>());
+        let long = "o".repeat(300);
+        let cases = [
+            "",
+            "a",
+            "0123456789abcdef",
+            "kwc_0123456789abcdefgh",
+            "kwc_0123456789abcdefghi",
+            "Zoë 🔑 team",
+            &long,
+        ];
+        for s in cases {
+            let t = Text::from(s);
+            assert_eq!(t.as_str(), s);
+            assert_eq!(format!("{t}"), s);
+            assert_eq!(format!("{t:?}"), format!("{s:?}"));
+            assert_eq!(matches!(t.0, Repr::Inline { .. }), s.len() <= INLINE, "{s}");
+        }
+        // A multi-byte character across the inline limit goes to the heap whole.
+        let edge = format!("{}é", "x".repeat(INLINE - 1));
+        assert_eq!(Text::from(edge.as_str()).as_str(), edge);
+    }
+
+    #[test]
+    fn an_apikeys_namespace_and_name_are_kept_once() {
+        let later = Some(Utc::now() + TimeDelta::seconds(60));
+        let (a, ma) = apikey(vec![("a", KeyState::Active, later), ("b", KeyState::Standby, later)], vec![]);
+        let (b, mb) = apikey(vec![("c", KeyState::Active, later)], vec![]);
+        let (a, b) = (moved(a, "shop", "checkout"), moved(b, "shop", "cart"));
+        let mut index = index_of(&[&a, &b]);
+        let now = Utc::now();
+        let (ea, eb) = (index.verify(&ma[1], now).entry.unwrap(), index.verify(&mb[0], now).entry.unwrap());
+        assert!(Arc::ptr_eq(&ea.apikey.namespace, &eb.apikey.namespace), "one copy per namespace");
+        let (ns, names) = index.hashes_of.get_key_value("shop").unwrap();
+        assert!(Arc::ptr_eq(ns, &ea.apikey.namespace));
+        let (name, hashes) = names.get_key_value("checkout").unwrap();
+        assert!(Arc::ptr_eq(name, &ea.apikey.name), "one copy per name");
+        assert_eq!(hashes.len(), 2);
+        assert_eq!(index.keys_of("shop", "checkout").iter().map(|e| e.position).collect::<Vec<_>>(), [0, 1]);
+        // Re-indexed, then removed: nothing of either is left behind.
+        index.upsert(&a);
+        assert_eq!(index.keys_of("shop", "checkout").len(), 2);
+        index.remove("shop", "checkout");
+        assert!(index.contains("shop", "cart") && !index.contains("shop", "checkout"));
+        index.remove("shop", "cart");
+        assert!(index.is_empty() && index.hashes_of.is_empty(), "{:?}", index.hashes_of);
     }
 }

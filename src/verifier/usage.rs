@@ -112,9 +112,9 @@ impl Usage {
         if entry.last_used_at.is_some_and(|t| now <= t) {
             return;
         }
-        let id = (entry.apikey.namespace.clone(), entry.apikey.name.clone());
+        let id = (entry.apikey.namespace.to_string(), entry.apikey.name.to_string());
         let mut state = self.state();
-        let used = state.pending.entry(id).or_default().entry(entry.key_id.clone()).or_insert(now);
+        let used = state.pending.entry(id).or_default().entry(entry.key_id.to_string()).or_insert(now);
         *used = (*used).max(now);
     }
 
@@ -149,14 +149,16 @@ impl Usage {
             // for two intervals), that this replica has not just written.
             let quiet = TimeDelta::from_std(interval * 2).unwrap_or(TimeDelta::MAX);
             let first_use = |key_id: &String| {
-                keys.iter().any(|e| e.key_id == *key_id && e.last_used_at.is_none_or(|t| wall - t > quiet))
+                keys.iter().any(|e| *e.key_id == **key_id && e.last_used_at.is_none_or(|t| wall - t > quiet))
                     && written.get(id).is_none_or(|(_, ids)| !ids.contains(key_id))
             };
             let backing_off = retry.get(id).is_some_and(|(at, _)| now < *at);
             if !all && (backing_off || (written.contains_key(id) && !uses.keys().any(first_use))) {
                 return true;
             }
-            let Some(version) = keys.first().and_then(|e| e.apikey.resource_version.clone()) else {
+            let Some(version) =
+                keys.first().and_then(|e| e.apikey.resource_version.as_deref().map(str::to_string))
+            else {
                 return false;
             };
             let mut ops = vec![
@@ -164,7 +166,7 @@ impl Usage {
             ];
             let mut later = HashMap::new();
             uses.retain(|key_id, used| {
-                let Some(e) = keys.iter().find(|e| e.key_id == *key_id) else { return false };
+                let Some(e) = keys.iter().find(|e| *e.key_id == **key_id) else { return false };
                 match decide(*used, e.last_used_at, wall, interval) {
                     Decision::Drop => return false,
                     // Shutting down: the newest use is written now or lost.
