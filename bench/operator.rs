@@ -5,6 +5,7 @@
 //! ```text
 //! cargo bench --bench operator -- provision [N…]        (default 1000 5000)
 //! cargo bench --bench operator -- memory [N…]           (default 1000 5000 10000)
+//! cargo bench --bench operator -- bare NAMESPACE        (a child of `memory`, see `bare`)
 //! cargo bench --bench operator -- precision [N] [MIN]   (default 500 keys, 5 minutes)
 //! cargo bench --bench operator -- catchup [N]           (default 1000)
 //! cargo bench --bench operator -- cost [N]              (default 200)
@@ -51,6 +52,7 @@ async fn main() {
     match args.first().map(String::as_str).unwrap_or("all") {
         "provision" => provision(&client, &or(nums, &[1000, 5000])).await,
         "memory" => memory(&client, &or(nums, &[1000, 5000, 10000])).await,
+        "bare" => bare(&client, args.get(1).expect("bare NAMESPACE")).await,
         "precision" => {
             let n = or(nums, &[500, 5]);
             precision(&client, n[0], n.get(1).copied().unwrap_or(5)).await
@@ -511,7 +513,8 @@ async fn memory(client: &Client, sizes: &[usize]) {
     println!("|---|---|");
     let mut bed = Bed::new(client, "bench-mem", json!({"maxLifetime": "P90D"})).await;
     bed.start_controller().await;
-    println!("| 0 | {:.1} MiB |", rss_mib(bed.pid()));
+    let empty_rss = settled_rss(&bed).await;
+    println!("| 0 | {empty_rss:.1} MiB |");
     let mut have = 0;
     for &n in sizes {
         bed.add_ready_keys(client, have..n, |_| None).await;
@@ -539,8 +542,78 @@ async fn memory(client: &Client, sizes: &[usize]) {
     // Steady state without the provisioning burst's leftovers: a restarted controller
     // that has listed and reconciled every ApiKey once.
     bed.restart(have).await;
-    println!("| {have} + the Secrets, controller restarted | {:.1} MiB |", settled_rss(&bed).await);
+    let restarted = settled_rss(&bed).await;
+    println!("| {have} + the Secrets, controller restarted | {restarted:.1} MiB |");
+    // What kube-runtime's Controller alone costs for the same ApiKeys, against keyward's
+    // controller restarted (both above their own start in an empty namespace).
+    let empty = TestNamespace::new(client, "bench-bare").await;
+    let bare_empty = bare_rss(&empty.name, 0).await;
+    clean_up(client, vec![empty]).await;
+    let bare_full = bare_rss(&bed.ns.name, have).await;
+    let per_key = |full: f64, base: f64| (full - base) * 1024.0 / have as f64;
+    println!(
+        "| {have}, kube-runtime's Controller alone (`bare`: the same watch, a schedule per ApiKey, no keyward logic) | {bare_full:.1} MiB ({:.2} KB per ApiKey above its empty {bare_empty:.1} MiB; keyward restarted: {:.2} KB) |",
+        per_key(bare_full, bare_empty),
+        per_key(restarted, empty_rss),
+    );
     bed.finish(client).await;
+}
+
+/// kube-runtime's `Controller` over the ApiKeys of `ns` with nothing of keyward's: the
+/// watch keyward runs (managedFields and kubectl's last-applied copy dropped as keyward
+/// drops them), its store, and a reconcile that only counts (printing the count) and
+/// schedules the ApiKey an hour ahead, as keyward schedules each ApiKey's next step.
+/// The floor of memory per ApiKey for a controller built on kube-runtime's `Controller`.
+async fn bare(client: &Client, ns: &str) {
+    use kube::runtime::controller::{Action, Controller};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let api = Api::<ApiKey>::namespaced(client.clone(), ns);
+    let (reader, writer) = kube::runtime::reflector::store();
+    let stream = watcher(api, watcher::Config::default())
+        .default_backoff()
+        .modify(|k| {
+            k.metadata.managed_fields = None;
+            if let Some(a) = k.metadata.annotations.as_mut() {
+                a.remove("kubectl.kubernetes.io/last-applied-configuration");
+            }
+        })
+        .reflect(writer)
+        .applied_objects();
+    println!("reconciled 0");
+    Controller::for_stream(stream, reader)
+        .run(
+            |_key, reconciled: Arc<AtomicUsize>| async move {
+                println!("reconciled {}", reconciled.fetch_add(1, Ordering::Relaxed) + 1);
+                Ok::<_, kube::Error>(Action::requeue(Duration::from_secs(3600)))
+            },
+            |_key, _err, _ctx| Action::requeue(Duration::from_secs(3600)),
+            Arc::new(AtomicUsize::new(0)),
+        )
+        .for_each(|_| async {})
+        .await;
+}
+
+/// Settled RSS (MiB) of a `bare` controller over `ns`, once it has reconciled `n` ApiKeys.
+async fn bare_rss(ns: &str, n: usize) -> f64 {
+    use tokio::io::AsyncBufReadExt;
+    let mut child = tokio::process::Command::new(std::env::current_exe().expect("bench executable"))
+        .args(["--bench", "bare", ns])
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start the bare controller");
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().expect("piped")).lines();
+    let reconciled = |l: &str| l.strip_prefix("reconciled ").and_then(|c| c.parse::<usize>().ok());
+    while let Some(line) = lines.next_line().await.expect("bare controller output") {
+        if reconciled(&line).is_some_and(|c| c >= n) {
+            break;
+        }
+    }
+    // Keep reading, so that the child never blocks on a full pipe.
+    let drain = tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    let rss = settled_rss_of(child.id().expect("bare controller running")).await;
+    drain.abort();
+    rss
 }
 
 /// What watching pods (`--watch-consumers`) costs the controller: `keys` Ready ApiKeys
