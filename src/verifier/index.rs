@@ -29,15 +29,15 @@ pub struct Holder {
     /// The ApiKey's name (the same copy as the index's own).
     pub name: Arc<str>,
     /// Its owner (unique only within the namespace).
-    pub owner: Text,
+    pub owner: Short,
     /// Its client ID.
-    pub client_id: Text,
+    pub client_id: Short,
     /// Its `spec.revokedKeys`.
     pub revoked: Box<[String]>,
     /// Its `spec.scopes` (sorted, well-formed ones only).
     pub scopes: Box<[String]>,
     /// The ApiKey's resourceVersion this view was built from.
-    pub resource_version: Option<Text>,
+    pub resource_version: Option<Short>,
 }
 
 impl Holder {
@@ -46,14 +46,14 @@ impl Holder {
     }
 }
 
-/// Bytes a [`Text`] keeps in place.
+/// Bytes a [`Short`] keeps in place.
 const INLINE: usize = 22;
 
 /// A short string kept in place: key IDs (16 characters), client IDs, resourceVersions
 /// and most owners fit, and cost no allocation of their own (a `String` costs 24 bytes
 /// and a heap chunk of at least 32). A longer one goes to the heap.
 #[derive(Clone, PartialEq, Eq)]
-pub struct Text(Repr);
+pub struct Short(Repr);
 
 #[derive(Clone, PartialEq, Eq)]
 enum Repr {
@@ -65,7 +65,7 @@ enum Repr {
     Heap(Box<str>),
 }
 
-impl Text {
+impl Short {
     /// The text.
     pub fn as_str(&self) -> &str {
         match &self.0 {
@@ -78,33 +78,33 @@ impl Text {
     }
 }
 
-impl From<&str> for Text {
+impl From<&str> for Short {
     fn from(s: &str) -> Self {
         let mut bytes = [0; INLINE];
         match (bytes.get_mut(..s.len()), u8::try_from(s.len())) {
             (Some(b), Ok(len)) => {
                 b.copy_from_slice(s.as_bytes());
-                Text(Repr::Inline { len, bytes })
+                Short(Repr::Inline { len, bytes })
             }
-            _ => Text(Repr::Heap(s.into())),
+            _ => Short(Repr::Heap(s.into())),
         }
     }
 }
 
-impl std::ops::Deref for Text {
+impl std::ops::Deref for Short {
     type Target = str;
     fn deref(&self) -> &str {
         self.as_str()
     }
 }
 
-impl std::fmt::Debug for Text {
+impl std::fmt::Debug for Short {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         std::fmt::Debug::fmt(self.as_str(), f)
     }
 }
 
-impl std::fmt::Display for Text {
+impl std::fmt::Display for Short {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.as_str())
     }
@@ -116,7 +116,7 @@ pub struct Entry {
     /// The ApiKey that holds it.
     pub apikey: Arc<Holder>,
     /// The key's ID.
-    pub key_id: Text,
+    pub key_id: Short,
     /// The key's slot.
     pub slot: Slot,
     /// Its position in `status.keys` (for the verifier's JSON patch).
@@ -305,7 +305,7 @@ impl Index {
                 scopes.dedup();
                 scopes.into()
             },
-            resource_version: key.metadata.resource_version.as_deref().map(Text::from),
+            resource_version: key.metadata.resource_version.as_deref().map(Short::from),
         });
         let mut hashes = Vec::with_capacity(status.keys.len());
         for (position, k) in status.keys.iter().enumerate() {
@@ -581,9 +581,9 @@ mod tests {
     }
 
     #[test]
-    fn text_keeps_short_strings_in_place_and_long_ones_whole() {
-        assert_eq!(size_of::<Text>(), size_of::<String>());
-        assert_eq!(size_of::<Option<Text>>(), size_of::<String>());
+    fn a_short_string_is_kept_in_place_and_a_long_one_whole() {
+        assert_eq!(size_of::<Short>(), size_of::<String>());
+        assert_eq!(size_of::<Option<Short>>(), size_of::<String>());
         let long = "o".repeat(300);
         let cases = [
             "",
@@ -595,7 +595,7 @@ mod tests {
             &long,
         ];
         for s in cases {
-            let t = Text::from(s);
+            let t = Short::from(s);
             assert_eq!(t.as_str(), s);
             assert_eq!(format!("{t}"), s);
             assert_eq!(format!("{t:?}"), format!("{s:?}"));
@@ -603,7 +603,7 @@ mod tests {
         }
         // A multi-byte character across the inline limit goes to the heap whole.
         let edge = format!("{}é", "x".repeat(INLINE - 1));
-        assert_eq!(Text::from(edge.as_str()).as_str(), edge);
+        assert_eq!(Short::from(edge.as_str()).as_str(), edge);
     }
 
     #[test]
