@@ -154,7 +154,18 @@ async fn a_caller_left_on_the_old_key_is_warned_about_until_it_switches_and_one_
         (k.status.as_ref()?.active_slot == Some(Slot::Secondary)).then(|| slot(k, Slot::Secondary))?
     })
     .await;
-    let new_key = material(&client, &ns.name, "switched", "api-key").await.unwrap();
+    // `api-key` follows the status's flip (or precedes it): read it once it holds the
+    // Secondary's material, as a reader of the mounted Secret would after the flip.
+    // Read at once, it could still be the Primary, and "switched" would never switch.
+    let new_key =
+        common::eventually("api-key holding the Secondary key", Duration::from_secs(30), || async {
+            let (api_key, secondary) = (
+                material(&client, &ns.name, "switched", "api-key").await?,
+                material(&client, &ns.name, "switched", "secondary").await?,
+            );
+            (api_key == secondary).then_some(api_key)
+        })
+        .await;
     switched.send(&new_key);
     let switched_at = Utc::now();
     let old = slot(&get_key(&client, &ns.name, "stuck").await, Slot::Primary).unwrap();
