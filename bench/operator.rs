@@ -571,12 +571,7 @@ async fn bare(client: &Client, ns: &str) {
     let (reader, writer) = kube::runtime::reflector::store();
     let stream = watcher(api, watcher::Config::default())
         .default_backoff()
-        .modify(|k| {
-            k.metadata.managed_fields = None;
-            if let Some(a) = k.metadata.annotations.as_mut() {
-                a.remove("kubectl.kubernetes.io/last-applied-configuration");
-            }
-        })
+        .modify(keyward::controller::drop_unread_fields)
         .reflect(writer)
         .applied_objects();
     println!("reconciled 0");
