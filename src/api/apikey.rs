@@ -269,6 +269,28 @@ pub struct Notified {
     /// after consumers moved to its successor.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kind: Option<String>,
+    /// The key's effective expiry this warning was about. When a cap (a policy change)
+    /// moves the key's end earlier than this, the nearest passed threshold fires again
+    /// with the old and the new expiry. Absent on warnings recorded before this field.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<DateTime<Utc>>,
+    /// Set when the warning is about an end a cap moved earlier: why (`PolicyChange`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<ExpiryReason>,
+    /// With `reason`: the expiry the key had before the move (absent: it had none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous_expires_at: Option<DateTime<Utc>>,
+}
+
+/// The KeyPolicy an ApiKey is under ([`ApiKeyStatus::policy`]).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PolicyBinding {
+    /// The KeyPolicy's name.
+    pub name: String,
+    /// Since when the ApiKey is under it (for an ApiKey that had keys before keyward
+    /// recorded this: its oldest key's creation).
+    pub since: DateTime<Utc>,
 }
 
 /// The delivery target of a warning's Warning Event in [`Notified::pending`].
@@ -308,6 +330,11 @@ pub struct ApiKeyStatus {
     /// (`Synced=False OwnerImmutable`), and the verifier and the owner limits use this.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub owner: Option<String>,
+    /// The KeyPolicy the keys are under, and since when: a move to another policy (an
+    /// edit of `spec.policy`, another default, a namespace relabelled under another
+    /// selector) caps keys counting from that moment, never from before it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<PolicyBinding>,
     /// `Ready` and `Expiring`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(schema_with = "super::condition::conditions_schema")]
