@@ -55,8 +55,8 @@ echo "== unit, drift and integration tests"
 cargo test --all-targets --locked -- --test-threads 8
 
 if [ $local_plane = 1 ]; then
-  echo "== tests that kill the control plane or remove keyward's CRDs (local control plane only, alone)"
-  cargo test --locked --test soak --test missing_crds -- --ignored --test-threads 1
+  echo "== tests that kill the control plane, remove keyward's CRDs or change the default KeyPolicy (local control plane only, alone)"
+  cargo test --locked --test soak --test missing_crds --test policy_moves -- --ignored --test-threads 1
 fi
 
 if [ $local_plane = 1 ] && hack/cluster.sh has-node >/dev/null 2>&1; then
