@@ -25,8 +25,9 @@ use kube::{Api, Client, Resource, ResourceExt};
 
 use crate::api::{ApiKey, KeyPolicy, MANAGED_BY, ROTATE_ANNOTATION};
 use crate::error::{Error, Result};
-use crate::health::{self, Readiness};
 use crate::metrics::{FailureLabels, KindLabels, Metrics};
+use crate::runtime::health::{self, Readiness};
+use crate::runtime::{ensure_crds_in, scoped, shutdown_signal};
 
 /// Name of this controller in Events.
 pub const CONTROLLER_NAME: &str = "keyward";
@@ -352,69 +353,10 @@ impl Context {
     }
 }
 
-/// `K` in `namespace`, or in all namespaces.
-fn scoped<K>(client: &Client, namespace: Option<&str>) -> Api<K>
-where
-    K: Resource<Scope = k8s_openapi::NamespaceResourceScope>,
-    <K as Resource>::DynamicType: Default,
-{
-    match namespace {
-        Some(ns) => Api::namespaced(client.clone(), ns),
-        None => Api::all(client.clone()),
-    }
-}
-
 /// The current time, to the millisecond (status timestamps stay readable).
 pub fn now() -> DateTime<Utc> {
     let t = Utc::now();
     DateTime::from_timestamp_millis(t.timestamp_millis()).unwrap_or(t)
-}
-
-/// Fail with a one-line explanation when a CRD is missing, before anything starts.
-/// Uses a one-item list of the kind (no CRD read permission needed).
-pub async fn ensure_crds(client: &Client, server: &str) -> Result<()> {
-    ensure_crds_in(client, server, None).await
-}
-
-/// [`ensure_crds`], probing ApiKeys in `namespace` only (for namespace-scoped RBAC).
-pub async fn ensure_crds_in(client: &Client, server: &str, namespace: Option<&str>) -> Result<()> {
-    let probe = ListParams::default().limit(1);
-    let missing = |kind, plural| {
-        move |e: kube::Error| match &e {
-            kube::Error::Api(s) if s.code == 404 => {
-                Error::CrdMissing { kind, plural, server: server.to_string() }
-            }
-            _ => Error::kube(format!("listing {plural}.keyward.dev"))(e),
-        }
-    };
-    Api::<KeyPolicy>::all(client.clone())
-        .list_metadata(&probe)
-        .await
-        .map_err(missing("KeyPolicy", "keypolicies"))?;
-    scoped::<ApiKey>(client, namespace).list_metadata(&probe).await.map_err(missing("ApiKey", "apikeys"))?;
-    Ok(())
-}
-
-/// Resolves when SIGTERM or SIGINT arrives.
-pub async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(_) => {
-                let _ = ctrl_c.await;
-                return;
-            }
-        };
-        tokio::select! {
-            _ = ctrl_c => {},
-            _ = term.recv() => {},
-        }
-    }
-    #[cfg(not(unix))]
-    let _ = ctrl_c.await;
-    tracing::info!("shutdown signal received");
 }
 
 /// What of the verifier's `lastUsedAt` writes an ApiKey's reconcile depends on.
