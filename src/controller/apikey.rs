@@ -27,9 +27,10 @@ use kube::runtime::events::EventType;
 use kube::{Resource, ResourceExt};
 
 use super::consumers;
+use super::context::{Context, object_id};
 use super::policy::{self, Blocked, blocked};
 use super::secret::{self, Contents, Minter};
-use super::{Context, SECRET_MANAGER, STATUS_MANAGER, now};
+use super::{SECRET_MANAGER, STATUS_MANAGER, now};
 use crate::api::{
     ApiKey, ApiKeyStatus, Condition, ExpiryReason, FALSE, ROTATE_ANNOTATION, TRUE, conditions as c,
     find_condition, set_condition,
@@ -832,7 +833,7 @@ async fn follow_rollouts(
             r.patched_at.is_some_and(|t| t <= flipped + chrono::TimeDelta::seconds(60))
         };
         for r in old.iter().filter(|r| at_flip(r)) {
-            let id = format!("{}|{:?}|{}|{}", super::object_id(key), r.kind, r.name, active.key_id);
+            let id = format!("{}|{:?}|{}|{}", object_id(key), r.kind, r.name, active.key_id);
             if ctx.rollout_warned(&id, &active.key_id) {
                 continue;
             }

@@ -8,7 +8,7 @@ use kube::ResourceExt;
 use kube::api::{Api, ApiResource, DynamicObject, Patch, PatchParams};
 use serde_json::json;
 
-use super::Context;
+use super::context::Context;
 use crate::api::{ApiKey, ConsumerKind, KEY_ID_ANNOTATION};
 use crate::error::{Error, Result};
 

@@ -14,7 +14,8 @@ use kube::runtime::controller::Action;
 use kube::runtime::reflector::ObjectRef;
 use kube::{Resource, ResourceExt};
 
-use super::{Context, now};
+use super::context::Context;
+use super::now;
 use crate::api::{
     ApiKey, Condition, FALSE, KeyPolicy, TRUE, conditions as c, policy_conditions as pc, set_condition,
 };

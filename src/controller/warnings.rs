@@ -18,7 +18,7 @@ use k8s_openapi::api::core::v1::Secret;
 use kube::runtime::events::EventType;
 use kube::{Api, ResourceExt};
 
-use super::Context;
+use super::context::{Context, object_id};
 use crate::api::{ApiKey, ApiKeyStatus, KeyPolicy, SecretKeyRef, WARNING_EVENT};
 use crate::error::Result;
 use crate::lifecycle::notify::{self, Notice};
@@ -181,7 +181,7 @@ pub async fn deliver(
     if let Some(step) = step_at.filter(|t| *t < now + budget) {
         return Ok(Some(step));
     }
-    let object = super::object_id(key);
+    let object = object_id(key);
     let mut status = old.clone();
     let mut retry: Option<DateTime<Utc>> = None;
     let mut jobs = Vec::new();
