@@ -26,6 +26,7 @@ pub mod policy;
 mod process;
 pub mod secret;
 pub mod shard;
+mod status;
 mod triggers;
 mod warnings;
 mod watches;

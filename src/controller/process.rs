@@ -65,8 +65,8 @@ impl Leader {
             }
         }
         metrics.leader.set(1);
-        // Everything below writes through a client that refuses writes once the lease's renew
-        // deadline has passed, whatever the renewal task is doing.
+        // From here on the controller writes through a client that refuses writes once the
+        // lease's renew deadline has passed, whatever the renewal task is doing.
         let client = match &elector {
             Some(e) => e.gated_client(client),
             None => client,

@@ -19,6 +19,7 @@ use kube::runtime::events::EventType;
 use kube::{Api, ResourceExt};
 
 use super::context::{Context, object_id};
+use super::status::write_status;
 use crate::api::{ApiKey, ApiKeyStatus, KeyPolicy, SecretKeyRef, WARNING_EVENT};
 use crate::error::Result;
 use crate::lifecycle::notify::{self, Notice};
@@ -293,7 +294,7 @@ async fn record_ended(
     done: &[(String, String, String)],
 ) -> Result<()> {
     let conflict = |e: &crate::error::Error| matches!(e, crate::error::Error::Kube { source: kube::Error::Api(s), .. } if s.code == 409);
-    let mut attempt = super::apikey::write_status(ctx, api, key, old, status).await.map(drop);
+    let mut attempt = write_status(ctx, api, key, old, status).await.map(drop);
     for _ in 0..5 {
         match &attempt {
             Err(e) if conflict(e) => {}
@@ -309,7 +310,7 @@ async fn record_ended(
         // Written on top of a version no plan was made from (another writer's change,
         // perhaps a spec edit during a watch gap): not an echo to ignore, and the next
         // reconcile reads the ApiKey fresh.
-        attempt = super::apikey::write_status(ctx, api, &fresh, &old, status)
+        attempt = write_status(ctx, api, &fresh, &old, status)
             .await
             .map(|stored| stored.iter().for_each(|s| ctx.own_writes.stale(s)));
     }

@@ -144,9 +144,9 @@ pub(super) fn owned_secrets(
     })
 }
 
-/// Keep the shard's members ([`shard`]): one metadata-only watch with the selector. A
-/// member that joins is reconciled at once; one that leaves is forgotten (its retry
-/// state and gauges), the shard it joined exports them now.
+/// Keep the shard's members ([`super::shard`]): one metadata-only watch with the
+/// selector. A member that joins is reconciled at once; one that leaves is forgotten (its
+/// retry state and gauges), the shard it joined exports them now.
 pub(super) async fn watch_members(
     ctx: Arc<Context>,
     namespace: Option<String>,
