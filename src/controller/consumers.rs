@@ -11,7 +11,8 @@ use kube::api::{Api, ApiResource, DynamicObject, Patch, PatchParams};
 use kube::runtime::events::EventType;
 use serde_json::json;
 
-use super::context::{Context, object_id};
+use super::context::Context;
+use super::known::object_id;
 use crate::api::{ApiKey, ApiKeyStatus, ConsumerKind, KEY_ID_ANNOTATION, conditions as c};
 use crate::error::{Error, Result};
 use crate::lifecycle;

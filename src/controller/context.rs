@@ -8,7 +8,9 @@ use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Client, Resource, ResourceExt};
 
-use super::{index, pods, shard, warnings};
+use super::known::object_id;
+use super::warnings::retries::Retries;
+use super::{index, pods, shard};
 use crate::api::{ApiKey, KeyPolicy};
 use crate::error::Error;
 use crate::metrics::Metrics;
@@ -32,8 +34,8 @@ pub struct Context {
     /// Webhook sender for expiry warnings.
     pub webhooks: crate::webhook::Sender,
     /// Failed attempts of the expiry-warning deliveries still pending.
-    pub(super) retries: warnings::Retries,
-    /// Permits to wait on warning receivers (see [`warnings::DELIVERING`]).
+    pub(super) retries: Retries,
+    /// Permits to wait on warning receivers (see [`super::warnings::DELIVERING`]).
     pub(super) delivering: tokio::sync::Semaphore,
     /// Consecutive failures per object, for the retry backoff (reset on success).
     pub(super) failures: std::sync::Mutex<std::collections::HashMap<String, u32>>,
@@ -196,8 +198,4 @@ impl Context {
     pub fn rollout_warning_sent(&self, id: String) {
         self.rollouts_warned.lock().unwrap_or_else(|p| p.into_inner()).insert(id);
     }
-}
-
-pub(super) fn object_id<K: Resource<DynamicType = ()>>(obj: &K) -> String {
-    format!("{}/{}/{}", K::kind(&()), obj.namespace().unwrap_or_default(), obj.name_any())
 }

@@ -9,7 +9,8 @@ use std::time::Instant;
 use kube::ResourceExt;
 use kube::runtime::controller::Action;
 
-use super::context::{Context, object_id};
+use super::context::Context;
+use super::known::object_id;
 use super::{apikey, policy};
 use crate::api::{ApiKey, KeyPolicy};
 use crate::error::{Error, Result};

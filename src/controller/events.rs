@@ -4,7 +4,12 @@
 use kube::runtime::events::{Event, EventType};
 use kube::{Api, Resource};
 
-use super::{CLUSTER_EVENTS_NAMESPACE, CONTROLLER_NAME, Context};
+use super::context::Context;
+
+/// Name of this controller in Events.
+pub const CONTROLLER_NAME: &str = "keyward";
+/// Namespace of the Events about KeyPolicies (cluster-scoped).
+pub const CLUSTER_EVENTS_NAMESPACE: &str = "kube-system";
 
 impl Context {
     /// Publish an Event about `obj`; a failure to publish is logged, never fatal.

@@ -147,7 +147,7 @@ impl KeyIndex {
         let (before, gone) = self.known.on(ev, remember);
         let mut now = None;
         if let watcher::Event::Apply(k) | watcher::Event::InitApply(k) = ev {
-            now = self.known.get(&super::context::object_id(k)).cloned();
+            now = self.known.get(&super::known::object_id(k)).cloned();
             if before.as_ref().map(Self::key_of) != now.as_ref().map(Self::key_of) {
                 before.iter().for_each(|b| self.unindex(b));
                 now.iter().for_each(|n| self.index(n));

@@ -1,10 +1,9 @@
 //! What one watch has seen ([`Known`]), so that no deletion is missed, also one that
-//! happened while the watch was down.
+//! happened while the watch was down; objects are known by [`object_id`], as is all the
+//! controller keeps per object.
 
-use kube::Resource;
 use kube::runtime::watcher;
-
-use super::context::object_id;
+use kube::{Resource, ResourceExt};
 
 /// The objects of one watch, by [`object_id`], with what is remembered of each, so that a
 /// deletion is never missed: after a re-list (Init … InitDone) every object known before
@@ -69,4 +68,9 @@ impl<V> Known<V> {
             }
         }
     }
+}
+
+/// How the controller names an object in what it keeps per object: `Kind/namespace/name`.
+pub(super) fn object_id<K: Resource<DynamicType = ()>>(obj: &K) -> String {
+    format!("{}/{}/{}", K::kind(&()), obj.namespace().unwrap_or_default(), obj.name_any())
 }

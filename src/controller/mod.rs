@@ -7,10 +7,12 @@
 //!   which reconciles it asks for), `triggers` what in a watch event asks for a
 //!   reconcile (pure), `known` how no deletion is missed across a watch gap.
 //! - `entry` is what kube's Controller calls (timing, failure metrics, backoff);
-//!   `context` the state every reconcile shares; `events` the Events it publishes.
-//! - `apikey` reconciles one ApiKey; `warnings` delivers its expiry warnings, `secret`
-//!   builds its Secret, `consumers` rolls the env-var consumers, [`pods`] finds the
-//!   consumers that cannot follow a rotation.
+//!   [`Context`] (`context`) the state every reconcile shares; `events` the Events.
+//! - `apikey` reconciles one ApiKey: dereference → validate → plan (pure) → apply, one
+//!   file each; `status` holds the status write it shares with `warnings` (expiry
+//!   warnings, delivered at least once); [`secret`] builds its Secret, `consumers` rolls
+//!   the env-var consumers and follows their rollouts, [`pods`] finds the consumers that
+//!   cannot follow a rotation.
 //! - [`policy`] reconciles KeyPolicies and finds the policy of an ApiKey; [`index`]
 //!   keeps ApiKeys by owner and policy, [`shard`] the members of a shard.
 
@@ -34,7 +36,6 @@ mod watches;
 use std::sync::Arc;
 use std::time::Duration;
 
-use chrono::{DateTime, Utc};
 use futures::channel::mpsc::{UnboundedReceiver, unbounded};
 use futures::future::{BoxFuture, Shared};
 use futures::{FutureExt, Stream, StreamExt};
@@ -46,6 +47,9 @@ use kube::runtime::watcher;
 use kube::{Api, Client};
 
 pub use context::{Context, OwnWrites};
+pub use events::{CLUSTER_EVENTS_NAMESPACE, CONTROLLER_NAME};
+pub use secret::SECRET_MANAGER;
+pub use status::{STATUS_MANAGER, now};
 pub use watches::drop_unread_fields;
 
 use crate::api::{ApiKey, KeyPolicy};
@@ -54,15 +58,6 @@ use crate::metrics::Metrics;
 use crate::runtime::health::Readiness;
 use crate::runtime::{ensure_crds_in, shutdown_signal};
 use process::{HealthServer, Leader};
-
-/// Name of this controller in Events.
-pub const CONTROLLER_NAME: &str = "keyward";
-/// Field manager of the consumer Secrets.
-pub const SECRET_MANAGER: &str = "keyward/secret";
-/// Field manager of ApiKey and KeyPolicy status.
-pub const STATUS_MANAGER: &str = "keyward/status";
-/// Namespace of the Events about KeyPolicies (cluster-scoped).
-pub const CLUSTER_EVENTS_NAMESPACE: &str = "kube-system";
 
 /// Options of `keyward controller`.
 #[derive(Clone, Debug)]
@@ -89,12 +84,6 @@ pub struct Options {
     /// Write KeyPolicy status (`keyCount`, the single default): one controller per
     /// cluster, cluster-wide.
     pub manage_policies: bool,
-}
-
-/// The current time, to the millisecond (status timestamps stay readable).
-pub fn now() -> DateTime<Utc> {
-    let t = Utc::now();
-    DateTime::from_timestamp_millis(t.timestamp_millis()).unwrap_or(t)
 }
 
 /// Run the controllers until SIGTERM/SIGINT.

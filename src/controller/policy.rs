@@ -15,7 +15,7 @@ use kube::runtime::reflector::ObjectRef;
 use kube::{Resource, ResourceExt};
 
 use super::context::Context;
-use super::now;
+use super::status::{STATUS_MANAGER, now};
 use crate::api::{
     ApiKey, Condition, FALSE, KeyPolicy, TRUE, conditions as c, policy_conditions as pc, set_condition,
 };
@@ -258,7 +258,7 @@ pub async fn reconcile(obj: Arc<KeyPolicy>, ctx: Arc<Context>) -> Result<Action>
     if status != old {
         let mut updated = policy.clone();
         updated.status = Some(status);
-        let pp = PostParams { field_manager: Some(super::STATUS_MANAGER.into()), ..Default::default() };
+        let pp = PostParams { field_manager: Some(STATUS_MANAGER.into()), ..Default::default() };
         api.replace_status(&name, &pp, &updated)
             .await
             .map_err(Error::kube(format!("writing KeyPolicy {name} status")))?;

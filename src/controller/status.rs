@@ -1,14 +1,24 @@
-//! The ApiKey status write, one place for every writer of this controller: the ApiKey
+//! Status: its field manager and its clock ([`now`]) for ApiKeys and KeyPolicies, and
+//! the ApiKey status write, one place for every writer of this controller: the ApiKey
 //! reconcile ([`super::apikey`]) and the expiry warnings' delivery records
 //! ([`super::warnings`]).
 
+use chrono::{DateTime, Utc};
 use kube::ResourceExt;
 use kube::api::{Api, PostParams};
 
-use super::STATUS_MANAGER;
 use super::context::Context;
 use crate::api::{ApiKey, ApiKeyStatus};
 use crate::error::{Error, Result};
+
+/// Field manager of ApiKey and KeyPolicy status.
+pub const STATUS_MANAGER: &str = "keyward/status";
+
+/// The current time, to the millisecond (status timestamps stay readable).
+pub fn now() -> DateTime<Utc> {
+    let t = Utc::now();
+    DateTime::from_timestamp_millis(t.timestamp_millis()).unwrap_or(t)
+}
 
 /// Replace the status when it differs (resourceVersion precondition: a concurrent
 /// writer, such as the verifier's `lastUsedAt`, makes this a conflict and a retry).

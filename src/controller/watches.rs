@@ -12,10 +12,11 @@ use kube::runtime::reflector::store::Writer;
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, ResourceExt};
 
-use super::context::{Context, object_id};
-use super::known::Known;
+use super::context::Context;
+use super::known::{Known, object_id};
+use super::status::now;
 use super::triggers::{PolicyChanges, apikey_trigger, policies_named, triggers, usage_view};
-use super::{index, now, pods};
+use super::{index, pods};
 use crate::api::{ApiKey, KeyPolicy, MANAGED_BY};
 use crate::error::{Error, Result};
 use crate::runtime::scoped;

@@ -16,8 +16,9 @@ use super::plan::{Plan, Prepared, Write};
 use super::{gauges, happenings};
 use crate::api::{ApiKey, conditions as c};
 use crate::controller::context::Context;
+use crate::controller::secret::{self, SECRET_MANAGER};
 use crate::controller::status::write_status;
-use crate::controller::{SECRET_MANAGER, consumers, secret, warnings};
+use crate::controller::{consumers, warnings};
 use crate::error::{Error, Result};
 
 /// Blocked objects are looked at again this often (e.g. a foreign Secret may go away).
