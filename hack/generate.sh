@@ -3,6 +3,7 @@
 # The CRDs come in three renderings (src/api/mod.rs, CrdRendering): 1.28+ (CEL rules with
 # reason and fieldPath), 1.25-1.27 (CEL rules without them), before 1.25 (no CEL rules).
 # The chart's templates/crds.yaml picks one of its files/ copies by the cluster's version.
+# docs/api-reference.md is the API reference generated from the same CRD schemas.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 tmp=$(mktemp)
@@ -14,4 +15,6 @@ for pair in "1.28:keyward-crds.yaml" "1.27:keyward-crds-1.25-1.27.yaml" "1.20:ke
   cp "$tmp" "crds/$file"
   cp "$tmp" "charts/keyward/files/${file#keyward-}"
 done
-echo "regenerated crds/ and charts/keyward/files/"
+cargo run --quiet --locked -- api-reference > "$tmp"
+cp "$tmp" docs/api-reference.md
+echo "regenerated crds/, charts/keyward/files/ and docs/api-reference.md"

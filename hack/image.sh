@@ -30,6 +30,8 @@ cd "$(dirname "$0")/.."
 REPO=$(pwd)
 
 CACHE=${KEYWARD_CACHE:-$HOME/.cache/keyward}
+# ctr and runc: the ones hack/cluster.sh builds (links in its bin directory).
+export PATH="$CACHE/bin:$PATH"
 OUT=$CACHE/images
 CLUSTER=${KEYWARD_CLUSTER_DIR:-$CACHE/cluster}
 SOCK=$CLUSTER/containerd/containerd.sock
@@ -237,7 +239,7 @@ log "built $IMAGE ($((size / 1048576)).$((size % 1048576 * 10 / 1048576)) MiB ar
 # --- smoke test: run it with runc -------------------------------------------------------
 if [ $mode = check ]; then
   [ "$(id -u)" = 0 ] || die "--check needs root (runc)"
-  command -v runc >/dev/null || apt_install runc
+  command -v runc >/dev/null || die "no runc on PATH: hack/cluster.sh up builds it (eval \"\$(hack/cluster.sh env)\" puts it on PATH)"
   command -v jq >/dev/null || apt_install jq
   bundle=$work/bundle
   umoci unpack --image "$OUT/oci:$IMAGE" "$bundle" >/dev/null
@@ -261,7 +263,7 @@ fi
 # --- import into the node's containerd -----------------------------------------------
 if [ $import = 1 ]; then
   if [ -S "$SOCK" ]; then
-    command -v ctr >/dev/null || apt_install containerd
+    command -v ctr >/dev/null || die "no ctr on PATH: hack/cluster.sh up builds it (eval \"\$(hack/cluster.sh env)\" puts it on PATH)"
     log "importing into containerd ($SOCK, namespace k8s.io)"
     # Unpacked for the default snapshotter (overlayfs, the CRI's default); set
     # CONTAINERD_SNAPSHOTTER if the node's CRI uses another. The OCI manifest is kept

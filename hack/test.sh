@@ -73,6 +73,22 @@ else
   echo "== no node on this machine (hack/cluster.sh status says why): the in-cluster tests did not run"
 fi
 
+if [ $local_plane = 1 ]; then
+  # The oldest Kubernetes minor keyward supports (hack/versions.sh), as an API server
+  # without a node beside the first, on its own ports and directory.
+  cache=${KEYWARD_CACHE:-$HOME/.cache/keyward}
+  oldest=(env KEYWARD_K8S_VERSION=oldest KEYWARD_CLUSTER_DIR="$cache/cluster-oldest"
+    KEYWARD_API_PORT=16543 KEYWARD_ETCD_PORT=23990)
+  "${oldest[@]}" hack/cluster.sh down --purge >/dev/null 2>&1 || true
+  "${oldest[@]}" hack/cluster.sh up --no-node
+  echo "== integration tests on the oldest supported Kubernetes ($(. hack/versions.sh; echo "$K8S_OLDEST_VERSION"), API server only)"
+  (
+    eval "$("${oldest[@]}" hack/cluster.sh env)"
+    cargo test --locked --tests -- --test-threads 8
+  )
+  "${oldest[@]}" hack/cluster.sh down --purge
+fi
+
 if [ $local_plane = 1 ] && [ -f "$kubelet_log" ]; then
   echo "== no image was pulled from a registry during the tests"
   # From where the log stood at the start (all of it, if it was started afresh since).

@@ -132,6 +132,9 @@ pub enum Command {
         #[arg(long, env = "KEYWARD_KUBE_VERSION", value_parser = parse_kube_minor)]
         kube_version: Option<u32>,
     },
+    /// Print the API reference of ApiKey and KeyPolicy as Markdown, generated from the
+    /// CRD schemas (the checked-in docs/api-reference.md; hack/generate.sh writes it).
+    ApiReference,
 }
 
 /// A client as kubectl would resolve it (or from `--kubeconfig`/`--context`), and

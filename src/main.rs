@@ -22,6 +22,10 @@ async fn run(cli: Cli) -> error::Result<()> {
             print!("{}", keyward::api::crds_yaml(kube_version)?);
             Ok(())
         }
+        Command::ApiReference => {
+            print!("{}", keyward::api::api_reference_markdown()?);
+            Ok(())
+        }
         Command::Status { namespace, all_namespaces, name } => {
             let (client, server) = connect(cli.kubeconfig.as_ref(), cli.context.as_deref()).await?;
             runtime::ensure_crds(&client, &server).await?;

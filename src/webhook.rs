@@ -62,6 +62,12 @@ pub struct Payload {
     /// The ApiKey's handover state (the `Handover` condition's reason).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub handover: Option<String>,
+    /// Present when a cap moved the key's end earlier (`PolicyChange`): why.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// With `reason`: the expiry the key had before (absent: it had none).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub previous_expires_at: Option<DateTime<Utc>>,
 }
 
 /// The successor of the key a notification is about.
@@ -151,6 +157,8 @@ mod tests {
                 last_used_at: None,
             }),
             handover: Some("NewKeyNotYetUsed".into()),
+            reason: None,
+            previous_expires_at: None,
         };
         let v = serde_json::to_value(&p).unwrap();
         assert_eq!(v["successor"]["keyId"], "def");

@@ -206,7 +206,8 @@ pub enum ExpiryReason {
 pub struct KeyStatus {
     /// `Primary` or `Secondary`.
     pub slot: Slot,
-    /// Short random identifier of this key (changes at every regeneration).
+    /// Identifier of this key: the first 16 hex digits of its SHA-256 (of `hash`), so the
+    /// same material always has the same ID and a regenerated slot a new one.
     pub key_id: String,
     /// `sha256:<hex>` of the key.
     pub hash: String,
@@ -217,18 +218,21 @@ pub struct KeyStatus {
     /// Expiry fixed at creation; never extended. Absent: the policy has expiry disabled.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expires_at: Option<DateTime<Utc>>,
-    /// When the key actually stops verifying: `expiresAt` capped by policy changes,
-    /// requested rotation and (for the active key) inactivity. Absent: never.
+    /// When the key actually stops verifying: the earliest of `expiresAt`, `cap` and, for
+    /// the active key under an `inactivityTimeout`, its inactivity deadline. Absent: never.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub effective_expires_at: Option<DateTime<Utc>>,
-    /// An earlier end imposed after creation (a shortened policy, a requested
-    /// rotation). Only ever moves earlier.
+    /// An earlier end imposed after creation: a shortened policy, a requested rotation,
+    /// an early retirement (lifted when the key is used again) or a lost place under the
+    /// owner's limit.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cap: Option<ExpiryCap>,
     /// When the key became active (inactivity counts from here until it is used).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub activated_at: Option<DateTime<Utc>>,
-    /// Last successful verification, written by the verifier at most once a minute.
+    /// Last successful verification, written by the verifier at most once per
+    /// `--usage-flush-interval` (default a minute); a key's first use, and its first use
+    /// after two intervals without one, at once.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_used_at: Option<DateTime<Utc>>,
     /// `Active`, `Standby`, `Expired` or `Revoked`.
@@ -244,7 +248,7 @@ pub struct KeyStatus {
 pub struct ExpiryCap {
     /// The key stops verifying at this instant at the latest.
     pub at: DateTime<Utc>,
-    /// `PolicyChange`, `Rotated` or `Drained`.
+    /// `PolicyChange`, `Rotated`, `Drained` or `OwnerLimit`.
     pub reason: ExpiryReason,
 }
 
@@ -258,10 +262,10 @@ pub struct Notified {
     pub threshold: String,
     /// When it fired.
     pub at: DateTime<Utc>,
-    /// Where it still has to be delivered: [`WARNING_EVENT`] and the policy's webhook URLs
-    /// when it fired. Each leaves once delivered, or when given up on (a day after the
-    /// warning fired). Delivery is at least once: one whose success was not recorded
-    /// (a crash in between) is made again.
+    /// Where it still has to be delivered: `Event` (the Warning Event on the ApiKey)
+    /// and the policy's webhook URLs when it fired. Each leaves once delivered, or when
+    /// given up on (a day after the warning fired). Delivery is at least once: one whose
+    /// success was not recorded (a crash in between) is made again.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub pending: Vec<String>,
     /// What the warning is about. Absent: the key is close to its expiry
@@ -269,6 +273,28 @@ pub struct Notified {
     /// after consumers moved to its successor.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kind: Option<String>,
+    /// The key's effective expiry this warning was about. When a cap (a policy change)
+    /// moves the key's end earlier than this, the nearest passed threshold fires again
+    /// with the old and the new expiry. Absent on warnings recorded before this field.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<DateTime<Utc>>,
+    /// Set when the warning is about an end a cap moved earlier: why (`PolicyChange`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<ExpiryReason>,
+    /// With `reason`: the expiry the key had before the move (absent: it had none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous_expires_at: Option<DateTime<Utc>>,
+}
+
+/// The KeyPolicy an ApiKey is under ([`ApiKeyStatus::policy`]).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PolicyBinding {
+    /// The KeyPolicy's name.
+    pub name: String,
+    /// Since when the ApiKey is under it (for an ApiKey that had keys before keyward
+    /// recorded this: its oldest key's creation).
+    pub since: DateTime<Utc>,
 }
 
 /// The delivery target of a warning's Warning Event in [`Notified::pending`].
@@ -288,7 +314,9 @@ pub struct ApiKeyStatus {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(schema_with = "keys_schema")]
     pub keys: Vec<KeyStatus>,
-    /// What keyward does next (`CreateSecondary`, `Flip`, `Regenerate`, ...).
+    /// What keyward does next: `CreateStandby`, `Flip`, `Regenerate`, `Expire`, or
+    /// `Rotate` (a requested rotation waiting until consumers have left the key it would
+    /// replace).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub next_action: Option<String>,
     /// When the next action is due.
@@ -308,7 +336,13 @@ pub struct ApiKeyStatus {
     /// (`Synced=False OwnerImmutable`), and the verifier and the owner limits use this.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub owner: Option<String>,
-    /// `Ready` and `Expiring`.
+    /// The KeyPolicy the keys are under, and since when: a move to another policy (an
+    /// edit of `spec.policy`, another default, a namespace relabelled under another
+    /// selector) caps keys counting from that moment, never from before it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<PolicyBinding>,
+    /// `Ready`, `Stalled`, `Synced`, `Expiring`, `LifetimeClamped`, `Handover` and, with a
+    /// controller that watches pods, `ConsumersFollowRotation`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(schema_with = "super::condition::conditions_schema")]
     pub conditions: Vec<Condition>,

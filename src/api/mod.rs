@@ -1,15 +1,18 @@
 //! Custom resource types (no client code): `ApiKey`, `KeyPolicy` and their status.
 //!
-//! The CRD YAML in `crds/` is generated from these types (`keyward crds`); a test
-//! fails when the two drift apart.
+//! The CRD YAML in `crds/` is generated from these types (`keyward crds`), and so is the
+//! API reference in `docs/api-reference.md` (`keyward api-reference`); tests fail when
+//! either drifts apart from them.
 
 mod apikey;
 mod condition;
 mod keypolicy;
+mod reference;
 
 pub use apikey::*;
 pub use condition::*;
 pub use keypolicy::*;
+pub use reference::{API_REFERENCE_FILE, api_reference_markdown};
 
 use kube::CustomResourceExt;
 

@@ -42,7 +42,7 @@ use chrono::{DateTime, SecondsFormat, Utc};
 
 pub use rules::{Lifetime, PolicyProblem, Rules, SecondaryAt, observed_expiry, parse_secondary_at};
 
-use crate::api::{ApiKeyStatus, ExpiryCap, ExpiryReason, KeyState, KeyStatus, Slot};
+use crate::api::{ApiKeyStatus, ExpiryCap, ExpiryReason, KeyState, KeyStatus, PolicyBinding, Slot};
 use crate::duration::IsoDuration;
 use crate::keys::KeyFacts;
 
@@ -66,6 +66,12 @@ pub struct Input<'a> {
     /// The ApiKey lost its place under its owner's limits: every valid key ends now
     /// (`OwnerLimit`). Implies `may_issue` false.
     pub retire: bool,
+    /// Since when the ApiKey is under its current policy (`status.policy.since`): it
+    /// moved to another policy, or another became the default, or its namespace came
+    /// under another selector. A retroactive cap counts from here as from the policy's
+    /// own `maxLifetimeSince`, and never leaves the key in `api-key` less than
+    /// `flipBefore` from here. None: as long as the ApiKey has been there.
+    pub policy_since: Option<DateTime<Utc>>,
 }
 
 /// Hashes of the key material the consumer Secret holds per slot (`primary`,
@@ -271,6 +277,20 @@ struct Engine<'a, 'm> {
     happenings: Vec<Happening>,
 }
 
+/// Record in `status.policy` that the ApiKey is under the policy `name` at `now`: the
+/// same one as recorded keeps its time; another one is a move, from `now`. An ApiKey
+/// that has keys but no record yet (made before keyward recorded this) gets its oldest
+/// key's creation, which moves no cap. Returns since when it is under the policy.
+pub fn bind_policy(status: &mut ApiKeyStatus, name: &str, now: DateTime<Utc>) -> DateTime<Utc> {
+    let since = match &status.policy {
+        Some(b) if b.name == name => b.since,
+        Some(_) => now,
+        None => status.keys.iter().map(|k| k.created_at).min().unwrap_or(now),
+    };
+    status.policy = Some(PolicyBinding { name: name.to_string(), since });
+    since
+}
+
 /// Run every due step on `status` (see the module docs) and say what comes next.
 pub fn advance(
     input: &Input,
@@ -299,6 +319,13 @@ impl Engine<'_, '_> {
 
     fn rules(&self) -> &Rules {
         self.input.rules
+    }
+
+    /// Since when the current policy's `maxLifetime` applies to this ApiKey: the later
+    /// of the policy's own change and the ApiKey's move under it.
+    fn rules_since(&self) -> DateTime<Utc> {
+        let since = self.input.rules.max_lifetime_since;
+        self.input.policy_since.map_or(since, |moved| moved.max(since))
     }
 
     /// Recompute the policy cap and the effective expiry of every valid key.
@@ -334,10 +361,15 @@ impl Engine<'_, '_> {
         }
         self.keep_rotated_key_while_held();
         self.lift_drained_cap_of_a_used_key();
+        let since = self.rules_since();
+        // The key consumers hold when the ApiKey moved keeps a whole lead from the move.
+        let held_floor = self.input.policy_since.and_then(|moved| rules.flip_before.add_to(moved).ok());
         for k in self.status.keys.iter_mut().filter(|k| is_valid(k)) {
             if rules.enforced {
-                let base = k.created_at.max(rules.max_lifetime_since);
+                let base = k.created_at.max(since);
+                let held = self.material.api_key.as_deref() == Some(k.hash.as_str());
                 if let Ok(policy_cap) = rules.max_lifetime.add_to(base)
+                    && let policy_cap = held_floor.filter(|_| held).map_or(policy_cap, |f| policy_cap.max(f))
                     && ceiling(k).is_none_or(|c| policy_cap < c)
                 {
                     k.cap = Some(ExpiryCap { at: policy_cap, reason: ExpiryReason::PolicyChange });
@@ -652,7 +684,7 @@ impl Engine<'_, '_> {
             return None;
         }
         let lifetime = self.input.lifetime.add_to(at).ok();
-        let cap = rules.max_lifetime.add_to(at.max(rules.max_lifetime_since)).ok();
+        let cap = rules.max_lifetime.add_to(at.max(self.rules_since())).ok();
         match (lifetime, cap) {
             (Some(l), Some(c)) => Some(l.min(c)),
             (l, c) => l.or(c),
@@ -681,7 +713,7 @@ impl Engine<'_, '_> {
         let target = active_end + self.standby_margin()?;
         let earliest = [self.input.lifetime.sub_from(target).ok(), rules.max_lifetime.sub_from(target).ok()];
         let mut at = earliest.into_iter().flatten().max()?.max(self.now());
-        let after_since = rules.max_lifetime_since + chrono::TimeDelta::seconds(1);
+        let after_since = self.rules_since() + chrono::TimeDelta::seconds(1);
         if self.fresh_ceiling(at).is_some_and(|fresh| fresh < target) && after_since > at {
             // Capped from maxLifetimeSince: a key issued before then gets no later end.
             at = after_since;

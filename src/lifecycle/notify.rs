@@ -10,6 +10,11 @@
 //! schedule, it fires then. Nor is a warning sent when there is nothing to do: the
 //! successor is already in use and the expiring key is quiet (handover `NewKeyInUse`).
 //!
+//! A key whose end a cap moved earlier (a policy change: a shrink, a move to another
+//! policy, a new default) is news whatever it was born inside: "born inside" is judged
+//! against the expiry the key was issued with, and the nearest threshold passed after the
+//! move fires once more, with the old and the new expiry and the reason.
+//!
 //! Still-in-use warnings (`KeyStillInUse`): while the handover finds the older key still
 //! used after consumers moved off it, the same thresholds before that key's effective
 //! expiry fire for it, each once; they stop when it goes quiet.
@@ -18,7 +23,7 @@ use chrono::{DateTime, Utc};
 
 use super::Rules;
 use super::handover::{self, Handover};
-use crate::api::{ApiKeyStatus, KeyState, KeyStatus, Notified, Slot, conditions as c};
+use crate::api::{ApiKeyStatus, ExpiryReason, KeyState, KeyStatus, Notified, Slot, conditions as c};
 use crate::duration::IsoDuration;
 
 /// Threshold name recorded for the one-time warning about a key that never expires.
@@ -62,6 +67,9 @@ pub struct Notice {
     pub successor: Option<Successor>,
     /// The handover state's reason (the `Handover` condition) when the warning was made.
     pub handover: Option<String>,
+    /// The key's end moved earlier: the expiry it had before (the last one warned about,
+    /// else the one it was issued with; None: it had none), and why it moved.
+    pub moved: Option<(Option<DateTime<Utc>>, ExpiryReason)>,
 }
 
 /// Result of [`evaluate`].
@@ -108,7 +116,28 @@ fn notice(status: &ApiKeyStatus, key: &KeyStatus, kind: &'static str, threshold:
         last_used_at: key.last_used_at,
         successor,
         handover: crate::api::find_condition(&status.conditions, c::HANDOVER).map(|h| h.reason.to_string()),
+        moved: None,
     }
+}
+
+/// Whether a cap moved `key`'s end earlier than the last end its owner was told of (the
+/// latest expiry warning's, else the expiry it was issued with): that end and the reason.
+pub(crate) fn moved_earlier(
+    key: &KeyStatus,
+    recorded: &[&Notified],
+) -> Option<(Option<DateTime<Utc>>, ExpiryReason)> {
+    let end = key.effective_expires_at?;
+    let reason =
+        key.expiry_reason.filter(|r| matches!(r, ExpiryReason::PolicyChange | ExpiryReason::OwnerLimit))?;
+    let told = match recorded.iter().max_by_key(|n| n.at) {
+        // The key never expired, and its owner was told so.
+        Some(n) if n.threshold == NON_EXPIRING => None,
+        // A warning recorded before ends were: nothing to compare with.
+        Some(n) => Some(n.expires_at?),
+        None => key.expires_at,
+    };
+    // A second of slack: ends are computed from second-precision times.
+    told.is_none_or(|t| end + chrono::TimeDelta::seconds(1) < t).then_some((told, reason))
 }
 
 /// Of `rules`' thresholds before `end`, those passed at `now` (longest first), and when
@@ -172,8 +201,13 @@ pub fn evaluate(
     out.next = [out.next, next].into_iter().flatten().min();
     if let Some((text, d)) = passed.last() {
         out.expiring = Some((text.clone(), end));
-        let born_inside =
-            d.sub_from(end).ok().is_some_and(|t| t <= active.activated_at.unwrap_or(active.created_at));
+        // Judged against the expiry the key was issued with: a cap that moved its end is
+        // news, not a birth.
+        let born_inside = active
+            .expires_at
+            .and_then(|issued| d.sub_from(issued).ok())
+            .is_some_and(|t| t <= active.activated_at.unwrap_or(active.created_at));
+        let moved = moved_earlier(active, &recorded);
         // Nothing to do: callers already use the successor, and nobody has used this key
         // since the successor was issued (a few quiet minutes prove nothing about a
         // caller that calls once a month).
@@ -181,7 +215,9 @@ pub fn evaluate(
             && handover::pair(status).is_some_and(|(older, newer)| {
                 older.key_id == active.key_id && older.last_used_at.is_none_or(|u| u < newer.created_at)
             });
-        if !already(rules, &recorded, text, d) && (!born_inside || !successor_on_schedule) && !moot {
+        if moved.is_some() && !moot {
+            out.fire.push(Notice { moved, ..notice(status, active, KEY_EXPIRING_SOON, text) });
+        } else if !already(rules, &recorded, text, d) && (!born_inside || !successor_on_schedule) && !moot {
             out.fire.push(notice(status, active, KEY_EXPIRING_SOON, text));
         }
     }
@@ -214,7 +250,8 @@ fn still_in_use(
 /// handover), while its key is still in status.
 pub fn notice_for(status: &ApiKeyStatus, n: &Notified) -> Option<Notice> {
     let key = status.keys.iter().find(|k| k.key_id == n.key_id)?;
-    Some(notice(status, key, kind_of(n), &n.threshold))
+    let moved = n.reason.map(|r| (n.previous_expires_at, r));
+    Some(Notice { moved, ..notice(status, key, kind_of(n), &n.threshold) })
 }
 
 fn record(status: &mut ApiKeyStatus, out: Warnings, now: DateTime<Utc>) -> Warnings {
@@ -225,6 +262,9 @@ fn record(status: &mut ApiKeyStatus, out: Warnings, now: DateTime<Utc>) -> Warni
             at: now,
             pending: vec![],
             kind: (n.kind == KEY_STILL_IN_USE).then(|| KEY_STILL_IN_USE.to_string()),
+            expires_at: n.expires_at,
+            reason: n.moved.map(|(_, r)| r),
+            previous_expires_at: n.moved.and_then(|(t, _)| t),
         });
     }
     out

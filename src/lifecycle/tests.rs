@@ -4,7 +4,7 @@ use chrono::{TimeDelta, TimeZone};
 use proptest::prelude::*;
 
 use super::*;
-use crate::api::KeyPolicySpec;
+use crate::api::{KeyPolicySpec, Notified};
 
 /// Deterministic key facts: `k1`, `k2`, … with hash `sha256:<n>`.
 #[derive(Default)]
@@ -56,6 +56,8 @@ struct Sim {
     rotate: Option<String>,
     may_issue: bool,
     retire: bool,
+    /// Since when the ApiKey is under its current policy (a move), as status records it.
+    policy_since: Option<DateTime<Utc>>,
     status: ApiKeyStatus,
     material: Material,
     mint: FakeMint,
@@ -72,6 +74,7 @@ impl Sim {
             rotate: None,
             may_issue: true,
             retire: false,
+            policy_since: None,
             status: ApiKeyStatus::default(),
             material: Material::default(),
             mint: FakeMint::default(),
@@ -91,6 +94,7 @@ impl Sim {
             now: secs(s),
             may_issue: self.may_issue && !self.retire,
             retire: self.retire,
+            policy_since: self.policy_since,
         };
         let before = self.status.clone();
         let out = advance(&input, &mut self.status, &mut self.material, &mut self.mint);
@@ -744,6 +748,7 @@ fn a_rotation_waits_while_api_key_still_holds_the_key_it_would_replace() {
         now: secs(26.0),
         may_issue: true,
         retire: false,
+        policy_since: None,
     };
     let out = advance(&input, &mut sim.status, &mut sim.material, &mut sim.mint);
     assert!(!out.happenings.contains(&Happening::Rotated), "{:?}", out.happenings);
@@ -853,6 +858,10 @@ enum EdgeOp {
     /// Set `maxLifetime` to this many seconds (recorded as changed now when different),
     /// or switch expiry off (None).
     Policy(Option<u32>),
+    /// Move the ApiKey to another policy with this `maxLifetime` (None: expiry off) whose
+    /// `maxLifetimeSince` lies in the past: an edit of `spec.policy`, or another policy
+    /// made the default (the same to the lifecycle: the resolved policy changes).
+    Move(Option<u32>),
     Revoke(bool),
     Rotate,
     /// The Secret lost a slot's material (edited or deleted).
@@ -869,6 +878,7 @@ fn edge_op() -> impl Strategy<Value = EdgeOp> {
     prop_oneof![
         8 => (0u32..20_000).prop_map(EdgeOp::Wait),
         2 => proptest::option::weighted(0.8, 20u32..120).prop_map(EdgeOp::Policy),
+        2 => proptest::option::weighted(0.8, 20u32..120).prop_map(EdgeOp::Move),
         1 => any::<bool>().prop_map(EdgeOp::Revoke),
         2 => Just(EdgeOp::Rotate),
         1 => any::<bool>().prop_map(EdgeOp::LoseSlot),
@@ -928,6 +938,7 @@ fn run_edge_ops(ops: Vec<EdgeOp>, retire: Option<u32>) -> Result<(), TestCaseErr
         let mut r = rules_with(|s| {
             s.rotation.flip_before = "PT5S".into();
             s.rotation.retire_drained_after = retire.map(|r| format!("PT{r}S"));
+            s.notifications.before = vec!["PT20S".into(), "PT10S".into(), "PT3S".into()];
             match max {
                 Some(m) => s.expiry.max_lifetime = format!("PT{m}S"),
                 None => {
@@ -944,6 +955,9 @@ fn run_edge_ops(ops: Vec<EdgeOp>, retire: Option<u32>) -> Result<(), TestCaseErr
     let mut consumers = Consumers { held: vec![] };
     let mut now = 0.0f64;
     let mut rotations = 0;
+    // The key in api-key at the last move, and when it moved.
+    let mut moved: Option<(String, String, f64)> = None;
+    let mut warnings = Warned::default();
     sim.at(0.0);
     consumers.saw(&sim, 0.0);
     for op in ops {
@@ -956,6 +970,8 @@ fn run_edge_ops(ops: Vec<EdgeOp>, retire: Option<u32>) -> Result<(), TestCaseErr
                     let next = sim.at(now).next.map(|n| secs_of(n.at));
                     consumers.saw(&sim, now);
                     check(&sim, &consumers, now, flip)?;
+                    check_move(&sim, moved.as_ref(), now, flip)?;
+                    warnings.check(&mut sim, now)?;
                     match next {
                         Some(t) if t <= now => prop_assert!(
                             false,
@@ -974,6 +990,16 @@ fn run_edge_ops(ops: Vec<EdgeOp>, retire: Option<u32>) -> Result<(), TestCaseErr
                     sim.rules = rules_for(max, secs(now));
                     sim.lifetime = sim.rules.max_lifetime;
                 }
+            }
+            EdgeOp::Move(max) => {
+                moved = sim.material.api_key.as_ref().map(|h| {
+                    let id = sim.status.keys.iter().find(|k| &k.hash == h).map(|k| k.key_id.clone());
+                    (h.clone(), id.unwrap_or_default(), now)
+                });
+                policy = max;
+                sim.rules = rules_for(max, t0() - TimeDelta::days(1));
+                sim.lifetime = sim.rules.max_lifetime;
+                sim.policy_since = Some(secs(now));
             }
             EdgeOp::Revoke(active) => {
                 if let Some(slot) = sim.status.active_slot {
@@ -1023,6 +1049,8 @@ fn run_edge_ops(ops: Vec<EdgeOp>, retire: Option<u32>) -> Result<(), TestCaseErr
         consumers.saw(&sim, now);
         prop_assert!(sim.mint.minted - minted_before <= 3, "at most one key per slot and step");
         check(&sim, &consumers, now, flip)?;
+        check_move(&sim, moved.as_ref(), now, flip)?;
+        warnings.check(&mut sim, now)?;
         if let Some(r) = retire {
             for k in sim.status.keys.iter().filter(|k| k.expiry_reason == Some(ExpiryReason::Drained)) {
                 let decided = sim.log.iter().rev().find_map(|(t, h)| match h {
@@ -1040,6 +1068,82 @@ fn run_edge_ops(ops: Vec<EdgeOp>, retire: Option<u32>) -> Result<(), TestCaseErr
         }
     }
     Ok(())
+}
+
+/// The key in `api-key` when the ApiKey moved to another policy verifies for at least
+/// `flipBefore` after the move, whatever the new policy's cap (unless revoked, retired or
+/// ended by inactivity, which no move causes).
+fn check_move(
+    sim: &Sim,
+    moved: Option<&(String, String, f64)>,
+    now: f64,
+    flip: f64,
+) -> Result<(), TestCaseError> {
+    let Some((hash, id, at)) = moved else { return Ok(()) };
+    if now >= at + flip - 1e-6 || sim.revoked.contains(id) {
+        return Ok(());
+    }
+    let k = sim.status.keys.iter().find(|k| &k.hash == hash);
+    // What the move may not do is cut the key short; its own expiry still comes.
+    let natural_end = |k: &KeyStatus| k.expires_at.is_some_and(|t| t <= secs(now));
+    if k.is_some_and(|k| k.expiry_reason == Some(ExpiryReason::Inactivity) || natural_end(k)) {
+        return Ok(());
+    }
+    prop_assert!(
+        k.is_some_and(|k| is_valid(k) && k.effective_expires_at.is_none_or(|t| t > secs(now))),
+        "at {now} s the key {id}, in api-key when the ApiKey moved at {at} s, no longer verifies: {:#?}",
+        sim.status
+    );
+    Ok(())
+}
+
+/// The expiry warnings decided after each step, as the controller decides them.
+#[derive(Default)]
+struct Warned {
+    /// (key ID, its new end) of every warning about an end moved earlier.
+    moved: std::collections::HashSet<(String, Option<DateTime<Utc>>)>,
+}
+
+impl Warned {
+    /// Every end a cap moved earlier is warned about once (none twice for the same
+    /// end), as soon as one of its thresholds has passed, unless callers already left
+    /// the key (nothing to do).
+    fn check(&mut self, sim: &mut Sim, now: f64) -> Result<(), TestCaseError> {
+        let usage = super::handover::Usage { quiet: TimeDelta::seconds(2) };
+        let h = super::handover::evaluate(&sim.rules, &sim.status, secs(now), usage);
+        let on_schedule = sim.may_issue && sim.rules.automatic && !sim.rules.frozen;
+        let w = super::notify::evaluate(&sim.rules, &mut sim.status, secs(now), on_schedule, &h);
+        for n in w.fire.iter().filter(|n| n.moved.is_some()) {
+            prop_assert!(
+                self.moved.insert((n.key_id.clone(), n.expires_at)),
+                "the move of {}'s end to {:?} was warned about twice (at {now} s)",
+                n.key_id,
+                n.expires_at
+            );
+        }
+        if let Some(active) = sim.status.active_slot.and_then(|s| key(&sim.status, s))
+            && active.state == KeyState::Active
+            && w.expiring.is_some()
+            && h.reason != crate::api::conditions::NEW_KEY_IN_USE
+        {
+            let recorded: Vec<&Notified> = sim
+                .status
+                .notified
+                .iter()
+                .filter(|n| {
+                    n.key_id == active.key_id && super::notify::kind_of(n) != super::notify::KEY_STILL_IN_USE
+                })
+                .collect();
+            prop_assert!(
+                super::notify::moved_earlier(active, &recorded).is_none(),
+                "at {now} s the end of {} moved to {:?} without a warning: {:#?}",
+                active.key_id,
+                active.effective_expires_at,
+                sim.status
+            );
+        }
+        Ok(())
+    }
 }
 
 /// Every key consumers may hold at `now` verifies (unless revoked or retired).

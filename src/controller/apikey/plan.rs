@@ -166,6 +166,11 @@ pub(super) fn plan(key: &ApiKey, p: &Prepared, now: DateTime<Utc>) -> Plan {
 
     let known: Vec<String> = old.keys.iter().map(|k| k.hash.clone()).collect();
     let mut minter = Minter::new(&p.rules.format, existing, known, &key.spec.revoked_keys);
+    // Under which policy, since when (a move caps keys from the move, not from before).
+    let policy_since = match &p.policy {
+        Some(policy) if !p.rules.frozen => Some(lifecycle::bind_policy(&mut status, &policy.name_any(), now)),
+        _ => None,
+    };
     let input = Input {
         rules: &p.rules,
         lifetime: p.lifetime.duration,
@@ -174,6 +179,7 @@ pub(super) fn plan(key: &ApiKey, p: &Prepared, now: DateTime<Utc>) -> Plan {
         now,
         may_issue: p.blocked.is_none(),
         retire: p.retire,
+        policy_since,
     };
     let outcome = lifecycle::advance(&input, &mut status, &mut material, &mut minter);
     if status.keys.is_empty() && old.client_id.is_none() {
@@ -325,7 +331,9 @@ pub(super) fn plan(key: &ApiKey, p: &Prepared, now: DateTime<Utc>) -> Plan {
         .then(|| Contents { slots: slots.clone(), active: None, client_id: client_id.clone() });
     let ready_active = active.as_ref().filter(|_| outcome.health == Health::Ready);
     let contents_active = ready_active.filter(|_| may_write_secret).and_then(|a| {
-        let material = slots.get(&a.slot)?;
+        // Only the key status knows: a slot edited to other material (the Secret is not
+        // the record) never reaches `api-key` under the active key's ID.
+        let material = slots.get(&a.slot).filter(|m| keys::hash(m) == a.hash)?;
         let expires = lifecycle::ceiling(a).map(|t| t.to_rfc3339_opts(SecondsFormat::Secs, true));
         Some(Contents {
             slots: slots.clone(),

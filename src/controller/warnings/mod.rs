@@ -83,8 +83,13 @@ fn describe(n: &Notice, policy: Option<&KeyPolicy>) -> String {
                 None if n.standby_ready => "a standby key is ready".into(),
                 None => "no standby key is ready yet".into(),
             };
+            // An end a cap moved earlier says so, with the end it had before.
+            let moved = n.moved.map_or(String::new(), |(before, reason)| {
+                let before = before.map_or("never".to_string(), |t| format!("at {}", ts(t)));
+                format!(", earlier than before ({reason:?}: it was to expire {before})")
+            });
             format!(
-                "{} key {} expires at {when} (within {}) and {}; {standby}",
+                "{} key {} expires at {when}{moved} (within {}) and {}; {standby}",
                 n.slot,
                 n.key_id,
                 n.threshold,
@@ -324,6 +329,8 @@ async fn post(
             last_used_at: s.last_used_at,
         }),
         handover: n.handover.clone(),
+        reason: n.moved.map(|(_, r)| format!("{r:?}")),
+        previous_expires_at: n.moved.and_then(|(t, _)| t),
     };
     let Ok(body) = serde_json::to_vec(&payload) else { return Outcome::Dropped("unserializable".into()) };
     let signing = match signing_key(ctx, hook.secret_ref.as_ref()).await {
@@ -373,6 +380,9 @@ mod tests {
             at: t0,
             pending,
             kind: None,
+            expires_at: None,
+            reason: None,
+            previous_expires_at: None,
         };
         let mut status = ApiKeyStatus {
             notified: vec![entry("k1", vec!["http://a/hook".into()]), entry("k2", vec![])],
@@ -388,6 +398,7 @@ mod tests {
             last_used_at: None,
             successor: None,
             handover: None,
+            moved: None,
         };
         address(&mut status, &[fired("k2")], Some(&policy));
         assert_eq!(status.notified[1].pending, ["Event", "http://a/hook", "http://b/hook"]);
