@@ -2,7 +2,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use keyward::cli::{Cli, Command, connect};
-use keyward::{controller, error, telemetry};
+use keyward::{controller, error, runtime, telemetry};
 
 #[tokio::main]
 async fn main() -> ExitCode {
@@ -28,7 +28,7 @@ async fn run(cli: Cli) -> error::Result<()> {
         }
         Command::Status { namespace, all_namespaces, name } => {
             let (client, server) = connect(cli.kubeconfig.as_ref(), cli.context.as_deref()).await?;
-            controller::ensure_crds(&client, &server).await?;
+            runtime::ensure_crds(&client, &server).await?;
             print!(
                 "{}",
                 keyward::ops::status(client, namespace.as_deref(), all_namespaces, name.as_deref()).await?
@@ -37,13 +37,13 @@ async fn run(cli: Cli) -> error::Result<()> {
         }
         Command::Rotate { namespace, name } => {
             let (client, server) = connect(cli.kubeconfig.as_ref(), cli.context.as_deref()).await?;
-            controller::ensure_crds(&client, &server).await?;
+            runtime::ensure_crds(&client, &server).await?;
             print!("{}", keyward::ops::rotate(client, namespace.as_deref(), &name).await?);
             Ok(())
         }
         Command::Revoke { namespace, name, key_id } => {
             let (client, server) = connect(cli.kubeconfig.as_ref(), cli.context.as_deref()).await?;
-            controller::ensure_crds(&client, &server).await?;
+            runtime::ensure_crds(&client, &server).await?;
             print!("{}", keyward::ops::revoke(client, namespace.as_deref(), &name, &key_id).await?);
             Ok(())
         }

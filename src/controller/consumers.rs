@@ -1,16 +1,21 @@
 //! Env-var consumers: each workload in `spec.consumers[]` carries the active key's ID
 //! in its pod template annotation `keyward.dev/key-id`, applied with its own field
 //! manager only when it differs, so every flip rolls each workload out exactly once.
+//! Their rollouts are then followed ([`follow_rollouts`]): a gauge while pending, a
+//! Warning when old pods would outlive the key they hold.
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, SecondsFormat, Utc};
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, StatefulSet};
 use kube::ResourceExt;
 use kube::api::{Api, ApiResource, DynamicObject, Patch, PatchParams};
+use kube::runtime::events::EventType;
 use serde_json::json;
 
-use super::Context;
-use crate::api::{ApiKey, ConsumerKind, KEY_ID_ANNOTATION};
+use super::context::Context;
+use super::known::object_id;
+use crate::api::{ApiKey, ApiKeyStatus, ConsumerKind, KEY_ID_ANNOTATION, conditions as c};
 use crate::error::{Error, Result};
+use crate::lifecycle;
 
 /// How often a rollout still in progress is looked at again while the key its old pods
 /// hold is valid (the metric, and the Warning before that key ends).
@@ -174,6 +179,82 @@ pub async fn roll(ctx: &Context, key: &ApiKey, key_id: &str, report_missing: boo
         rollouts.push(rollout(consumer.kind, &consumer.name, &patched));
     }
     Ok(rollouts)
+}
+
+/// Env consumers still rolling out to the active key: the gauge (since keyward changed
+/// their template, else the flip), and a Warning, once per workload and key, when pods on
+/// an older template remain while the key they hold has a quarter of its drain left. Only
+/// for a rollout keyward started at the flip: a workload keyward changed later (listed
+/// mid-life) has pods that may have started with either key. When to look again: every
+/// [`ROLLOUT_POLL`] (and at the warning's moment) while old pods remain and that
+/// key drains, else every minute while anything is pending, so the gauge goes when done.
+pub async fn follow_rollouts(
+    ctx: &Context,
+    key: &ApiKey,
+    status: &ApiKeyStatus,
+    rollouts: &[Rollout],
+    exported: bool,
+    now: DateTime<Utc>,
+) -> Option<DateTime<Utc>> {
+    let ns = key.namespace().unwrap_or_default();
+    let active = status.active_slot.and_then(|s| status.keys.iter().find(|k| k.slot == s))?;
+    let flipped = active.activated_at.unwrap_or(now);
+    let since = |r: &Rollout| r.patched_at.map_or(flipped, |t| t.max(flipped));
+    let pending: Vec<&Rollout> = rollouts.iter().filter(|r| r.pending().is_some()).collect();
+    if exported {
+        let gauges = pending
+            .iter()
+            .map(|r| (r.kind.as_str(), r.name.clone(), since(r).timestamp_millis() as f64 / 1000.0));
+        ctx.metrics.set_rollouts_pending(&ns, &key.name_any(), gauges.collect());
+    }
+    if pending.is_empty() {
+        return None;
+    }
+    let slow = now + chrono::TimeDelta::seconds(60);
+    let draining = status
+        .keys
+        .iter()
+        .find(|k| k.slot == active.slot.other() && lifecycle::is_valid(k) && k.activated_at.is_some())
+        .and_then(|l| l.effective_expires_at.map(|e| (l, e)));
+    let old: Vec<&&Rollout> = pending.iter().filter(|r| r.old_pods.is_some()).collect();
+    let Some((left, end)) = draining.filter(|_| !old.is_empty()) else { return Some(slow) };
+    let warn_at = end - (end - flipped) / 4;
+    if now >= warn_at {
+        // Started at the flip: keyward's change came with it (its time is to the second).
+        let at_flip =
+            |r: &Rollout| r.patched_at.is_some_and(|t| t <= flipped + chrono::TimeDelta::seconds(60));
+        for r in old.iter().filter(|r| at_flip(r)) {
+            let id = format!("{}|{:?}|{}|{}", object_id(key), r.kind, r.name, active.key_id);
+            if ctx.rollout_warned(&id, &active.key_id) {
+                continue;
+            }
+            let message = format!(
+                "{} {ns}/{} has not finished rolling out to key {} ({}); its pods still on the old template \
+                 hold key {}, which stops verifying at {}",
+                r.kind.as_str(),
+                r.name,
+                active.key_id,
+                r.old_pods.as_deref().unwrap_or_default(),
+                left.key_id,
+                end.to_rfc3339_opts(SecondsFormat::Secs, true),
+            );
+            let related = reference(r.kind, &r.name, &ns);
+            if ctx
+                .event_related(
+                    key,
+                    EventType::Warning,
+                    c::CONSUMER_ROLLOUT_INCOMPLETE,
+                    &message,
+                    Some(related),
+                )
+                .await
+            {
+                ctx.rollout_warning_sent(id);
+            }
+        }
+    }
+    let poll = now + chrono::TimeDelta::from_std(ROLLOUT_POLL).unwrap_or_default();
+    Some(if warn_at > now { poll.min(warn_at) } else { poll.min(end) }.max(now))
 }
 
 #[cfg(test)]

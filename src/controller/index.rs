@@ -17,7 +17,7 @@ use kube::ResourceExt;
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
 
-use super::Known;
+use super::known::Known;
 use crate::api::ApiKey;
 
 /// What is remembered of an ApiKey: enough to act on its deletion (also one that happened
@@ -147,7 +147,7 @@ impl KeyIndex {
         let (before, gone) = self.known.on(ev, remember);
         let mut now = None;
         if let watcher::Event::Apply(k) | watcher::Event::InitApply(k) = ev {
-            now = self.known.get(&super::object_id(k)).cloned();
+            now = self.known.get(&super::known::object_id(k)).cloned();
             if before.as_ref().map(Self::key_of) != now.as_ref().map(Self::key_of) {
                 before.iter().for_each(|b| self.unindex(b));
                 now.iter().for_each(|n| self.index(n));

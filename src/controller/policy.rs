@@ -14,7 +14,8 @@ use kube::runtime::controller::Action;
 use kube::runtime::reflector::ObjectRef;
 use kube::{Resource, ResourceExt};
 
-use super::{Context, now};
+use super::context::Context;
+use super::status::{STATUS_MANAGER, now};
 use crate::api::{
     ApiKey, Condition, FALSE, KeyPolicy, TRUE, conditions as c, policy_conditions as pc, set_condition,
 };
@@ -50,71 +51,6 @@ pub fn selector_matches(selector: &LabelSelector, labels: &BTreeMap<String, Stri
         }
     });
     by_labels && by_expressions
-}
-
-/// One ApiKey of an owner, for the per-owner limits.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub struct OwnedKey {
-    /// Creation time (older wins).
-    pub created: Option<DateTime<Utc>>,
-    /// Name (tie-breaker).
-    pub name: String,
-    /// Description (trimmed; empty counts as none).
-    pub description: String,
-    /// Whether it holds valid keys (then a duplicate description never refuses it).
-    pub holds_keys: bool,
-}
-
-/// Admit an owner's ApiKeys oldest first: a key without keys yet whose description an
-/// admitted key already has is a `DuplicateDescription` (when descriptions must be
-/// unique: a hygiene rule checked at admission, so an edit of one ApiKey's description
-/// never refuses another that already serves keys), and beyond `max` admitted keys the
-/// rest are `OwnerKeyLimitExceeded`. Refused keys do not take a place. The verdict for
-/// `name`.
-pub fn owner_verdict(
-    mut keys: Vec<OwnedKey>,
-    name: &str,
-    owner: &str,
-    max: usize,
-    unique: bool,
-) -> Option<Blocked> {
-    keys.sort();
-    let mut admitted: Vec<&OwnedKey> = Vec::new();
-    for k in &keys {
-        let verdict = if unique
-            && !k.holds_keys
-            && !k.description.is_empty()
-            && admitted.iter().any(|a| a.description == k.description)
-        {
-            let older = admitted
-                .iter()
-                .find(|a| a.description == k.description)
-                .map(|a| a.name.clone())
-                .unwrap_or_default();
-            Some(blocked(
-                c::DUPLICATE_DESCRIPTION,
-                format!(
-                    "owner {owner:?} already has ApiKey {older:?} with this description; descriptions are unique per owner"
-                ),
-            ))
-        } else if admitted.len() >= max {
-            let names: Vec<&str> = admitted.iter().map(|a| a.name.as_str()).collect();
-            Some(blocked(
-                c::OWNER_KEY_LIMIT_EXCEEDED,
-                format!(
-                    "owner {owner:?} may hold {max} ApiKeys in this namespace and holds {}: the oldest win",
-                    names.join(", ")
-                ),
-            ))
-        } else {
-            admitted.push(k);
-            None
-        };
-        if k.name == name {
-            return verdict;
-        }
-    }
-    None
 }
 
 /// The policy an ApiKey uses, as far as it could be found and parsed.
@@ -322,7 +258,7 @@ pub async fn reconcile(obj: Arc<KeyPolicy>, ctx: Arc<Context>) -> Result<Action>
     if status != old {
         let mut updated = policy.clone();
         updated.status = Some(status);
-        let pp = PostParams { field_manager: Some(super::STATUS_MANAGER.into()), ..Default::default() };
+        let pp = PostParams { field_manager: Some(STATUS_MANAGER.into()), ..Default::default() };
         api.replace_status(&name, &pp, &updated)
             .await
             .map_err(Error::kube(format!("writing KeyPolicy {name} status")))?;
@@ -342,42 +278,6 @@ mod tests {
 
     fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
         pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
-    }
-
-    fn owned(name: &str, secs: i64, description: &str) -> OwnedKey {
-        OwnedKey {
-            created: DateTime::from_timestamp(secs, 0),
-            name: name.into(),
-            description: description.into(),
-            holds_keys: false,
-        }
-    }
-
-    #[test]
-    fn a_duplicate_description_never_refuses_an_apikey_that_serves_keys() {
-        // "b" serves keys; an edit gives the older "a" the same description.
-        let mut b = owned("b", 2, "refunds");
-        b.holds_keys = true;
-        let keys = vec![owned("a", 1, "refunds"), b];
-        assert_eq!(owner_verdict(keys.clone(), "b", "o", 2, true), None);
-        assert_eq!(owner_verdict(keys, "a", "o", 2, true), None);
-    }
-
-    #[test]
-    fn oldest_keys_of_an_owner_win() {
-        let keys = vec![owned("c", 3, ""), owned("a", 1, "x"), owned("b", 2, "x"), owned("d", 4, "")];
-        assert_eq!(owner_verdict(keys.clone(), "a", "o", 2, true), None);
-        assert_eq!(owner_verdict(keys.clone(), "b", "o", 2, true).unwrap().reason, c::DUPLICATE_DESCRIPTION);
-        assert_eq!(owner_verdict(keys.clone(), "c", "o", 2, true), None, "the duplicate takes no place");
-        let d = owner_verdict(keys.clone(), "d", "o", 2, true).unwrap();
-        assert_eq!(d.reason, c::OWNER_KEY_LIMIT_EXCEEDED);
-        assert!(d.message.contains("a, c"), "{}", d.message);
-        assert_eq!(
-            owner_verdict(keys.clone(), "b", "o", 2, false),
-            None,
-            "duplicates allowed when not unique"
-        );
-        assert_eq!(owner_verdict(keys, "c", "o", 2, false).unwrap().reason, c::OWNER_KEY_LIMIT_EXCEEDED);
     }
 
     #[test]

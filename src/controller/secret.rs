@@ -12,6 +12,9 @@ use crate::api::{API_KEY_LABEL, ApiKey, MANAGED_BY, SECRET_TYPE, Slot};
 use crate::keys::{self, KeyFacts, KeyFormat, SecretKey};
 use crate::lifecycle::{Material, Mint};
 
+/// Field manager of the consumer Secrets.
+pub const SECRET_MANAGER: &str = "keyward/secret";
+
 /// Data keys of the consumer Secret.
 pub mod data {
     /// The active key: what clients send.

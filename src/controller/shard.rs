@@ -23,7 +23,7 @@ use kube::core::PartialObjectMeta;
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
 
-use super::{Known, object_id};
+use super::known::{Known, object_id};
 use crate::api::ApiKey;
 
 /// The ApiKeys this controller reconciles.

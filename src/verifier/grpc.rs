@@ -19,7 +19,7 @@ use super::decision::{check_response, check_unavailable, decide};
 use super::request::{ask_of_check, key_from_headers};
 use super::{Checker, GRPC};
 use crate::error::{Error, Result};
-use crate::health::Readiness;
+use crate::runtime::health::Readiness;
 
 /// Largest `Check` message accepted: Envoy's own request-header limit is 60 KiB by
 /// default (up to 96 KiB), and keyward asks for no body.

@@ -24,8 +24,8 @@ use serde::Serialize;
 use super::decision::decide;
 use super::request::{key_from_body, key_from_headers, required_scopes};
 use super::{Checker, Code, HTTP, MAX_BODY};
-use crate::health::Readiness;
 use crate::metrics::Metrics;
+use crate::runtime::health::Readiness;
 
 #[derive(Clone)]
 struct AppState {
@@ -45,7 +45,7 @@ pub fn router(checker: Checker, metrics: Arc<Metrics>, ready: Readiness, trusted
         .route("/v1/auth/{*original}", any(auth))
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .with_state(AppState { checker, trusted });
-    api.merge(crate::health::router(metrics, ready))
+    api.merge(crate::runtime::health::router(metrics, ready))
 }
 
 #[derive(Serialize)]

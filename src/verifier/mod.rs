@@ -27,9 +27,9 @@ pub use watch::WatchHealth;
 
 use crate::api::{ApiKey, KeyPolicy};
 use crate::error::Result;
-use crate::health::Readiness;
 use crate::keys::KeyFormat;
 use crate::metrics::Metrics;
+use crate::runtime::health::Readiness;
 
 /// Largest accepted request body of `POST /v1/verify`.
 pub const MAX_BODY: usize = 4096;
@@ -193,7 +193,7 @@ const KEYPOLICIES: &str = "keypolicies";
 
 /// Run the verifier until SIGTERM/SIGINT; pending last-use writes are flushed on the way out.
 pub async fn run(client: Client, server: &str, opts: Options) -> Result<()> {
-    crate::controller::ensure_crds_in(&client, server, opts.namespace.as_deref()).await?;
+    crate::runtime::ensure_crds_in(&client, server, opts.namespace.as_deref()).await?;
     let mut registry = prometheus_client::registry::Registry::with_prefix("keyward");
     let vm = VerifierMetrics::register(&mut registry);
     let metrics = Metrics::with_registry(registry);
@@ -226,7 +226,7 @@ pub async fn run(client: Client, server: &str, opts: Options) -> Result<()> {
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
-    let server = crate::health::serve(&opts.listen, app, stopped(stop_rx.clone())).await?;
+    let server = crate::runtime::health::serve(&opts.listen, app, stopped(stop_rx.clone())).await?;
     let grpc_server = match &opts.grpc_listen {
         Some(addr) => {
             Some(grpc::serve(addr, checker, ready.clone(), trusted.clone(), stopped(stop_rx)).await?)
@@ -235,7 +235,7 @@ pub async fn run(client: Client, server: &str, opts: Options) -> Result<()> {
     };
     tokio::pin!(key_feed, policy_feed);
     let signalled = tokio::select! {
-        _ = crate::controller::shutdown_signal() => true,
+        _ = crate::runtime::shutdown_signal() => true,
         _ = &mut key_feed => { tracing::error!("ApiKey watch ended"); false },
         _ = &mut policy_feed => { tracing::error!("KeyPolicy watch ended"); false },
         _ = readiness => false,

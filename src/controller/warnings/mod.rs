@@ -9,16 +9,18 @@
 //! `id`). Retries back off from 1 s to 30 s per delivery (kept in memory: after a
 //! restart they start over), so a receiver that comes back hears within 30 s.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+pub(super) mod retries;
+
+use std::sync::Arc;
 
 use chrono::{DateTime, SecondsFormat, TimeDelta, Utc};
 use k8s_openapi::api::core::v1::Secret;
 use kube::runtime::events::EventType;
 use kube::{Api, ResourceExt};
 
-use super::Context;
+use super::context::Context;
+use super::known::object_id;
+use super::status::write_status;
 use crate::api::{ApiKey, ApiKeyStatus, KeyPolicy, SecretKeyRef, WARNING_EVENT};
 use crate::error::Result;
 use crate::lifecycle::notify::{self, Notice};
@@ -29,54 +31,6 @@ pub const DELIVERING: usize = 4;
 /// A delivery still failing this long after its warning fired is given up on (with a
 /// Warning Event and the `failed` metric).
 pub const DELIVERY_WINDOW: TimeDelta = TimeDelta::hours(24);
-const FIRST_RETRY: Duration = Duration::from_secs(1);
-const LAST_RETRY: Duration = Duration::from_secs(30);
-
-/// Per delivery: failed attempts so far, and when the next one is due.
-type Attempts = HashMap<String, (u32, DateTime<Utc>)>;
-
-/// Failed attempts per pending delivery (by ApiKey, then delivery), and when the next
-/// one is due.
-#[derive(Default)]
-pub struct Retries(Mutex<HashMap<String, Attempts>>);
-
-impl Retries {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Attempts>> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// When the next attempt of `delivery` is due, if it is still waiting at `now`.
-    fn waiting(&self, object: &str, delivery: &str, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
-        self.lock().get(object)?.get(delivery).map(|r| r.1).filter(|at| *at > now)
-    }
-
-    /// One more failed attempt: (attempts so far, when to try again).
-    fn failed(&self, object: &str, delivery: &str, now: DateTime<Utc>) -> (u32, DateTime<Utc>) {
-        let mut all = self.lock();
-        let entry =
-            all.entry(object.to_string()).or_default().entry(delivery.to_string()).or_insert((0, now));
-        entry.0 += 1;
-        let wait = (FIRST_RETRY * 2u32.saturating_pow(entry.0.saturating_sub(1).min(6))).min(LAST_RETRY);
-        entry.1 = now + TimeDelta::from_std(wait).unwrap_or(TimeDelta::seconds(30));
-        *entry
-    }
-
-    /// `delivery` ended: the failed attempts it took.
-    fn done(&self, object: &str, delivery: &str) -> u32 {
-        let mut all = self.lock();
-        let Some(of) = all.get_mut(object) else { return 0 };
-        let failed = of.remove(delivery).map_or(0, |r| r.0);
-        if of.is_empty() {
-            all.remove(object);
-        }
-        failed
-    }
-
-    /// The ApiKey `object` is gone.
-    pub fn forget(&self, object: &str) {
-        self.lock().remove(object);
-    }
-}
 
 /// Record where each warning that fired now must be delivered: its Warning Event and the
 /// policy's webhooks.
@@ -186,7 +140,7 @@ pub async fn deliver(
     if let Some(step) = step_at.filter(|t| *t < now + budget) {
         return Ok(Some(step));
     }
-    let object = super::object_id(key);
+    let object = object_id(key);
     let mut status = old.clone();
     let mut retry: Option<DateTime<Utc>> = None;
     let mut jobs = Vec::new();
@@ -298,7 +252,7 @@ async fn record_ended(
     done: &[(String, String, String)],
 ) -> Result<()> {
     let conflict = |e: &crate::error::Error| matches!(e, crate::error::Error::Kube { source: kube::Error::Api(s), .. } if s.code == 409);
-    let mut attempt = super::apikey::write_status(ctx, api, key, old, status).await.map(drop);
+    let mut attempt = write_status(ctx, api, key, old, status).await.map(drop);
     for _ in 0..5 {
         match &attempt {
             Err(e) if conflict(e) => {}
@@ -314,7 +268,7 @@ async fn record_ended(
         // Written on top of a version no plan was made from (another writer's change,
         // perhaps a spec edit during a watch gap): not an echo to ignore, and the next
         // reconcile reads the ApiKey fresh.
-        attempt = super::apikey::write_status(ctx, api, &fresh, &old, status)
+        attempt = write_status(ctx, api, &fresh, &old, status)
             .await
             .map(|stored| stored.iter().for_each(|s| ctx.own_writes.stale(s)));
     }
@@ -451,18 +405,5 @@ mod tests {
         // A warning still being delivered keeps what is left of its deliveries.
         address(&mut status, &[fired("k1")], Some(&policy));
         assert_eq!(status.notified[0].pending, ["http://a/hook"]);
-    }
-
-    #[test]
-    fn retries_back_off_to_thirty_seconds_and_end_when_done() {
-        let r = Retries::default();
-        let t0 = DateTime::<Utc>::UNIX_EPOCH;
-        let waits: Vec<i64> = (0..8).map(|_| (r.failed("o", "d", t0).1 - t0).num_seconds()).collect();
-        assert_eq!(waits, [1, 2, 4, 8, 16, 30, 30, 30]);
-        assert_eq!(r.waiting("o", "d", t0), Some(t0 + TimeDelta::seconds(30)));
-        assert_eq!(r.waiting("o", "d", t0 + TimeDelta::seconds(30)), None, "due");
-        assert_eq!(r.done("o", "d"), 8);
-        assert_eq!(r.waiting("o", "d", t0), None);
-        assert!(r.lock().is_empty(), "nothing kept for an ended delivery");
     }
 }
