@@ -955,8 +955,8 @@ fn run_edge_ops(ops: Vec<EdgeOp>, retire: Option<u32>) -> Result<(), TestCaseErr
     let mut consumers = Consumers { held: vec![] };
     let mut now = 0.0f64;
     let mut rotations = 0;
-    // The key in api-key at the last move, and when it moved.
-    let mut moved: Option<(String, String, f64)> = None;
+    // The key in api-key at the last move, when it moved, and the end it had then.
+    let mut moved: Option<Moved> = None;
     let mut warnings = Warned::default();
     sim.at(0.0);
     consumers.saw(&sim, 0.0);
@@ -993,8 +993,13 @@ fn run_edge_ops(ops: Vec<EdgeOp>, retire: Option<u32>) -> Result<(), TestCaseErr
             }
             EdgeOp::Move(max) => {
                 moved = sim.material.api_key.as_ref().map(|h| {
-                    let id = sim.status.keys.iter().find(|k| &k.hash == h).map(|k| k.key_id.clone());
-                    (h.clone(), id.unwrap_or_default(), now)
+                    let k = sim.status.keys.iter().find(|k| &k.hash == h);
+                    Moved {
+                        hash: h.clone(),
+                        key_id: k.map(|k| k.key_id.clone()).unwrap_or_default(),
+                        at: now,
+                        end: k.and_then(|k| k.effective_expires_at),
+                    }
                 });
                 policy = max;
                 sim.rules = rules_for(max, t0() - TimeDelta::days(1));
@@ -1070,17 +1075,21 @@ fn run_edge_ops(ops: Vec<EdgeOp>, retire: Option<u32>) -> Result<(), TestCaseErr
     Ok(())
 }
 
+/// The key in `api-key` when the ApiKey moved to another policy, and the end it had.
+struct Moved {
+    hash: String,
+    key_id: String,
+    at: f64,
+    end: Option<DateTime<Utc>>,
+}
+
 /// The key in `api-key` when the ApiKey moved to another policy verifies for at least
-/// `flipBefore` after the move, whatever the new policy's cap (unless revoked, retired or
-/// ended by inactivity, which no move causes).
-fn check_move(
-    sim: &Sim,
-    moved: Option<&(String, String, f64)>,
-    now: f64,
-    flip: f64,
-) -> Result<(), TestCaseError> {
-    let Some((hash, id, at)) = moved else { return Ok(()) };
-    if now >= at + flip - 1e-6 || sim.revoked.contains(id) {
+/// `flipBefore` after the move, whatever the new policy's cap, unless it was to end
+/// sooner anyway (the end it had before the move), or was revoked, retired or ended by
+/// inactivity (which no move causes).
+fn check_move(sim: &Sim, moved: Option<&Moved>, now: f64, flip: f64) -> Result<(), TestCaseError> {
+    let Some(Moved { hash, key_id: id, at, end }) = moved else { return Ok(()) };
+    if now >= at + flip - 1e-6 || sim.revoked.contains(id) || end.is_some_and(|e| secs(now) >= e) {
         return Ok(());
     }
     let k = sim.status.keys.iter().find(|k| &k.hash == hash);
