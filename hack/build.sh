@@ -57,7 +57,8 @@ go_build_part() { # dir, module, version, packages...
     [ -z "${GB_REPLACE:-}" ] || printf '\nreplace (\n%s\n)\n' "$GB_REPLACE"
   } >"$tmp/src/go.mod"
   log "$name: resolving $mod@v$ver through the Go module proxy"
-  (cd "$tmp/src" && GOFLAGS=-mod=mod timeout 1200 go get -tool "$@") >"$tmp/get.log" 2>&1 ||
+  # Each command at the pinned version: a bare `go get` would take the module's newest.
+  (cd "$tmp/src" && GOFLAGS=-mod=mod timeout 1200 go get -tool "${@/%/@v$ver}") >"$tmp/get.log" 2>&1 ||
     die "$name: module $mod@v$ver does not resolve through the Go module proxy ($(go env GOPROXY)): $(go_error "$tmp/get.log")"
   log "$name: building $(printf '%s ' "${@##*/}")(once; the log is $tmp/build.log)"
   (cd "$tmp/src" && CGO_ENABLED=${GB_CGO:-0} timeout 5400 go build -trimpath -tags "${GB_TAGS:-}" \
@@ -81,7 +82,7 @@ build_kubernetes() { # version, part, commands...
   local gomod staging minor=${v#1.}
   minor=${minor%%.*}
   gomod=$(timeout 600 go mod download -json "k8s.io/kubernetes@v$v" 2>&1) ||
-    die "$part-$v: module k8s.io/kubernetes@v$v does not resolve through the Go module proxy: $(grep -m1 -o '"Error": *"[^"]*' <<<"$gomod" | cut -d'"' -f4)"
+    die "$part-$v: module k8s.io/kubernetes@v$v does not resolve through the Go module proxy: $(grep -m1 -o '"Error": *"[^"]*' <<<"$gomod" | cut -d'"' -f4 | sed 's/\\n.*//')"
   gomod=$(sed -n 's/.*"GoMod": *"\([^"]*\)".*/\1/p' <<<"$gomod")
   staging=$(grep -o 'k8s.io/[a-z0-9-]* => ./staging' "$gomod" | awk -v v="v0.${v#1.}" '{ print "\t" $1 " => " $1 " " v }')
   [ -n "$staging" ] || die "$part-$v: no staging modules found in k8s.io/kubernetes@v$v's go.mod ($gomod)"
