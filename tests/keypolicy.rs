@@ -9,7 +9,7 @@ use std::time::Duration;
 use common::{KeywardProcess, TestNamespace, client};
 use keyward::api::KeyPolicy;
 use kube::api::{Api, DeleteParams};
-use kube::{Client, ResourceExt};
+use kube::Client;
 use serde_json::json;
 
 async fn accepted(client: &Client, name: &str) -> (String, String, KeyPolicy) {
@@ -119,15 +119,7 @@ async fn policies_report_accepted_since_and_key_count() {
     assert!(since >= before - chrono::TimeDelta::seconds(1), "{since} vs {before}");
 
     // Two defaults: both refuse; removing one restores the other.
-    let others: Vec<String> = api
-        .list(&Default::default())
-        .await
-        .unwrap()
-        .items
-        .iter()
-        .filter(|p| p.spec.default)
-        .map(|p| p.name_any())
-        .collect();
+    let others = common::default_policies(&client).await;
     let d1 = ns.policy(&client, "d1", json!({"default": true})).await;
     let d2 = ns.policy(&client, "d2", json!({"default": true})).await;
     for d in [&d1, &d2] {

@@ -14,7 +14,7 @@ use common::hooks::{events_with_reason, receiver};
 use common::{TestNamespace, client, get_key, secret_data, wait_key};
 use keyward::api::{ApiKey, KeyPolicy};
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
-use kube::{Client, ResourceExt};
+use kube::Client;
 use serde_json::json;
 
 /// Strict: keys live 40 s, consumers move 10 s before the end, owners are warned 35 s
@@ -116,15 +116,7 @@ async fn a_move_to_an_older_stricter_policy_keeps_the_key_in_api_key_valid_for_f
 async fn a_change_of_the_default_policy_keeps_the_key_in_api_key_valid_for_flip_before() {
     let client = client().await;
     let policies: Api<KeyPolicy> = Api::all(client.clone());
-    let others: Vec<String> = policies
-        .list(&Default::default())
-        .await
-        .unwrap()
-        .items
-        .iter()
-        .filter(|p| p.spec.default)
-        .map(|p| p.name_any())
-        .collect();
+    let others = common::default_policies(&client).await;
     assert!(
         others.is_empty(),
         "this test changes the cluster's default KeyPolicy; another is default already: {others:?}"

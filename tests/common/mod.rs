@@ -483,6 +483,19 @@ pub async fn policy_accepted(
     .await
 }
 
+/// The names of the KeyPolicies marked default in the cluster.
+pub async fn default_policies(client: &Client) -> Vec<String> {
+    Api::<keyward::api::KeyPolicy>::all(client.clone())
+        .list(&Default::default())
+        .await
+        .expect("list KeyPolicies")
+        .items
+        .iter()
+        .filter(|p| p.spec.default)
+        .map(kube::ResourceExt::name_any)
+        .collect()
+}
+
 /// Wait until the ApiKey reports `Ready=True`.
 pub async fn wait_ready(client: &Client, ns: &str, name: &str, timeout: Duration) {
     wait_key(client, ns, name, timeout, |k| ready(k).filter(|(s, _)| s == "True").map(|_| ())).await;
