@@ -13,8 +13,8 @@ use chrono::{TimeDelta, Utc};
 use common::hooks::{events_with_reason, receiver};
 use common::{TestNamespace, client, get_key, secret_data, wait_key};
 use keyward::api::{ApiKey, KeyPolicy};
-use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use kube::Client;
+use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use serde_json::json;
 
 /// Strict: keys live 40 s, consumers move 10 s before the end, owners are warned 35 s

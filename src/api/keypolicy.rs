@@ -323,11 +323,13 @@ pub struct KeyPolicyStatus {
     /// The `metadata.generation` last processed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
-    /// When `expiry.maxLifetime` last changed; the cap of a shortened policy counts
+    /// When `expiry.maxLifetime`, `expiry.mode` or `expiry.inactivityTimeout` last
+    /// changed; the cap of a shortened policy, and the idle time of a new timeout, count
     /// from here.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_lifetime_since: Option<DateTime<Utc>>,
-    /// The `expiry.maxLifetime` in force since `maxLifetimeSince`.
+    /// The `expiry.maxLifetime` in force since `maxLifetimeSince` (with
+    /// `, inactivityTimeout <t>` when one is set; `Disabled` while expiry is off).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_max_lifetime: Option<String>,
     /// Number of ApiKeys using this policy.

@@ -362,8 +362,18 @@ impl Engine<'_, '_> {
         self.keep_rotated_key_while_held();
         self.lift_drained_cap_of_a_used_key();
         let since = self.rules_since();
-        // The key consumers hold when the ApiKey moved keeps a whole lead from the move.
-        let held_floor = self.input.policy_since.and_then(|moved| rules.flip_before.add_to(moved).ok());
+        // A cap newly applied to the key consumers hold (a shrink, a move, a policy seen
+        // late) leaves them a whole flip lead from now (`flipBefore`, at most a quarter of
+        // the shortest lifetime), however far in the past it lands; once applied it is
+        // kept (a cap only ever comes earlier), so later reconciles never move it on.
+        let held_floor = self.standby_margin().map(|margin| self.now() + margin / 2);
+        // Idle time counts from when the current rules reached this ApiKey (a move, or a
+        // recorded policy change such as a new `inactivityTimeout`), plus the lead.
+        let rules_reached = self
+            .input
+            .policy_since
+            .max(rules.max_lifetime_since_recorded.then_some(rules.max_lifetime_since))
+            .and_then(|t| rules.flip_before.add_to(t).ok());
         for k in self.status.keys.iter_mut().filter(|k| is_valid(k)) {
             if rules.enforced {
                 let base = k.created_at.max(since);
@@ -387,8 +397,10 @@ impl Engine<'_, '_> {
                 // Consumers take up to flipBefore to start using a newly active key (a
                 // flip, a rotation, the first key): its idle time counts from then, so
                 // it cannot die unused (retiring the ApiKey) before they could use it.
-                && let Some(from) =
-                    k.last_used_at.max(k.activated_at.map(|a| rules.flip_before.add_to(a).unwrap_or(a)))
+                && let Some(from) = k
+                    .last_used_at
+                    .max(k.activated_at.map(|a| rules.flip_before.add_to(a).unwrap_or(a)))
+                    .max(rules_reached)
                 && let Ok(deadline) = timeout.add_to(from)
                 && effective.is_none_or(|(t, _)| deadline < t)
             {

@@ -41,6 +41,9 @@ pub struct Rules {
     pub retire_drained_after: Option<IsoDuration>,
     /// Since when the current `maxLifetime` applies (retroactive tightening counts from here).
     pub max_lifetime_since: DateTime<Utc>,
+    /// Whether `max_lifetime_since` is the one the policy controller recorded (false:
+    /// `now` stands in for it until then, which an inactivity deadline must not count from).
+    pub max_lifetime_since_recorded: bool,
     /// `notifications.before`, parsed, longest first, with their original text.
     pub notify_before: Vec<(String, IsoDuration)>,
     /// `keyFormat`.
@@ -53,11 +56,14 @@ pub struct Rules {
 /// What `status.observedMaxLifetime` records, so `maxLifetimeSince` moves on every
 /// change that can shorten keys: the `maxLifetime` while expiry is enforced, and
 /// `Disabled` while it is not (switching expiry on caps keys from that moment, not
-/// from when the policy was made).
+/// from when the policy was made), with the `inactivityTimeout` when there is one (a
+/// timeout added or changed counts idle time from that moment, not from a last use
+/// before it).
 pub fn observed_expiry(spec: &KeyPolicySpec) -> String {
-    match spec.expiry.mode {
-        ExpiryMode::Enforced => spec.expiry.max_lifetime.clone(),
-        ExpiryMode::Disabled => "Disabled".into(),
+    match (spec.expiry.mode, &spec.expiry.inactivity_timeout) {
+        (ExpiryMode::Enforced, None) => spec.expiry.max_lifetime.clone(),
+        (ExpiryMode::Enforced, Some(t)) => format!("{}, inactivityTimeout {t}", spec.expiry.max_lifetime),
+        (ExpiryMode::Disabled, _) => "Disabled".into(),
     }
 }
 
@@ -112,13 +118,14 @@ impl Rules {
     /// controller has recorded it for the current `maxLifetime`.
     pub fn from_policy(policy: &KeyPolicy, now: DateTime<Utc>) -> Result<Rules, PolicyProblem> {
         let spec = &policy.spec;
-        let since = policy
+        let recorded = policy
             .status
             .as_ref()
             .filter(|s| s.observed_max_lifetime.as_deref() == Some(observed_expiry(spec).as_str()))
-            .and_then(|s| s.max_lifetime_since)
-            .unwrap_or(now);
-        Rules::from_spec(spec, since)
+            .and_then(|s| s.max_lifetime_since);
+        let mut rules = Rules::from_spec(spec, recorded.unwrap_or(now))?;
+        rules.max_lifetime_since_recorded = recorded.is_some();
+        Ok(rules)
     }
 
     /// Validate a policy spec.
@@ -229,6 +236,7 @@ impl Rules {
             automatic: spec.rotation.automatic,
             retire_drained_after,
             max_lifetime_since,
+            max_lifetime_since_recorded: true,
             notify_before,
             format: KeyFormat::from(&spec.key_format),
             frozen: false,

@@ -1370,3 +1370,116 @@ fn an_idle_active_key_does_not_take_a_standby_in_use_with_it() {
     assert_eq!(idle.at(12.0).health, Health::ExpiredInactive);
     assert_eq!(idle.valid_count(), 0);
 }
+
+/// Rules with a one-hour maxLifetime, 20 s flipBefore, and `since` as maxLifetimeSince.
+fn hour_rules(edit: impl FnOnce(&mut KeyPolicySpec), since: DateTime<Utc>) -> Rules {
+    let mut r = rules_with(|s| {
+        s.expiry.max_lifetime = "PT1H".into();
+        s.rotation.flip_before = "PT20S".into();
+        edit(s);
+    });
+    r.max_lifetime_since = since;
+    r
+}
+
+/// The key in `api-key` now, as consumers hold it.
+fn held(sim: &Sim) -> KeyStatus {
+    let h = sim.material.api_key.clone().unwrap();
+    sim.status.keys.iter().find(|k| k.hash == h).unwrap().clone()
+}
+
+/// Whether the key consumers held (`k`) still verifies at `s`.
+fn still_verifies(sim: &Sim, k: &KeyStatus, s: f64) -> bool {
+    sim.status
+        .keys
+        .iter()
+        .find(|x| x.hash == k.hash)
+        .is_some_and(|x| is_valid(x) && x.effective_expires_at.is_none_or(|t| t > secs(s)))
+}
+
+#[test]
+fn a_move_to_a_policy_with_an_inactivity_timeout_counts_idle_time_from_the_move() {
+    let old = t0() - TimeDelta::days(1);
+    let mut sim = Sim::new(hour_rules(|_| {}, old));
+    sim.at(0.0);
+    let k = held(&sim);
+    for key in sim.status.keys.iter_mut() {
+        key.last_used_at = Some(secs(1300.0));
+    }
+    sim.at(1300.0);
+    // At 2000 s the ApiKey moves to a policy with a ten-minute inactivityTimeout: its
+    // last use (1300 s) is over ten minutes before, but idle time counts from the move.
+    sim.rules = hour_rules(|s| s.expiry.inactivity_timeout = Some("PT10M".into()), old);
+    sim.policy_since = Some(secs(2000.0));
+    sim.at(2000.0);
+    assert!(still_verifies(&sim, &k, 2001.0), "{:#?}", sim.status.keys);
+    assert_eq!(sim.active().effective_expires_at, Some(secs(2000.0 + 20.0 + 600.0)));
+}
+
+#[test]
+fn switching_expiry_on_counts_idle_time_from_the_switch() {
+    let timeout = |s: &mut KeyPolicySpec| s.expiry.inactivity_timeout = Some("PT10M".into());
+    let mut sim = Sim::new(hour_rules(
+        |s| {
+            s.expiry.mode = crate::api::ExpiryMode::Disabled;
+            s.expiry.acknowledge_risk = true;
+            timeout(s);
+        },
+        t0(),
+    ));
+    sim.at(0.0);
+    let k = held(&sim);
+    // The policy controller records the switch (observedMaxLifetime moves) at 5000 s.
+    sim.rules = hour_rules(timeout, secs(5000.0));
+    sim.at(5000.0);
+    assert!(still_verifies(&sim, &k, 5001.0), "{:#?}", sim.status.keys);
+}
+
+#[test]
+fn an_inactivity_timeout_added_to_a_policy_counts_idle_time_from_its_addition() {
+    let mut spec = KeyPolicySpec::default();
+    let before = observed_expiry(&spec);
+    spec.expiry.inactivity_timeout = Some("PT10M".into());
+    assert_ne!(observed_expiry(&spec), before, "adding a timeout moves maxLifetimeSince");
+    let mut sim = Sim::new(hour_rules(|_| {}, t0() - TimeDelta::days(1)));
+    sim.at(0.0);
+    let k = held(&sim);
+    sim.rules = hour_rules(|s| s.expiry.inactivity_timeout = Some("PT10M".into()), secs(1000.0));
+    sim.at(1000.0);
+    assert!(still_verifies(&sim, &k, 1001.0), "{:#?}", sim.status.keys);
+    // A maxLifetimeSince that only stands in for an unrecorded one (now) is not counted
+    // from: the key would never go idle.
+    let mut unrecorded = hour_rules(|s| s.expiry.inactivity_timeout = Some("PT10M".into()), secs(1000.0));
+    unrecorded.max_lifetime_since_recorded = false;
+    sim.rules = unrecorded;
+    sim.at(1001.0);
+    assert_eq!(sim.active().effective_expires_at, Some(secs(20.0 + 600.0)), "from its activation");
+}
+
+#[test]
+fn a_cap_landing_in_the_past_leaves_the_key_in_api_key_flip_before_from_now() {
+    // The first reconcile after an upgrade that is also a move (no status.policy yet: the
+    // ApiKey counts as under the policy since its oldest key), or a typo in spec.policy
+    // fixed after the policy was shrunk (the same name: no move): either way the new cap
+    // lies in the past.
+    let old = t0() - TimeDelta::days(1);
+    let mut sim = Sim::new(hour_rules(|_| {}, old));
+    sim.at(0.0);
+    let k = held(&sim);
+    sim.rules = hour_rules(|s| s.expiry.max_lifetime = "PT90S".into(), old);
+    sim.lifetime = sim.rules.max_lifetime;
+    sim.policy_since = Some(bind_policy(&mut sim.status, "strict", secs(100.0)));
+    assert_eq!(sim.policy_since, Some(t0()), "no record: since its oldest key");
+    sim.at(100.0);
+    assert!(still_verifies(&sim, &k, 119.0), "{:#?}", sim.status.keys);
+    let capped = sim.status.keys.iter().find(|x| x.key_id == k.key_id).unwrap();
+    assert_eq!(
+        capped.effective_expires_at,
+        Some(secs(120.0)),
+        "flipBefore from the reconcile that capped it"
+    );
+    // Later reconciles keep that end: the floor never moves on.
+    sim.at(110.0);
+    let capped = sim.status.keys.iter().find(|x| x.key_id == k.key_id).unwrap();
+    assert_eq!(capped.effective_expires_at, Some(secs(120.0)));
+}

@@ -511,8 +511,23 @@ pub async fn shrink_policy(
     name: &str,
     key_id: &str,
 ) -> (chrono::DateTime<chrono::Utc>, keyward::api::KeyStatus) {
+    let policies = Api::<keyward::api::KeyPolicy>::all(client.clone());
+    // A shrink of a policy already seen: record its first sight as a controller with
+    // --manage-policies does (one may run beside the test, e.g. tests/keypolicy.rs', and
+    // a first sight after the shrink would count the new maxLifetime from creation).
+    let p = policies.get(policy).await.expect("read KeyPolicy");
+    if p.status.as_ref().and_then(|s| s.observed_max_lifetime.as_ref()).is_none() {
+        let seen = serde_json::json!({"status": {
+            "observedMaxLifetime": keyward::lifecycle::observed_expiry(&p.spec),
+            "maxLifetimeSince": p.metadata.creation_timestamp.as_ref().expect("created").0.to_string(),
+        }});
+        policies
+            .patch_status(policy, &kube::api::PatchParams::default(), &kube::api::Patch::Merge(seen))
+            .await
+            .expect("record the policy's first sight");
+    }
     let changed = chrono::Utc::now();
-    Api::<keyward::api::KeyPolicy>::all(client.clone())
+    policies
         .patch(
             policy,
             &kube::api::PatchParams::default(),

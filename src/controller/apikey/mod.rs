@@ -92,6 +92,8 @@ async fn prepare(ctx: &Context, key: &ApiKey, now: DateTime<Utc>) -> Result<Prep
     let mut block = spec_problem(&key.spec);
     let policy_name_ok = key.spec.policy.as_deref().is_none_or(dns_subdomain);
     let resolved = if policy_name_ok { policy::resolve(ctx, key, now).await? } else { Default::default() };
+    let policy_allowed =
+        resolved.blocked.as_ref().is_none_or(|b| b.reason != crate::api::conditions::POLICY_NOT_ALLOWED);
     block = block.or(resolved.blocked);
     // Owner limits apply whatever else is wrong: another problem (an invalid field) must
     // not keep keys alive that lost their place.
@@ -134,6 +136,7 @@ async fn prepare(ctx: &Context, key: &ApiKey, now: DateTime<Utc>) -> Result<Prep
         if foreign_secret { pods::Consumers::NotWatched } else { ctx.consumer_problems(key, &secret_name) };
     Ok(Prepared {
         policy: resolved.policy,
+        policy_allowed,
         rules,
         lifetime,
         secret_name,

@@ -26,6 +26,10 @@ const MAX_LISTED_CONSUMERS: usize = 10;
 pub(super) struct Prepared {
     /// The policy, when one was found.
     pub(super) policy: Option<crate::api::KeyPolicy>,
+    /// Whether that policy's `namespaceSelector` allows the ApiKey's namespace. One that
+    /// does not is no move: its rules still bound the keys, but the ApiKey stays recorded
+    /// under the policy it had (parking on an excluded policy cannot dodge a shrink).
+    pub(super) policy_allowed: bool,
     /// Its rules; frozen rules when there is no usable policy.
     pub(super) rules: lifecycle::Rules,
     /// The lifetime of a key issued now.
@@ -168,8 +172,11 @@ pub(super) fn plan(key: &ApiKey, p: &Prepared, now: DateTime<Utc>) -> Plan {
     let mut minter = Minter::new(&p.rules.format, existing, known, &key.spec.revoked_keys);
     // Under which policy, since when (a move caps keys from the move, not from before).
     let policy_since = match &p.policy {
-        Some(policy) if !p.rules.frozen => Some(lifecycle::bind_policy(&mut status, &policy.name_any(), now)),
-        _ => None,
+        Some(policy) if !p.rules.frozen && p.policy_allowed => {
+            Some(lifecycle::bind_policy(&mut status, &policy.name_any(), now))
+        }
+        Some(policy) => status.policy.as_ref().filter(|b| b.name == policy.name_any()).map(|b| b.since),
+        None => None,
     };
     let input = Input {
         rules: &p.rules,
@@ -395,6 +402,7 @@ mod tests {
         fn prepared(&self, rules: &lifecycle::Rules) -> Prepared {
             Prepared {
                 policy: None,
+                policy_allowed: true,
                 rules: rules.clone(),
                 lifetime: lifecycle::Lifetime { duration: rules.max_lifetime, clamped: None },
                 secret_name: "svc".into(),
