@@ -337,8 +337,9 @@ pub struct ApiKeyStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub owner: Option<String>,
     /// The KeyPolicy the keys are under, and since when: a move to another policy (an
-    /// edit of `spec.policy`, another default, a namespace relabelled under another
-    /// selector) caps keys counting from that moment, never from before it.
+    /// edit of `spec.policy`, another default) caps keys, and counts idle time, from that
+    /// moment, never from before it. A policy that does not allow the namespace is no
+    /// move: the ApiKey stays recorded under the one it had.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub policy: Option<PolicyBinding>,
     /// `Ready`, `Stalled`, `Synced`, `Expiring`, `LifetimeClamped`, `Handover` and, with a
