@@ -28,6 +28,8 @@ host_running() { [ -f "$PID" ] && kill -0 "$(cat "$PID")" 2>/dev/null; }
 
 show() {
   echo
+  kubectl get nodes -o wide 2>/dev/null || true
+  echo
   kubectl get keypolicies
   echo
   kubectl get apikeys -A
