@@ -86,7 +86,7 @@ async fn two_rotations_seconds_apart_leave_earlier_keys_valid_through_their_drai
     let _keyward = common::controller_for(&ns.name, &[], "info");
     ns.apikey(&client, "svc", json!({"policy": policy, "owner": "a"})).await;
     let k0 = wait_key(&client, &ns.name, "svc", Duration::from_secs(30), common::active).await;
-    let m0 = secret_data(&client, &ns.name, "svc").await.unwrap()["api-key"].clone();
+    let m0 = common::api_key_material(&client, &ns.name, "svc", &k0).await;
     common::request_rotation(&client, &ns.name, "svc", "first").await;
     let k1 = wait_key(&client, &ns.name, "svc", Duration::from_secs(20), |k| {
         common::active(k).filter(|a| a.key_id != k0.key_id)

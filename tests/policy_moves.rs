@@ -40,9 +40,7 @@ async fn key_older_than_strict(client: &Client, ns: &str) -> (String, String) {
         || async { (Utc::now() > old_enough).then_some(()) },
     )
     .await;
-    let material = secret_data(client, ns, "svc").await.unwrap()["api-key"].clone();
-    assert_eq!(keyward::keys::hash(&material), first.hash, "api-key holds the first key");
-    (material, first.key_id)
+    (common::api_key_material(client, ns, "svc", &first).await, first.key_id)
 }
 
 /// The verifier answers VALID for `material` every 250 ms until `flip_before` after

@@ -375,6 +375,21 @@ pub async fn secret_data(
     )
 }
 
+/// The material of `key` once the Secret's `api-key` holds it (its hash reaches status
+/// before its material reaches the Secret).
+pub async fn api_key_material(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    key: &keyward::api::KeyStatus,
+) -> String {
+    eventually(&format!("api-key of {ns}/{name} to hold {}", key.key_id), Duration::from_secs(30), || async {
+        let material = secret_data(client, ns, name).await?.get("api-key")?.clone();
+        (keyward::keys::hash(&material) == key.hash).then_some(material)
+    })
+    .await
+}
+
 /// GET an ApiKey.
 pub async fn get_key(client: &Client, ns: &str, name: &str) -> keyward::api::ApiKey {
     Api::<keyward::api::ApiKey>::namespaced(client.clone(), ns).get(name).await.expect("read ApiKey")
