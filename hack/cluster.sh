@@ -105,6 +105,9 @@ ensure_tools() {
   mkdir -p "$BIN"
   build_kubernetes "$K8S_CURRENT" kubectl kubectl
   ln -sfn "$CACHE/opt/kubectl-$K8S_CURRENT/bin/kubectl" "$BIN/kubectl"
+  # Another release (KEYWARD_K8S_VERSION) gets its own kubectl, first on `env`'s PATH:
+  # kubectl warns when it is more than one minor away from the server.
+  [ "$K8S_VERSION" = "$K8S_CURRENT" ] || build_kubernetes "$K8S_VERSION" kubectl kubectl
   { [ -x "$BIN/helm" ] || helm version >/dev/null 2>&1; } && return 0
   command -v npm >/dev/null || apt_install npm
   command -v unzip >/dev/null || apt_install unzip
@@ -909,6 +912,6 @@ case "${1:-}" in
       echo ", containerd $CONTAINERD_VERSION, runc $RUNC_VERSION, CNI plugins $CNI_PLUGINS_VERSION") under $CACHE/opt" ;;
   # KEYWARD_KUBE_VERSION: the server's version, for `keyward crds` (which CEL rules it knows).
   # KEYWARD_CONTAINERD_SOCK: where to `ctr -n k8s.io images import` images for the node.
-  env) echo "export KUBECONFIG=$KUBECONFIG_OUT; export PATH=$BIN:\$PATH; export KEYWARD_KUBE_VERSION=$K8S_VERSION; export KEYWARD_CONTAINERD_SOCK=$CONTAINERD_SOCK" ;;
+  env) echo "export KUBECONFIG=$KUBECONFIG_OUT; export PATH=$([ "$K8S_VERSION" = "$K8S_CURRENT" ] || echo "$CACHE/opt/kubectl-$K8S_VERSION/bin:")$BIN:\$PATH; export KEYWARD_KUBE_VERSION=$K8S_VERSION; export KEYWARD_CONTAINERD_SOCK=$CONTAINERD_SOCK" ;;
   *) echo "usage: $0 up [--no-node]|down [--purge]|status|has-node|env|tools|build" >&2; exit 2 ;;
 esac
