@@ -594,7 +594,7 @@ fn rows() -> Vec<Row> {
             // The CRD's CEL rule (every supported server runs it; the controller still
             // refuses it as RiskNotAcknowledged where a server does not).
             refused(
-                "spec.expiry.acknowledgeRisk: Invalid value: expiry.mode Disabled requires expiry.acknowledgeRisk: true",
+                "spec.expiry.acknowledgeRisk: Invalid value: expiry.mode Disabled requires expiry.acknowledgeRisk: true | spec.expiry.acknowledgeRisk: Invalid value: \"object\": expiry.mode Disabled requires expiry.acknowledgeRisk: true",
             ),
         ),
         row(
