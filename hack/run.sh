@@ -74,11 +74,15 @@ if hack/cluster.sh has-node; then
   # pullPolicy Never: a missing image would only show as pods stuck in ErrImageNeverPull.
   ctr --address "$KEYWARD_CONTAINERD_SOCK" -n k8s.io images ls -q 2>/dev/null | grep -qxF "$image" ||
     die "image $image is not in the node's containerd (hack/image.sh builds and imports it)"
+  # keyward's namespace enforces the restricted Pod Security Standard (docs/operations.md):
+  # the chart's pods meet it, and nothing else there may run as root or privileged.
+  kubectl get namespace "$NS" >/dev/null 2>&1 || kubectl create namespace "$NS" >/dev/null
+  kubectl label namespace "$NS" pod-security.kubernetes.io/enforce=restricted --overwrite >/dev/null
   log "installing keyward $image ($digest) with the Helm chart into namespace $NS"
   # The digest as a pod annotation: a rebuilt image (same tag) rolls the pods. The CRDs
   # may have been applied by someone else (hack/test.sh, `keyward crds`): the release
   # takes them over (--take-ownership, --force-conflicts).
-  helm upgrade --install "$RELEASE" charts/keyward -n "$NS" --create-namespace --take-ownership --force-conflicts \
+  helm upgrade --install "$RELEASE" charts/keyward -n "$NS" --take-ownership --force-conflicts \
     --set image.repository="${image%:*}" --set image.tag="${image##*:}" --set image.pullPolicy=Never \
     --set-string podAnnotations.keyward\\.dev/image-digest="$digest" \
     --wait --timeout 5m >/dev/null ||

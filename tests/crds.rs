@@ -2,8 +2,9 @@
 //! documented, and show their docs and printer columns through kubectl. `keyward crds
 //! --kube-version` and the chart pick the rendering each Kubernetes version accepts
 //! (1.28+: CEL rules with `reason`/`fieldPath`; 1.25–1.27: without; older: no rules).
-//! The CEL rules themselves are evaluated by a CEL engine in `src/api/cel_tests.rs`: no
-//! API server that runs them can run here.
+//! The CEL rules themselves are evaluated offline by a CEL engine in
+//! `src/api/cel_tests.rs`, and `tests/cel_live.rs` shows the live API server agrees on
+//! every row; here the `owner` transition rule refuses a real owner change.
 
 mod common;
 
@@ -220,10 +221,10 @@ fn the_chart_installs_the_rendering_each_version_accepts() {
     }
 }
 
-/// The CRDs installed for this server are the rendering for its version. On a cluster
-/// without CEL rules (1.20 here) the API server lets an owner change through; the
-/// renderings for 1.25+ refuse it with a transition rule (evaluated by a CEL engine in
-/// src/api/cel_tests.rs), and the controller refuses it on older clusters.
+/// The CRDs installed for this server are the rendering for its version. On 1.25+ the API
+/// server refuses an owner change by the CRD's transition rule (a real patch, not a dry
+/// run: the stored owner stays); on an older cluster it lets the change through, and the
+/// controller refuses it (`src/controller/apikey/plan.rs`).
 #[tokio::test]
 async fn the_installed_rendering_matches_the_server() {
     let client = client().await;
@@ -245,18 +246,36 @@ async fn the_installed_rendering_matches_the_server() {
         assert!(text.contains(&format!("message: {}", keyward::api::OWNER_IMMUTABLE_MESSAGE)), "{file}");
         assert!(text.contains("rule: self == oldSelf"), "{file}");
     }
+    let ns = TestNamespace::new(&client, "owner").await;
+    let keys: Api<ApiKey> = Api::namespaced(client.clone(), &ns.name);
+    let key: ApiKey =
+        serde_json::from_value(apikey("owned", serde_json::json!({"owner": "team-a"}))).unwrap();
+    keys.create(&PostParams::default(), &key).await.unwrap();
+    let patch = serde_json::json!({"spec": {"owner": "team-b"}});
     if minor < keyward::api::CEL_MIN_MINOR {
         // Here the API server itself lets an owner change through (a dry run shows it):
         // that is why the controller refuses it on such clusters.
-        let ns = TestNamespace::new(&client, "owner").await;
-        let keys: Api<ApiKey> = Api::namespaced(client.clone(), &ns.name);
-        let key: ApiKey =
-            serde_json::from_value(apikey("owned", serde_json::json!({"owner": "team-a"}))).unwrap();
-        keys.create(&PostParams::default(), &key).await.unwrap();
-        let patch = serde_json::json!({"spec": {"owner": "team-b"}});
         let dry = PatchParams { dry_run: true, ..Default::default() };
         let changed =
             keys.patch("owned", &dry, &Patch::Merge(&patch)).await.expect("1.20 does not run CEL rules");
         assert_eq!(changed.spec.owner, "team-b");
+        return;
     }
+    // A real patch, as `kubectl edit` or a GitOps sync would send it: refused by the rule.
+    let refused = keys.patch("owned", &PatchParams::default(), &Patch::Merge(&patch)).await;
+    let Err(kube::Error::Api(status)) = refused else { panic!("an owner change went through: {refused:?}") };
+    let causes = status.details.as_ref().map(|d| d.causes.clone()).unwrap_or_default();
+    let [cause] = &causes[..] else { panic!("one cause: {status:?}") };
+    assert_eq!((status.code, status.reason.as_str()), (422, "Invalid"), "{status:?}");
+    assert_eq!(
+        (cause.reason.as_str(), cause.field.as_str()),
+        ("FieldValueInvalid", "spec.owner"),
+        "{status:?}"
+    );
+    assert!(cause.message.ends_with(keyward::api::OWNER_IMMUTABLE_MESSAGE), "{status:?}");
+    eprintln!("1.{minor}: owner change refused: {}", status.message);
+    assert_eq!(keys.get("owned").await.unwrap().spec.owner, "team-a", "the stored owner stays");
+    // Other edits still go through: the rule compares the owner only.
+    let described = serde_json::json!({"spec": {"description": "edited"}});
+    keys.patch("owned", &PatchParams::default(), &Patch::Merge(&described)).await.expect("edit description");
 }

@@ -1,5 +1,6 @@
 //! The Helm chart: lint and template every option (two Deployments, two ServiceAccounts,
-//! a PodDisruptionBudget, anti-affinity, split RBAC); install it on the real API server
+//! a PodDisruptionBudget, anti-affinity, split RBAC); install it on the real API server,
+//! into a namespace that enforces the restricted Pod Security Standard (its pods admitted),
 //! and prove with `kubectl auth can-i` that each ServiceAccount (the controller's, the
 //! verifier's) can do its job and nothing more, cluster-wide and with `watchNamespace`;
 //! then run the real binary as controller and as verifier, each with its own
@@ -13,8 +14,11 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::{KeywardProcess, TestNamespace, client, kubectl, ready, wait_key};
+use k8s_openapi::api::apps::v1::ReplicaSet;
+use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::api::rbac::v1::ClusterRole;
-use kube::api::Api;
+use kube::ResourceExt;
+use kube::api::{Api, ListParams};
 use serde_json::{Value, json};
 
 fn chart() -> String {
@@ -29,20 +33,26 @@ fn helm(args: &[&str]) -> (bool, String) {
     )
 }
 
-/// A release installed under a random name in a namespace of its own; uninstalled (and
-/// its namespace deleted) when dropped.
+/// A release installed under a random name in a namespace of its own, labelled as
+/// keyward's namespace is (`pod-security.kubernetes.io/enforce: restricted`); uninstalled
+/// (and its namespace deleted) when dropped.
 struct Release {
     name: String,
     namespace: String,
+    _ns: TestNamespace,
 }
 
 impl Release {
     /// `helm install` the chart with `--set` `sets`. Its pods never pull their image (no
     /// registry is reached from a test; they need not run: the tests run keyward as the
     /// release's ServiceAccounts).
-    fn install(sets: &[&str]) -> Release {
-        let id = format!("{:06x}", rand::random::<u32>() & 0xff_ffff);
-        let release = Release { name: format!("kw{id}"), namespace: format!("kw-helm-{id}") };
+    async fn install(client: &kube::Client, sets: &[&str]) -> Release {
+        let ns = TestNamespace::restricted(client, "helm").await;
+        let release = Release {
+            name: format!("kw{:06x}", rand::random::<u32>() & 0xff_ffff),
+            namespace: ns.name.clone(),
+            _ns: ns,
+        };
         let path = chart();
         let mut args = vec![
             "install",
@@ -50,7 +60,6 @@ impl Release {
             path.as_str(),
             "-n",
             release.namespace.as_str(),
-            "--create-namespace",
             "--take-ownership",
             "--set",
             "image.pullPolicy=Never",
@@ -77,8 +86,6 @@ impl Release {
 impl Drop for Release {
     fn drop(&mut self) {
         let _ = helm(&["uninstall", &self.name, "-n", &self.namespace]);
-        let _ =
-            Command::new("kubectl").args(["delete", "namespace", &self.namespace, "--wait=false"]).output();
     }
 }
 
@@ -368,6 +375,33 @@ fn chart_lints_and_renders_every_option() {
     }
 }
 
+/// The install notes ask for the Pod Security label when the release's namespace lacks it
+/// (the chart looks the namespace up), and do not when the namespace has it.
+#[tokio::test]
+async fn the_install_notes_ask_for_the_pod_security_label_only_where_it_is_missing() {
+    let client = client().await;
+    let (labelled, open) =
+        (TestNamespace::restricted(&client, "notes").await, TestNamespace::new(&client, "notesopen").await);
+    for (ns, asks) in [(&labelled, false), (&open, true)] {
+        let args = [
+            "install",
+            "kwnotes",
+            &chart(),
+            "-n",
+            &ns.name,
+            "--dry-run=server",
+            "--set",
+            "crds.enabled=false",
+        ];
+        let (ok, out) = helm(&args);
+        assert!(ok, "{out}");
+        let notes = out.split_once("NOTES:").unwrap_or_else(|| panic!("no notes: {out}")).1;
+        let hint =
+            format!("kubectl label namespace {} pod-security.kubernetes.io/enforce=restricted", ns.name);
+        assert_eq!(notes.contains(&hint), asks, "{}: {notes}", ns.name);
+    }
+}
+
 const VERBS: [&str; 8] = ["get", "list", "watch", "create", "update", "patch", "delete", "deletecollection"];
 const HEADINGS: [&str; 8] = ["get", "list", "watch", "create", "update", "patch", "delete", "delcol"];
 
@@ -495,7 +529,7 @@ async fn service_accounts_can_do_their_job_and_nothing_more() {
 
     // Cluster-wide: namespaced resources in the release namespace (a ClusterRole reaches
     // every namespace), the Lease also elsewhere.
-    let release = Release::install(&["crds.enabled=false"]);
+    let release = Release::install(&client, &["crds.enabled=false"]).await;
     let ns = Some(release.namespace.as_str());
     let rows = [
         row("apikeys.keyward.dev", ns, READ, READ),
@@ -529,7 +563,8 @@ async fn service_accounts_can_do_their_job_and_nothing_more() {
 
     // watchNamespace: namespaced rights in that namespace only; no KeyPolicy status.
     let watched = TestNamespace::new(&client, "helmscoped").await;
-    let scoped = Release::install(&[&format!("watchNamespace={}", watched.name), "crds.enabled=false"]);
+    let scoped =
+        Release::install(&client, &[&format!("watchNamespace={}", watched.name), "crds.enabled=false"]).await;
     let (w, home) = (Some(watched.name.as_str()), Some(scoped.namespace.as_str()));
     let rows = [
         row("apikeys.keyward.dev", w, READ, READ),
@@ -574,7 +609,7 @@ fn sa_kubeconfig(release: &Release, sa: &str) -> std::path::PathBuf {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chart_installs_and_its_rbac_runs_a_full_rotation() {
     let client = client().await;
-    let release = Release::install(&[]);
+    let release = Release::install(&client, &[]).await;
     let (sa, vsa) = (release.controller(), release.verifier());
     for (kind, name) in [
         ("deployment", sa.clone()),
@@ -596,6 +631,24 @@ async fn chart_installs_and_its_rbac_runs_a_full_rotation() {
     }
     let view = kubectl(&["get", "clusterrole", &format!("{sa}-view"), "-o", "jsonpath={.metadata.labels}"]);
     assert!(view.contains("aggregate-to-view"), "{view}");
+    // The release's namespace enforces the restricted Pod Security Standard, and the
+    // ReplicaSets create every pod of the chart there: PodSecurity admits them (their image
+    // is not on the node, so they do not start; that is not what is checked here).
+    let selector = ListParams::default().labels(&format!("app.kubernetes.io/instance={}", release.name));
+    let (pods, replica_sets) = (
+        Api::<Pod>::namespaced(client.clone(), &release.namespace),
+        Api::<ReplicaSet>::namespaced(client.clone(), &release.namespace),
+    );
+    common::eventually("the release's 4 pods to be created", Duration::from_secs(60), || async {
+        for rs in replica_sets.list(&selector).await.ok()?.items {
+            let conditions = rs.status.iter().flat_map(|s| s.conditions.iter().flatten());
+            let failed: Vec<_> = conditions.filter(|c| c.type_ == "ReplicaFailure").collect();
+            assert!(failed.is_empty(), "ReplicaSet {} cannot create its pods: {failed:?}", rs.name_any());
+        }
+        (pods.list(&selector).await.ok()?.items.len() == 4).then_some(())
+    })
+    .await;
+    eprintln!("the release's 4 pods were admitted in {} (enforce: restricted)", release.namespace);
 
     // No kubelet runs the pods here: run the same binary with each component's identity,
     // with the chart's arguments (the verifier cluster-wide; the controller confined to

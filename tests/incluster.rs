@@ -3,7 +3,9 @@
 //! exactly as on a user's cluster. Probes, the restricted security context as the
 //! container runtime enforces it, a whole rotation driven by the in-cluster controller,
 //! an upgrade to another image digest with no failed verification, uninstall, and leader
-//! failover between real pods.
+//! failover between real pods. Each release goes into a namespace that enforces the
+//! restricted Pod Security Standard, as keyward's own does (docs/operations.md); the
+//! consumers test's own pods (nginx, busybox) meet it too.
 //!
 //! `hack/test.sh` builds the image twice (two digests), imports both into the node and
 //! runs these alone: `KEYWARD_TEST_IMAGE=<ref> KEYWARD_TEST_IMAGE_NEXT=<ref> cargo test
@@ -243,7 +245,7 @@ fn pods_of(client: &Client, ns: &str, component: &str) -> impl std::future::Futu
 async fn the_chart_runs_a_rotation_in_pods_upgrades_without_a_failed_request_and_uninstalls_cleanly() {
     let Some((image, next)) = images() else { return };
     let client = client().await;
-    let ns = TestNamespace::new(&client, "incluster").await;
+    let ns = TestNamespace::restricted(&client, "incluster").await;
     let release = install(&client, &ns, &image, &[]).await;
 
     // The runtime enforces the restricted security context: non-root UID, read-only root.
@@ -365,7 +367,7 @@ async fn takeover(client: &Client, ns: &str, old: &str, since: Instant) -> (Stri
 async fn the_leader_pod_fails_over_within_the_lease_and_no_key_is_issued_twice() {
     let Some((image, _)) = images() else { return };
     let client = client().await;
-    let ns = TestNamespace::new(&client, "failover").await;
+    let ns = TestNamespace::restricted(&client, "failover").await;
     let release = install(&client, &ns, &image, &["replicaCount=2"]).await;
     let policy = ns
         .policy(&client, "p", json!({"expiry": {"maxLifetime": "P1D"}, "notifications": {"before": []}}))
@@ -457,7 +459,7 @@ async fn the_leader_pod_fails_over_within_the_lease_and_no_key_is_issued_twice()
 async fn the_charts_shards_run_as_pods_each_reconciling_its_own_apikeys() {
     let Some((image, _)) = images() else { return };
     let client = client().await;
-    let ns = TestNamespace::new(&client, "shardpods").await;
+    let ns = TestNamespace::restricted(&client, "shardpods").await;
     let release =
         install(&client, &ns, &image, &["replicaCount=1", "controller.shards={a}", "verifier.enabled=false"])
             .await;
@@ -580,7 +582,19 @@ fn consumer_pod(
     for (k, v) in env.as_object().into_iter().flatten() {
         container[k] = v.clone();
     }
-    json!({"terminationGracePeriodSeconds": 10, "containers": [container], "volumes": volumes})
+    restricted(json!({"terminationGracePeriodSeconds": 10, "containers": [container], "volumes": volumes}))
+}
+
+/// A test pod spec under the restricted Pod Security Standard, which its namespace
+/// enforces as keyward's does: as nobody, no privilege escalation, no capabilities,
+/// `RuntimeDefault` seccomp.
+fn restricted(mut spec: serde_json::Value) -> serde_json::Value {
+    spec["securityContext"] = json!({"runAsNonRoot": true, "runAsUser": 65534, "runAsGroup": 65534,
+        "seccompProfile": {"type": "RuntimeDefault"}});
+    for c in spec["containers"].as_array_mut().into_iter().flatten() {
+        c["securityContext"] = json!({"allowPrivilegeEscalation": false, "capabilities": {"drop": ["ALL"]}});
+    }
+    spec
 }
 
 /// One of nginx's access log lines: (time, consumer, verified key ID, HTTP status).
@@ -612,7 +626,7 @@ async fn every_way_a_pod_reads_its_key_follows_two_flips_through_nginx() {
     use k8s_openapi::api::core::v1::ConfigMap;
     let Some((image, _)) = images() else { return };
     let client = client().await;
-    let ns = TestNamespace::new(&client, "consume").await;
+    let ns = TestNamespace::restricted(&client, "consume").await;
     let release = install(&client, &ns, &image, &["replicaCount=1", "verifier.replicas=1"]).await;
     let verifier = verifier_addr(&client, &release).await;
     let policy = ns
@@ -642,10 +656,10 @@ async fn every_way_a_pod_reads_its_key_follows_two_flips_through_nginx() {
             "metadata": {"name": "nginx"},
             "spec": {"replicas": 1, "selector": {"matchLabels": labels("nginx")}, "template": {
                 "metadata": {"labels": labels("nginx")},
-                "spec": {"containers": [{"name": "nginx", "image": "docker.io/library/nginx:keyward",
+                "spec": restricted(json!({"containers": [{"name": "nginx", "image": "docker.io/library/nginx:keyward",
                     "imagePullPolicy": "Never", "args": ["-c", "/etc/kw/nginx.conf", "-g", "daemon off;"],
                     "volumeMounts": [{"name": "conf", "mountPath": "/etc/kw"}]}],
-                    "volumes": [{"name": "conf", "configMap": {"name": "nginx"}}]}}}
+                    "volumes": [{"name": "conf", "configMap": {"name": "nginx"}}]}))}}
         }),
     )
     .await;

@@ -163,6 +163,8 @@ pub(crate) fn list_map(schema: &mut schemars::Schema, key: &str) {
 }
 
 #[cfg(test)]
+mod cel_rows;
+#[cfg(test)]
 mod cel_tests;
 
 #[cfg(test)]

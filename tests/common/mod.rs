@@ -102,14 +102,33 @@ pub struct TestNamespace {
     policies: std::sync::Mutex<Vec<String>>,
 }
 
+/// The labels of keyward's own namespace (docs/operations.md): Pod Security Admission
+/// refuses every pod there that breaks the restricted Pod Security Standard.
+pub const POD_SECURITY_ENFORCE: (&str, &str) = ("pod-security.kubernetes.io/enforce", "restricted");
+/// Added for the tests: enforcement checks pods only, `warn` also names the violations
+/// of a Deployment's pod template when it is applied (kubectl prints them).
+pub const POD_SECURITY_WARN: (&str, &str) = ("pod-security.kubernetes.io/warn", "restricted");
+
 impl TestNamespace {
     /// Create `kw-<prefix>-<random>` labelled `keyward.dev/test=<prefix>`.
     pub async fn new(client: &Client, prefix: &str) -> Self {
+        Self::with_labels(client, prefix, &[]).await
+    }
+
+    /// A namespace like keyward's own: [`Self::new`], labelled to enforce (and warn on)
+    /// the restricted Pod Security Standard.
+    pub async fn restricted(client: &Client, prefix: &str) -> Self {
+        Self::with_labels(client, prefix, &[POD_SECURITY_ENFORCE, POD_SECURITY_WARN]).await
+    }
+
+    async fn with_labels(client: &Client, prefix: &str, labels: &[(&str, &str)]) -> Self {
         let name = format!("kw-{}-{:06x}", prefix, rand::random::<u32>() & 0xff_ffff);
-        let ns: Namespace = serde_json::from_value(serde_json::json!({
-            "metadata": {"name": name, "labels": {"keyward.dev/test": prefix}}
-        }))
-        .unwrap();
+        let mut all = serde_json::json!({"keyward.dev/test": prefix});
+        for (k, v) in labels {
+            all[*k] = serde_json::json!(v);
+        }
+        let ns: Namespace =
+            serde_json::from_value(serde_json::json!({"metadata": {"name": name, "labels": all}})).unwrap();
         Api::<Namespace>::all(client.clone())
             .create(&PostParams::default(), &ns)
             .await
@@ -139,8 +158,14 @@ impl TestNamespace {
             .create(&PostParams::default(), &obj)
             .await
             .expect("create KeyPolicy");
-        self.policies.lock().unwrap().push(name.clone());
+        self.track_policy(&name);
         name
+    }
+
+    /// Delete KeyPolicy `name`, which the test created itself, with the namespace (if the
+    /// test has not deleted it already).
+    pub fn track_policy(&self, name: &str) {
+        self.policies.lock().unwrap().push(name.to_string());
     }
 
     /// Create ApiKey `name` in this namespace with `spec` (and optional annotations).
@@ -596,4 +621,33 @@ pub fn check_request(headers: &[(&str, &str)], raw: bool, scope: Option<&str>) -
             ..Default::default()
         }),
     }
+}
+
+/// The API server's version as `helm template --kube-version` takes it (`v1.37.2`).
+pub async fn server_version(client: &Client) -> String {
+    client.apiserver_version().await.expect("API server version").git_version
+}
+
+/// The chart rendered by `helm template <release> charts/keyward -n <namespace>
+/// --kube-version <version>` with `--set` `sets`: the YAML stream.
+pub fn chart_template(release: &str, namespace: &str, version: &str, sets: &[&str]) -> String {
+    let chart = format!("{}/charts/keyward", env!("CARGO_MANIFEST_DIR"));
+    let mut args = vec!["template", release, chart.as_str(), "-n", namespace, "--kube-version", version];
+    for s in sets {
+        args.extend(["--set", s]);
+    }
+    let out = std::process::Command::new("helm")
+        .args(&args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run helm ({e}); `hack/cluster.sh tools` installs it"));
+    assert!(out.status.success(), "helm {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).expect("UTF-8 YAML")
+}
+
+/// The documents of a YAML stream (empty ones left out).
+pub fn yaml_docs(yaml: &str) -> Vec<serde_json::Value> {
+    serde_yaml::Deserializer::from_str(yaml)
+        .map(|doc| serde::Deserialize::deserialize(doc).expect("valid YAML"))
+        .filter(|v: &serde_json::Value| !v.is_null())
+        .collect()
 }
