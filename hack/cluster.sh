@@ -789,7 +789,10 @@ up() {
       if alive kube-apiserver; then log "new certificates: restarting kube-apiserver"; stop kube-apiserver; fi ;;
   esac
   issued=""
+  # The workload controllers run without a node too: keyward's consumer tests watch
+  # Deployments roll out ReplicaSets whose pods no node takes.
   local net controllers="garbagecollector,namespace,serviceaccount,serviceaccount-token"
+  controllers+=",deployment,replicaset,statefulset,daemonset"
   if [ $want_node = 1 ]; then
     if ! alive containerd && node_traces; then log "cleaning up what an earlier node left behind"; node_clean; fi
     net_up
@@ -798,7 +801,7 @@ up() {
       --kubelet-client-certificate "$RUN/pki/apiserver-kubelet-client.crt"
       --kubelet-client-key "$RUN/pki/apiserver-kubelet-client.key"
       --kubelet-certificate-authority "$RUN/pki/ca.crt" --kubelet-preferred-address-types InternalIP)
-    controllers+=",deployment,replicaset,replicationcontroller,statefulset,daemonset,job,cronjob"
+    controllers+=",replicationcontroller,job,cronjob"
     controllers+=",endpoint,endpointslice,endpointslicemirroring,nodelifecycle,podgc,disruption,ttl"
     controllers+=",ttl-after-finished,root-ca-cert-publisher,clusterrole-aggregation,resourcequota"
     controllers+=",pv-protection,pvc-protection"
