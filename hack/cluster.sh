@@ -733,7 +733,9 @@ node_up() {
   done
   write_node_config
   # Its shim (containerd-shim-runc-v2) is looked up on PATH; runc is named in the config.
-  start containerd env PATH="$CONTAINERD_BIN:$PATH" "$CONTAINERD_BIN/containerd" --config "$RUN/node/containerd.toml"
+  # A fixed PATH (the caller's would differ between shells and restart containerd for it).
+  start containerd env PATH="$CONTAINERD_BIN:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin" \
+    "$CONTAINERD_BIN/containerd" --config "$RUN/node/containerd.toml"
   wait_for containerd 60 containerd_ready
   [ $fresh = 0 ] || ctr_wipe # containers containerd still has on record from a killed session
   import_images
