@@ -201,20 +201,20 @@ fn reconciles(controller: &common::KeywardProcess) -> f64 {
     common::metric_sum(&text, "keyward_reconciles_total")
 }
 
-/// Wait until the controller has reconciled again after now (twice: the first may have
-/// read what was there before).
-async fn reconciled_after(client: &Client, ns: &str, controller: &common::KeywardProcess) {
-    for round in 0..2 {
-        let before = reconciles(controller);
-        if round == 1 {
-            // A new generation (a description) makes the next reconcile read all afresh.
-            common::patch_key(client, ns, "svc", json!({"spec": {"description": "poked"}})).await;
-        }
-        common::eventually("another reconcile", Duration::from_secs(30), || async {
-            (reconciles(controller) > before).then_some(())
-        })
-        .await;
-    }
+/// Wait until the controller has reconciled again since it had done `before` reconciles,
+/// then once more after a new generation (the first may have read what was there before).
+async fn reconciled_after(client: &Client, ns: &str, controller: &common::KeywardProcess, before: f64) {
+    common::eventually("another reconcile", Duration::from_secs(60), || async {
+        (reconciles(controller) > before).then_some(())
+    })
+    .await;
+    let before = reconciles(controller);
+    // A new generation (a description) makes the next reconcile read all afresh.
+    common::patch_key(client, ns, "svc", json!({"spec": {"description": "poked"}})).await;
+    common::eventually("a reconcile of the new generation", Duration::from_secs(60), || async {
+        (reconciles(controller) > before).then_some(())
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -241,8 +241,9 @@ async fn a_blocked_apikey_never_writes_unknown_material_into_api_key() {
     // The Secret is named after the ApiKey (no secretName).
     let secrets: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(client.clone(), &ns.name);
     let patch = json!({"stringData": {slot: in_slot, "api-key": in_api_key}});
+    let before = reconciles(&controller);
     secrets.patch("svc", &PatchParams::default(), &Patch::Merge(patch)).await.unwrap();
-    reconciled_after(&client, &ns.name, &controller).await;
+    reconciled_after(&client, &ns.name, &controller, before).await;
 
     let data = secret_data(&client, &ns.name, "svc").await.unwrap();
     assert_ne!(data["api-key"], in_slot, "the slot's unknown key was written into api-key");
