@@ -67,10 +67,8 @@ pub struct Input<'a> {
     /// (`OwnerLimit`). Implies `may_issue` false.
     pub retire: bool,
     /// Since when the ApiKey is under its current policy (`status.policy.since`): it
-    /// moved to another policy, or another became the default, or its namespace came
-    /// under another selector. A retroactive cap counts from here as from the policy's
-    /// own `maxLifetimeSince`, and never leaves the key in `api-key` less than
-    /// `flipBefore` from here. None: as long as the ApiKey has been there.
+    /// moved to another policy, or another became the default. A retroactive cap, and idle time, count from here as from
+    /// the policy's own `maxLifetimeSince`. None: as long as the ApiKey has been there.
     pub policy_since: Option<DateTime<Utc>>,
 }
 

@@ -127,8 +127,8 @@ pub(crate) fn moved_earlier(
     recorded: &[&Notified],
 ) -> Option<(Option<DateTime<Utc>>, ExpiryReason)> {
     let end = key.effective_expires_at?;
-    let reason =
-        key.expiry_reason.filter(|r| matches!(r, ExpiryReason::PolicyChange | ExpiryReason::OwnerLimit))?;
+    // Only a policy cap moves a live key's end earlier; an owner-limit cap ends it at once.
+    let reason = key.expiry_reason.filter(|r| *r == ExpiryReason::PolicyChange)?;
     let told = match recorded.iter().max_by_key(|n| n.at) {
         // The key never expired, and its owner was told so.
         Some(n) if n.threshold == NON_EXPIRING => None,
